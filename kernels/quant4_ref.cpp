@@ -81,29 +81,43 @@ void dequantize_4bit_bf16_ref(const uint8_t* packed, const float* absmax, int64_
   }
 }
 
+// bitsandbytes' CUDA dQuantize<0>: a binary search over the sorted 256-entry code from the
+// middle, then the nearer of the two neighbours by an fp32 midpoint. NaN (also 0 * inf in an
+// all-zero block) ends at index 0, as on CUDA.
+static int quantize_8bit_nearest(const float* code, float x) {
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f;
+  float val = code[pivot];
+  for (int step = 64; step > 0; step >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += step;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= step;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) return x > (upper + val) * 0.5f ? upper_pivot : pivot;
+  return x < (lower + val) * 0.5f ? lower_pivot : pivot;
+}
+
 void quantize_8bit_blockwise_ref(const float* x, int64_t numel, int32_t blocksize,
                                  const float* code, uint8_t* q, float* absmax) {
   const int64_t blocks = num_blocks(numel, blocksize);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * blocksize;
     const int64_t n = std::min<int64_t>(blocksize, numel - begin);
-    const float am = block_absmax(x + begin, n);
+    float am = 0.0f;  // fmaxf, as the CUDA reduction: NaN does not win
+    for (int64_t i = 0; i < n; ++i) am = std::fmax(am, std::fabs(x[begin + i]));
     absmax[b] = am;
     const float inv = 1.0f / am;
-    for (int64_t i = 0; i < n; ++i) {
-      const float s = clamp_keep_nan(x[begin + i] * inv, -1.0f, 1.0f);
-      // code is ascending: find the first entry >= s, then pick the nearer neighbour.
-      const float* hi = std::lower_bound(code, code + 256, s);
-      int idx;
-      if (hi == code) idx = 0;
-      else if (hi == code + 256) idx = 255;
-      else {
-        const int h = static_cast<int>(hi - code);
-        idx = (s - code[h - 1] <= code[h] - s) ? h - 1 : h;
-      }
-      if (std::isnan(s)) idx = 255;
-      q[begin + i] = static_cast<uint8_t>(idx);
-    }
+    for (int64_t i = 0; i < n; ++i)
+      q[begin + i] = static_cast<uint8_t>(quantize_8bit_nearest(code, x[begin + i] * inv));
   }
 }
 

@@ -23,9 +23,9 @@ void dequantize_4bit_ref(const uint8_t* packed, const float* absmax, int64_t num
 void dequantize_4bit_bf16_ref(const uint8_t* packed, const float* absmax, int64_t numel,
                               int32_t blocksize, QuantType type, uint16_t* out);
 
-// 8-bit blockwise with a 256-entry code (double quantization of absmax uses the dynamic map,
-// blocksize 256). Exact nearest code to x * (1 / absmax), ties to the lower index: bitsandbytes'
-// CUDA semantics. (Its CPU kernel uses a lookup table that is sometimes one code off.)
+// 8-bit blockwise with a 256-entry ascending code (double quantization of absmax uses the dynamic
+// map, blocksize 256): the nearest code to x * (1 / absmax) exactly as bitsandbytes' CUDA kernel
+// finds it. (Its CPU kernel uses a lookup table that is sometimes one code off.)
 void quantize_8bit_blockwise_ref(const float* x, int64_t numel, int32_t blocksize,
                                  const float* code,  // [256], ascending
                                  uint8_t* q, float* absmax);

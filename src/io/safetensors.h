@@ -96,6 +96,7 @@ class ModelWeights {
   const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
 
  private:
+  std::string dir_;  // named in errors
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, size_t> where_;  // name -> index into files_
 };

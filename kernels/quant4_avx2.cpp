@@ -1,0 +1,233 @@
+// AVX2 4-bit dequantize, bit-identical to dequantize_4bit_ref / dequantize_4bit_bf16_ref:
+//   y_i = code[q_i] * absmax[i / bs]   (one fp32 multiply, never fused), bf16 = RNE(y_i)
+// Within a block y_i takes only 16 values, so each block first computes its 16 outputs
+// t[k] = code[k] * absmax (the very multiply of the reference, then its bf16 rounding) and the
+// elements become table lookups: fp32 by two 8-entry permutes blended on bit 3 of the code,
+// bf16 by two byte shuffles (low and high byte of each bf16 value).
+// This file alone is compiled with -mavx2 -mfma -ffp-contract=off; its functions may only be
+// reached after cpu_has_avx2() (quant4_cpu.cpp). It defines no inline or template function
+// with external linkage (not even std::string: errors are thrown by quant4_cpu.cpp), so no
+// AVX2-encoded copy of a shared inline can be picked by the linker for other callers.
+#include <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "quant4_check.h"
+#include "quant4_cpu.h"
+#include "quant4_ref.h"
+
+namespace qlora::kernels {
+namespace {
+
+// An output at least this large cannot stay in this CPU's caches (2 MiB L2 per core, 32 MiB
+// shared L3) until the GEMM that reads it, so it is written with non-temporal stores: they skip
+// the read-for-ownership of every output line, a third of the traffic of an fp32 dequantize.
+// Smaller outputs use ordinary stores and stay cached for their consumer.
+constexpr size_t kStreamMinNbytes = size_t{8} << 20;
+
+const float* code_table(QuantType type) {
+  if (type == QuantType::nf4) {
+    return kNF4Code;
+  } else if (type == QuantType::fp4) {
+    return kFP4Code;
+  } else {
+    detail::throw_bad_quant_type("dequantize_4bit_avx2", type);
+  }
+}
+
+// Packed bytes -> nibbles in element order: byte k holds element 2k in its HIGH nibble.
+// b: 16 bytes -> n0 (elements 0..15 from bytes 0..7), n1 (elements 16..31 from bytes 8..15).
+inline void split_nibbles(__m128i b, __m128i& n0, __m128i& n1) {
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+  const __m128i lo = _mm_and_si128(b, mask);
+  n0 = _mm_unpacklo_epi8(hi, lo);
+  n1 = _mm_unpackhi_epi8(hi, lo);
+}
+
+// fp32 -> bf16 bits in the low half of each 32-bit lane; float_to_bf16_bits, 8 at a time.
+inline __m256i bf16_bits32(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i top = _mm256_srli_epi32(u, 16);
+  const __m256i lsb = _mm256_and_si256(top, _mm256_set1_epi32(1));
+  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb);
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  const __m256i quiet_nan = _mm256_or_si256(top, _mm256_set1_epi32(0x0040));
+  // |u| > +inf as signed ints: both sides are non-negative, so the signed compare is exact.
+  const __m256i is_nan = _mm256_cmpgt_epi32(
+      _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+}
+
+template <bool kStream>
+inline void store256(void* out, __m256i v) {
+  if constexpr (kStream) {
+    _mm256_stream_si256(static_cast<__m256i*>(out), v);
+  } else {
+    _mm256_storeu_si256(static_cast<__m256i*>(out), v);
+  }
+}
+
+// ---- fp32 -------------------------------------------------------------------------------------
+
+// A block's 16 outputs code[k] * absmax as two registers: k = 0..7 and k = 8..15.
+struct Fp32Table {
+  __m256 lo;
+  __m256 hi;
+};
+
+inline Fp32Table fp32_table(__m256 code_lo, __m256 code_hi, float am) {
+  const __m256 scale = _mm256_set1_ps(am);
+  return {_mm256_mul_ps(code_lo, scale), _mm256_mul_ps(code_hi, scale)};
+}
+
+// 8 nibbles (bytes 0..7 of n) -> t[q]. permutevar8x32 uses only the low 3 bits of q; bit 3,
+// moved to the sign bit, picks the half.
+inline __m256i lookup8(const Fp32Table& t, __m128i n) {
+  const __m256i q = _mm256_cvtepu8_epi32(n);
+  const __m256 lo = _mm256_permutevar8x32_ps(t.lo, q);
+  const __m256 hi = _mm256_permutevar8x32_ps(t.hi, q);
+  return _mm256_castps_si256(
+      _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28))));
+}
+
+// 16 nibbles -> out[0..16)
+template <bool kStream>
+inline void store16(const Fp32Table& t, __m128i n, float* out) {
+  store256<kStream>(out, lookup8(t, n));
+  store256<kStream>(out + 8, lookup8(t, _mm_srli_si128(n, 8)));
+}
+
+// ---- bf16 -------------------------------------------------------------------------------------
+
+// A block's 16 bf16 outputs as two byte tables, each copied to both 128-bit lanes (vpshufb
+// looks up within a lane): low bytes of t[0..15] and high bytes of t[0..15].
+struct Bf16Table {
+  __m256i lo_bytes;
+  __m256i hi_bytes;
+};
+
+inline Bf16Table bf16_table(__m256 code_lo, __m256 code_hi, float am) {
+  const __m256 scale = _mm256_set1_ps(am);
+  const __m256i b_lo = bf16_bits32(_mm256_mul_ps(code_lo, scale));  // t[0..7] in 32-bit lanes
+  const __m256i b_hi = bf16_bits32(_mm256_mul_ps(code_hi, scale));  // t[8..15]
+  // packus is per 128-bit lane (values <= 0xffff: its saturation never triggers):
+  // [t0..3, t8..11 | t4..7, t12..15] -> permute -> t0..15 as 16-bit values in order.
+  const __m256i t16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(b_lo, b_hi), 0xd8);
+  // Per lane: 8 low bytes then 8 high bytes -> [lo t0..7, hi t0..7 | lo t8..15, hi t8..15].
+  const __m256i split = _mm256_shuffle_epi8(
+      t16, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8,
+                            10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  // Quadwords [lo 0..7, hi 0..7, lo 8..15, hi 8..15] -> [lo 0..7, lo 8..15, hi 0..7, hi 8..15].
+  const __m256i planes = _mm256_permute4x64_epi64(split, 0xd8);
+  return {_mm256_permute2x128_si256(planes, planes, 0x00),
+          _mm256_permute2x128_si256(planes, planes, 0x11)};
+}
+
+// 32 nibbles (lane 0: elements 0..15, lane 1: elements 16..31) -> out[0..32)
+template <bool kStream>
+inline void store32(const Bf16Table& t, __m256i idx, uint16_t* out) {
+  const __m256i lo = _mm256_shuffle_epi8(t.lo_bytes, idx);
+  const __m256i hi = _mm256_shuffle_epi8(t.hi_bytes, idx);
+  const __m256i a = _mm256_unpacklo_epi8(lo, hi);  // elements 0..7 | 16..23
+  const __m256i b = _mm256_unpackhi_epi8(lo, hi);  // elements 8..15 | 24..31
+  store256<kStream>(out, _mm256_permute2x128_si256(a, b, 0x20));
+  store256<kStream>(out + 16, _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// 16 nibbles -> out[0..16)
+template <bool kStream>
+inline void store16(const Bf16Table& t, __m128i n, uint16_t* out) {
+  const __m128i lo = _mm_shuffle_epi8(_mm256_castsi256_si128(t.lo_bytes), n);
+  const __m128i hi = _mm_shuffle_epi8(_mm256_castsi256_si128(t.hi_bytes), n);
+  store256<kStream>(out, _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)));
+}
+
+// ---- both -------------------------------------------------------------------------------------
+
+inline Fp32Table block_table(Fp32Table*, __m256 code_lo, __m256 code_hi, float am) {
+  return fp32_table(code_lo, code_hi, am);
+}
+inline Bf16Table block_table(Bf16Table*, __m256 code_lo, __m256 code_hi, float am) {
+  return bf16_table(code_lo, code_hi, am);
+}
+
+template <bool kStream>
+inline void store32(const Fp32Table& t, __m256i idx, float* out) {
+  store16<kStream>(t, _mm256_castsi256_si128(idx), out);
+  store16<kStream>(t, _mm256_extracti128_si256(idx, 1), out + 16);
+}
+
+inline void store1(float* out, float v) { *out = v; }
+inline void store1(uint16_t* out, float v) { *out = float_to_bf16_bits(v); }
+
+// Out is float or uint16_t (bf16 bits), Table the matching per-block table. Each block starts
+// on a byte boundary (even blocksize), so a block is whole bytes, except a partial odd last
+// block whose final element, like any block rest under 16 elements, goes through the scalar
+// formula of the reference.
+template <bool kStream, typename Table, typename Out>
+void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t numel,
+                       int32_t blocksize, const float* code, Out* out) {
+  const __m256 code_lo = _mm256_loadu_ps(code);
+  const __m256 code_hi = _mm256_loadu_ps(code + 8);
+  const int64_t blocks = num_blocks(numel, blocksize);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t n = numel - begin < blocksize ? numel - begin : blocksize;
+    const float am = absmax[b];
+    const Table t = block_table(static_cast<Table*>(nullptr), code_lo, code_hi, am);
+    const uint8_t* p = packed + begin / 2;  // [(n+1)/2]
+    Out* o = out + begin;                   // [n]
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+      __m128i n0, n1;
+      split_nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i / 2)), n0, n1);
+      store32<kStream>(t, _mm256_set_m128i(n1, n0), o + i);
+    }
+    for (; i + 16 <= n; i += 16) {
+      __m128i n0, n1;
+      split_nibbles(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i / 2)), n0, n1);
+      store16<kStream>(t, n0, o + i);
+    }
+    for (; i < n; ++i) {
+      const uint8_t byte = p[i / 2];
+      const uint8_t q = (i & 1) ? (byte & 0x0f) : (byte >> 4);
+      store1(o + i, code[q] * am);
+    }
+  }
+  if constexpr (kStream) _mm_sfence();  // order the weakly-ordered stores before any reader
+}
+
+template <typename Table, typename Out>
+void dequantize_avx2(const char* fn, const uint8_t* packed, const float* absmax, int64_t numel,
+                     int32_t blocksize, QuantType type, Out* out) {
+  detail::check_quant4_args(fn, numel, blocksize, type);
+  const float* code = code_table(type);
+  const size_t out_nbytes = static_cast<size_t>(numel) * sizeof(Out);
+  // Streaming needs every 16-element store group 32-byte aligned: out itself, and every block
+  // start (blocksize * sizeof(Out) a multiple of 32 also means no scalar rest inside a block).
+  const bool aligned = reinterpret_cast<uintptr_t>(out) % 32 == 0 &&
+                       (static_cast<size_t>(blocksize) * sizeof(Out)) % 32 == 0;
+  if (aligned && out_nbytes >= kStreamMinNbytes) {
+    dequantize_blocks<true, Table>(packed, absmax, numel, blocksize, code, out);
+  } else {
+    dequantize_blocks<false, Table>(packed, absmax, numel, blocksize, code, out);
+  }
+}
+
+}  // namespace
+
+void dequantize_4bit_avx2(const uint8_t* packed, const float* absmax, int64_t numel,
+                          int32_t blocksize, QuantType type, float* out) {
+  dequantize_avx2<Fp32Table>("dequantize_4bit_avx2", packed, absmax, numel, blocksize, type,
+                             out);
+}
+
+void dequantize_4bit_bf16_avx2(const uint8_t* packed, const float* absmax, int64_t numel,
+                               int32_t blocksize, QuantType type, uint16_t* out) {
+  dequantize_avx2<Bf16Table>("dequantize_4bit_bf16_avx2", packed, absmax, numel, blocksize,
+                             type, out);
+}
+
+}  // namespace qlora::kernels

@@ -1,0 +1,145 @@
+// quantize_4bit / dequantize_4bit on tensors: thin wrappers that validate, convert to fp32,
+// call the kernels, and do bitsandbytes' double quantization of absmax:
+//   offset = mean(absmax);  (absmax - offset) -> 8-bit dynamic map, blocks of 256.
+#include "quant/quantize.h"
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <stdexcept>
+
+#include "dynamic_map.h"
+#include "quant4_cpu.h"
+#include "quant4_ref.h"
+
+namespace qlora::quant {
+namespace {
+
+bool is_storage_dtype(at::ScalarType t) {
+  return t == at::kByte || t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
+}
+
+at::Tensor code_tensor(QuantType type) {
+  return at::from_blob(const_cast<float*>(kernels::quant4_traits(type).code), {16},
+                       at::TensorOptions().dtype(at::kFloat))
+      .clone();
+}
+
+}  // namespace
+
+at::ScalarType storage_dtype_from_name(const std::string& name) {
+  if (name == "uint8") return at::kByte;
+  if (name == "bf16" || name == "bfloat16") return at::kBFloat16;
+  if (name == "fp16" || name == "float16") return at::kHalf;
+  if (name == "fp32" || name == "float32") return at::kFloat;
+  throw std::invalid_argument("unsupported quant storage '" + name +
+                              "' (expected uint8, bf16, fp16 or fp32)");
+}
+
+at::Tensor packed_bytes(const at::Tensor& packed) {
+  return packed.contiguous().view(at::kByte).reshape({-1});
+}
+
+at::Tensor pack_storage(const at::Tensor& bytes, at::ScalarType storage) {
+  if (!is_storage_dtype(storage))
+    throw std::invalid_argument(std::string("unsupported quant storage dtype ") +
+                                c10::toString(storage));
+  const int64_t item = static_cast<int64_t>(c10::elementSize(storage));
+  at::Tensor b = bytes.contiguous().view(at::kByte).reshape({-1});
+  const int64_t padded = (b.numel() + item - 1) / item * item;
+  if (padded != b.numel()) b = at::constant_pad_nd(b, {0, padded - b.numel()}, 0);
+  return b.view(storage).reshape({padded / item, 1});
+}
+
+Quantized quantize_4bit(const at::Tensor& weight, const QuantizeOptions& options) {
+  if (!kernels::valid_blocksize(options.blocksize))
+    throw std::invalid_argument("unsupported quantization blocksize " +
+                                std::to_string(options.blocksize) +
+                                " (expected a power of two from 32 to 4096)");
+  const at::ScalarType src = weight.scalar_type();
+  if (src != at::kFloat && src != at::kBFloat16 && src != at::kHalf)
+    throw std::invalid_argument(std::string("cannot quantize a ") + c10::toString(src) +
+                                " tensor (expected float32, bfloat16 or float16)");
+  const at::Tensor x = weight.detach().to(at::kCPU).contiguous().to(at::kFloat);  // exact
+  const int64_t n = x.numel();
+  const int64_t blocks = kernels::num_blocks(n, options.blocksize);
+
+  at::Tensor bytes = at::empty({kernels::packed_nbytes(n)}, at::kByte);    // [(n+1)/2]
+  at::Tensor absmax = at::empty({blocks}, at::kFloat);                     // [blocks]
+  kernels::quantize_4bit_ref(x.data_ptr<float>(), n, options.blocksize, options.quant_type,
+                             bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+
+  Quantized out;
+  QuantState& st = out.state;
+  st.shape = weight.sizes().vec();
+  st.blocksize = options.blocksize;
+  st.quant_type = options.quant_type;
+  st.dtype = src;
+  st.code = code_tensor(options.quant_type);
+  if (options.double_quant && blocks > 0) {
+    // at::mean is the very reduction bitsandbytes calls (absmax.mean()), so the offset matches
+    // to the bit; the subtraction too.
+    const at::Tensor offset = absmax.mean();
+    const at::Tensor centered = (absmax - offset).contiguous();
+    const int64_t nested_blocks = kernels::num_blocks(blocks, kernels::kNestedBlocksize);
+    at::Tensor q = at::empty({blocks}, at::kByte);
+    at::Tensor nested_absmax = at::empty({nested_blocks}, at::kFloat);
+    kernels::quantize_8bit_blockwise_ref(centered.data_ptr<float>(), blocks,
+                                         kernels::kNestedBlocksize, kernels::kDynamicMap8,
+                                         q.data_ptr<uint8_t>(), nested_absmax.data_ptr<float>());
+    NestedState nested;
+    nested.absmax = nested_absmax;
+    nested.code = at::from_blob(const_cast<float*>(kernels::kDynamicMap8), {256},
+                                at::TensorOptions().dtype(at::kFloat)).clone();
+    nested.offset = offset.item<float>();
+    st.absmax = q;
+    st.nested = nested;
+  } else {
+    st.absmax = absmax;
+  }
+  out.packed = pack_storage(bytes, options.storage);
+  return out;
+}
+
+at::Tensor dequantize_4bit(const at::Tensor& packed, const QuantState& state,
+                           std::optional<at::ScalarType> dtype) {
+  const at::ScalarType want = dtype.value_or(state.dtype);
+  if (!packed.device().is_cpu()) return dequantize_4bit_torch(packed, state, want);
+  const int64_t n = state.numel();
+  const at::Tensor bytes = packed_bytes(packed);
+  if (bytes.numel() < kernels::packed_nbytes(n))
+    throw std::invalid_argument("packed weight has " + std::to_string(bytes.numel()) +
+                                " bytes, shape needs " + std::to_string(kernels::packed_nbytes(n)));
+  const at::Tensor absmax = state.absmax_fp32().contiguous();
+  if (want == at::kBFloat16) {
+    at::Tensor out = at::empty(state.shape, at::TensorOptions().dtype(at::kBFloat16));
+    kernels::dequantize_4bit_bf16_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
+                                      state.blocksize, state.quant_type,
+                                      reinterpret_cast<uint16_t*>(out.data_ptr()));
+    return out;
+  }
+  at::Tensor out = at::empty(state.shape, at::TensorOptions().dtype(at::kFloat));
+  kernels::dequantize_4bit_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
+                               state.blocksize, state.quant_type, out.data_ptr<float>());
+  return want == at::kFloat ? out : out.to(want);
+}
+
+at::Tensor dequantize_4bit_torch(const at::Tensor& packed, const QuantState& state,
+                                 std::optional<at::ScalarType> dtype) {
+  const at::ScalarType want = dtype.value_or(state.dtype);
+  const int64_t n = state.numel();
+  const int64_t bs = state.blocksize;
+  const int64_t blocks = state.blocks();
+  const at::Tensor bytes = packed.contiguous().view(at::kByte).reshape({-1})
+                               .slice(0, 0, kernels::packed_nbytes(n));
+  // Unpack: first element in the high nibble.
+  const at::Tensor codes =
+      at::stack({at::bitwise_right_shift(bytes, 4), at::bitwise_and(bytes, 15)}, 1)
+          .reshape({-1}).slice(0, 0, n).to(at::kLong);
+  const at::Tensor values = state.code.to(packed.device()).index({codes});  // fp32 [n]
+  const at::Tensor scales = state.absmax_fp32().to(packed.device()).view({blocks, 1});
+  at::Tensor out = at::constant_pad_nd(values, {0, blocks * bs - n}).view({blocks, bs}) * scales;
+  return out.reshape({-1}).slice(0, 0, n).reshape(state.shape).to(want);
+}
+
+}  // namespace qlora::quant

@@ -1,0 +1,133 @@
+// qlora_dist: the one binary. Commands: quantize, init-model (this release); train, eval,
+// export, synth-data and plot arrive with the trainer. Every error a user can cause ends as one
+// line "qlora_dist: error: ..." and exit status 1; usage errors exit 2.
+#include <boost/program_options.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+
+#include "io/safetensors.h"
+#include "model/init_model.h"
+#include "quant/quant_state.h"
+#include "train/quantize_command.h"
+
+namespace po = boost::program_options;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+const char* const kUsage =
+    "usage: qlora_dist <command> [options]\n"
+    "commands:\n"
+    "  quantize    --model DIR --out DIR [--quantization_type nf4|fp4] [--quantization_blocksize 64]\n"
+    "              [--double_quantization true|false] [--quant_storage uint8|bf16|fp16|fp32]\n"
+    "              Hugging Face model -> pre-quantized bitsandbytes 4-bit checkpoint\n"
+    "  init-model  --preset tiny|small --out DIR [--seed N]\n"
+    "              random-initialized LLaMA model in Hugging Face format\n"
+    "not yet available (they come with the trainer): train, eval, export, synth-data, plot\n"
+    "run 'qlora_dist <command> --help' for a command's options\n";
+
+bool parse_bool(const std::string& key, const std::string& v) {
+  if (v == "true" || v == "1" || v == "True") return true;
+  if (v == "false" || v == "0" || v == "False") return false;
+  throw UsageError("--" + key + " '" + v + "' is not a boolean (expected true or false)");
+}
+
+po::variables_map parse(const po::options_description& desc, int argc, char** argv) {
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(argc, argv).options(desc).run(), vm);
+    if (vm.count("help")) {
+      std::cout << desc << "\n";
+      std::exit(0);
+    }
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw UsageError(e.what());
+  }
+  return vm;
+}
+
+int run_quantize(int argc, char** argv) {
+  qlora::train::QuantizeCommandOptions opt;
+  std::string type = "nf4", storage = "uint8", dq = "true";
+  int blocksize = 64;
+  po::options_description desc("qlora_dist quantize options");
+  desc.add_options()("help", "show this help")
+      ("model", po::value(&opt.model_dir)->required(), "Hugging Face model directory (config.json + model.safetensors or a sharded index)")
+      ("out", po::value(&opt.out_dir)->required(), "output directory (must not exist or be empty)")
+      ("quantization_type", po::value(&type)->default_value("nf4"), "nf4 or fp4")
+      ("quantization_blocksize", po::value(&blocksize)->default_value(64), "32, 64, ..., 4096")
+      ("double_quantization", po::value(&dq)->default_value("true"), "quantize the absmax again (8-bit, blocks of 256)")
+      ("quant_storage", po::value(&storage)->default_value("uint8"), "dtype the packed bytes are stored as: uint8, bf16, fp16, fp32");
+  parse(desc, argc, argv);
+  opt.quant.quant_type = qlora::quant::quant_type_from_name(type);
+  opt.quant.blocksize = blocksize;
+  opt.quant.double_quant = parse_bool("double_quantization", dq);
+  opt.quant.storage = qlora::quant::storage_dtype_from_name(storage);
+
+  const auto r = qlora::train::quantize_model_dir(opt);
+  std::printf(
+      "quantized %s -> %s\n"
+      "  %lld linear weights to %s (blocksize %d, double quantization %s, storage %s): %lld params\n"
+      "  %lld tensors kept as they were (embeddings, norms, biases, lm_head)\n"
+      "  weights %.2f MiB -> %.2f MiB (%.2fx smaller) in %.2f s\n",
+      opt.model_dir.c_str(), opt.out_dir.c_str(), static_cast<long long>(r.tensors_quantized),
+      type.c_str(), blocksize, opt.quant.double_quant ? "on" : "off", storage.c_str(),
+      static_cast<long long>(r.params_quantized), static_cast<long long>(r.tensors_copied),
+      r.bytes_in / 1048576.0, r.bytes_out / 1048576.0,
+      r.bytes_out ? static_cast<double>(r.bytes_in) / r.bytes_out : 0.0, r.seconds);
+  return 0;
+}
+
+int run_init_model(int argc, char** argv) {
+  std::string preset, out;
+  uint64_t seed = 0;
+  po::options_description desc("qlora_dist init-model options");
+  desc.add_options()("help", "show this help")
+      ("preset", po::value(&preset)->required(), "tiny (~4M params) or small (~100M params)")
+      ("out", po::value(&out)->required(), "output directory (must not exist or be empty)")
+      ("seed", po::value(&seed)->default_value(0), "random seed; the same seed gives the same bytes");
+  parse(desc, argc, argv);
+  const qlora::model::ModelConfig config = qlora::model::preset_config(preset);
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
+    throw std::invalid_argument(out + ": output directory exists and is not empty (choose a new path)");
+  const auto r = qlora::model::init_model_write(config, seed, out);
+  std::printf("wrote %s: %s preset, %lld layers, hidden %lld, %.2fM params, %.2f MiB (%s, seed %llu)\n",
+              out.c_str(), preset.c_str(), static_cast<long long>(config.num_hidden_layers),
+              static_cast<long long>(config.hidden_size), r.num_params / 1e6, r.nbytes / 1048576.0,
+              config.torch_dtype.c_str(), static_cast<unsigned long long>(seed));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    std::cout << kUsage;
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string command = argv[1];
+  try {
+    if (command == "quantize") return run_quantize(argc - 1, argv + 1);
+    if (command == "init-model") return run_init_model(argc - 1, argv + 1);
+    if (command == "train" || command == "eval" || command == "export" ||
+        command == "synth-data" || command == "plot")
+      throw std::runtime_error("command '" + command + "' is not available in this release yet");
+    throw UsageError("unknown command '" + command +
+                     "' (expected quantize or init-model; see qlora_dist --help)");
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), e.what());
+    return 1;
+  }
+}

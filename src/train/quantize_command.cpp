@@ -1,0 +1,165 @@
+// quantize_model_dir: read config + weights, check shapes, quantize block linears, write the
+// bitsandbytes tensor set and quantization_config, rename into place.
+#include "train/quantize_command.h"
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <stdexcept>
+#include <unistd.h>
+
+#include "io/hf_config.h"
+#include "io/safetensors.h"
+#include "model/model_config.h"
+#include "quant/bnb_checkpoint.h"
+#include "quant/tensor_io.h"
+
+namespace fs = std::filesystem;
+
+namespace qlora::train {
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// The shapes the config implies, for the tensors whose shape it fixes.
+std::map<std::string, std::vector<int64_t>> expected_shapes(const model::ModelConfig& c) {
+  std::map<std::string, std::vector<int64_t>> m;
+  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim;
+  const int64_t kv = c.num_key_value_heads * c.head_dim, f = c.intermediate_size;
+  m["model.embed_tokens.weight"] = {c.vocab_size, h};
+  if (!c.tie_word_embeddings) m["lm_head.weight"] = {c.vocab_size, h};
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    m[p + "self_attn.q_proj.weight"] = {q, h};
+    m[p + "self_attn.k_proj.weight"] = {kv, h};
+    m[p + "self_attn.v_proj.weight"] = {kv, h};
+    m[p + "self_attn.o_proj.weight"] = {h, q};
+    m[p + "mlp.gate_proj.weight"] = {f, h};
+    m[p + "mlp.up_proj.weight"] = {f, h};
+    m[p + "mlp.down_proj.weight"] = {h, f};
+  }
+  return m;
+}
+
+std::string storage_name(at::ScalarType t) {
+  if (t == at::kByte) return "uint8";
+  return quant::float_dtype_name(t);
+}
+
+nlohmann::ordered_json quantization_config(const quant::QuantizeOptions& o,
+                                           const std::string& compute_dtype) {
+  // Key for key what transformers' BitsAndBytesConfig.to_dict() writes. Its blocksize is not
+  // in here: each weight's quant_state carries its own.
+  nlohmann::ordered_json q;
+  q["_load_in_4bit"] = true;
+  q["_load_in_8bit"] = false;
+  q["bnb_4bit_compute_dtype"] = compute_dtype;
+  q["bnb_4bit_quant_storage"] = storage_name(o.storage);
+  q["bnb_4bit_quant_type"] = quant::quant_type_name(o.quant_type);
+  q["bnb_4bit_use_double_quant"] = o.double_quant;
+  q["llm_int8_enable_fp32_cpu_offload"] = false;
+  q["llm_int8_has_fp16_weight"] = false;
+  q["llm_int8_skip_modules"] = nullptr;
+  q["llm_int8_threshold"] = 6.0;
+  q["load_in_4bit"] = true;
+  q["load_in_8bit"] = false;
+  q["quant_method"] = "bitsandbytes";
+  return q;
+}
+
+}  // namespace
+
+QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
+  const auto t0 = std::chrono::steady_clock::now();
+  QuantizeReport report;
+  const fs::path in(opt.model_dir), out(opt.out_dir);
+  if (!fs::is_directory(in))
+    throw std::invalid_argument(opt.model_dir + ": model directory does not exist");
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
+    throw std::invalid_argument(opt.out_dir +
+                                ": output directory exists and is not empty (choose a new path)");
+  if (!kernels::valid_blocksize(opt.quant.blocksize))
+    throw std::invalid_argument("--quantization_blocksize " + std::to_string(opt.quant.blocksize) +
+                                " is not supported (expected 32, 64, ..., 4096)");
+
+  const io::HfConfig hf = io::read_hf_config((in / "config.json").string());
+  const model::ModelConfig mc = model::model_config_from_json(hf.raw, hf.path);
+  if (hf.quantization.method != io::QuantMethod::none)
+    throw std::invalid_argument(hf.path + ": the model is already quantized (quant_method '" +
+                                hf.quantization.quant_method +
+                                "'); quantize takes a bf16/fp16/fp32 model");
+
+  const io::ModelWeights weights = io::ModelWeights::open_dir(opt.model_dir);
+  const auto expected = expected_shapes(mc);
+  for (const auto& [name, shape] : expected) {
+    if (!weights.contains(name))
+      throw std::invalid_argument(opt.model_dir + ": tensor '" + name +
+                                  "' is missing (the config has " +
+                                  std::to_string(mc.num_hidden_layers) + " layers)");
+    if (weights.info(name).shape != shape)
+      throw std::invalid_argument(opt.model_dir + ": tensor '" + name + "' has shape " +
+                                  shape_str(weights.info(name).shape) + ", config.json implies " +
+                                  shape_str(shape));
+  }
+
+  io::SafetensorsWriter writer;
+  writer.set_metadata("format", "pt");
+  for (const std::string& name : weights.names()) {
+    const io::TensorInfo& info = weights.info(name);
+    report.bytes_in += info.nbytes;
+    at::Tensor t = quant::tensor_from_weights(weights, name);
+    if (model::is_block_linear_weight(name)) {
+      if (!at::isFloatingType(t.scalar_type()) || t.scalar_type() == at::kDouble)
+        throw std::invalid_argument(opt.model_dir + ": tensor '" + name + "' has dtype " +
+                                    io::dtype_name(info.dtype) +
+                                    " (expected F32, BF16 or F16 to quantize)");
+      const quant::Quantized q = quant::quantize_4bit(t, opt.quant);
+      for (const auto& [key, tensor] : quant::bnb_checkpoint_tensors(name, q))
+        quant::writer_add(writer, key, tensor);
+      ++report.tensors_quantized;
+      report.params_quantized += t.numel();
+    } else {
+      quant::writer_add(writer, name, t);
+      ++report.tensors_copied;
+    }
+  }
+
+  nlohmann::ordered_json config = nlohmann::ordered_json::parse(hf.raw.dump());
+  config["quantization_config"] = quantization_config(opt.quant, mc.torch_dtype);
+
+  // Everything goes to a temporary sibling first; a failure leaves out_dir as it was.
+  const fs::path parent = fs::absolute(out).parent_path();
+  fs::create_directories(parent);
+  const fs::path tmp = parent / ("." + out.filename().string() + ".tmp-" + std::to_string(getpid()));
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  try {
+    writer.write((tmp / "model.safetensors").string());
+    std::ofstream(tmp / "config.json") << config.dump(2) << "\n";
+    for (const auto& entry : fs::directory_iterator(in)) {  // tokenizer, generation config, ...
+      const std::string fname = entry.path().filename().string();
+      if (!entry.is_regular_file() || fname == "config.json" ||
+          fname.find(".safetensors") != std::string::npos || fname.rfind(".", 0) == 0)
+        continue;
+      fs::copy_file(entry.path(), tmp / fname);
+    }
+    report.bytes_out = fs::file_size(tmp / "model.safetensors");
+    if (fs::exists(out)) fs::remove(out);  // only ever an empty directory (checked above)
+    fs::rename(tmp, out);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return report;
+}
+
+}  // namespace qlora::train
