@@ -37,27 +37,12 @@ const float* code_table(QuantType type) {
 }
 
 // Packed bytes -> nibbles in element order: byte k holds element 2k in its HIGH nibble.
-// b: 16 bytes -> n0 (elements 0..15 from bytes 0..7), n1 (elements 16..31 from bytes 8..15).
-inline void split_nibbles(__m128i b, __m128i& n0, __m128i& n1) {
+// b: 8 bytes (low half) -> 16 nibbles, one per byte, elements 0..15.
+inline __m128i nibbles16(__m128i b) {
   const __m128i mask = _mm_set1_epi8(0x0f);
   const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
   const __m128i lo = _mm_and_si128(b, mask);
-  n0 = _mm_unpacklo_epi8(hi, lo);
-  n1 = _mm_unpackhi_epi8(hi, lo);
-}
-
-// fp32 -> bf16 bits in the low half of each 32-bit lane; float_to_bf16_bits, 8 at a time.
-inline __m256i bf16_bits32(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i top = _mm256_srli_epi32(u, 16);
-  const __m256i lsb = _mm256_and_si256(top, _mm256_set1_epi32(1));
-  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb);
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
-  const __m256i quiet_nan = _mm256_or_si256(top, _mm256_set1_epi32(0x0040));
-  // |u| > +inf as signed ints: both sides are non-negative, so the signed compare is exact.
-  const __m256i is_nan = _mm256_cmpgt_epi32(
-      _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-  return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+  return _mm_unpacklo_epi8(hi, lo);
 }
 
 template <bool kStream>
@@ -92,17 +77,47 @@ inline __m256i lookup8(const Fp32Table& t, __m128i n) {
       _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28))));
 }
 
-// 16 nibbles -> out[0..16)
+// packed[0..8) -> out[0..16)
 template <bool kStream>
-inline void store16(const Fp32Table& t, __m128i n, float* out) {
+inline void store16(const Fp32Table& t, const uint8_t* packed, float* out) {
+  const __m128i n = nibbles16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed)));
   store256<kStream>(out, lookup8(t, n));
   store256<kStream>(out + 8, lookup8(t, _mm_srli_si128(n, 8)));
 }
 
+// packed[0..16) -> out[0..32)
+template <bool kStream>
+inline void store32(const Fp32Table& t, const uint8_t* packed, float* out) {
+  store16<kStream>(t, packed, out);
+  store16<kStream>(t, packed + 8, out + 16);
+}
+
 // ---- bf16 -------------------------------------------------------------------------------------
 
-// A block's 16 bf16 outputs as two byte tables, each copied to both 128-bit lanes (vpshufb
-// looks up within a lane): low bytes of t[0..15] and high bytes of t[0..15].
+// Round to nearest even, bf16 bits in the HIGH half of each 32-bit lane (the byte shuffles
+// that follow pick them there, so no shift is needed): + 0x7fff, + 1 more when the kept lsb
+// (bit 16) is set. Exactly float_to_bf16_bits for every non-NaN lane, and for the NaN that
+// x86 makes of inf * 0 (0xffc00000: nothing below bit 16 to carry, already quiet).
+inline __m256i bf16_round_high(__m256i u) {
+  const __m256i lsb_set = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x10000)),
+                                             _mm256_set1_epi32(0x10000));
+  return _mm256_sub_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb_set);
+}
+
+// float_to_bf16_bits on 8 lanes, NaN payloads included, bits in the HIGH half of each lane.
+inline __m256i bf16_bits_high(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i rounded = bf16_round_high(u);
+  // NaN: keep the upper half, set its quiet bit (bit 6 of the half = bit 22 of the float).
+  const __m256i quiet_nan = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000));
+  // |u| > +inf as signed ints: both sides are non-negative, so the signed compare is exact.
+  const __m256i is_nan = _mm256_cmpgt_epi32(
+      _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+}
+
+// A block's 16 bf16 outputs as two byte tables, each in both 128-bit lanes (vpshufb looks up
+// within a lane): the low bytes of t[0..15] and the high bytes of t[0..15].
 struct Bf16Table {
   __m256i lo_bytes;
   __m256i hi_bytes;
@@ -110,35 +125,56 @@ struct Bf16Table {
 
 inline Bf16Table bf16_table(__m256 code_lo, __m256 code_hi, float am) {
   const __m256 scale = _mm256_set1_ps(am);
-  const __m256i b_lo = bf16_bits32(_mm256_mul_ps(code_lo, scale));  // t[0..7] in 32-bit lanes
-  const __m256i b_hi = bf16_bits32(_mm256_mul_ps(code_hi, scale));  // t[8..15]
-  // packus is per 128-bit lane (values <= 0xffff: its saturation never triggers):
-  // [t0..3, t8..11 | t4..7, t12..15] -> permute -> t0..15 as 16-bit values in order.
-  const __m256i t16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(b_lo, b_hi), 0xd8);
-  // Per lane: 8 low bytes then 8 high bytes -> [lo t0..7, hi t0..7 | lo t8..15, hi t8..15].
-  const __m256i split = _mm256_shuffle_epi8(
-      t16, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8,
-                            10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-  // Quadwords [lo 0..7, hi 0..7, lo 8..15, hi 8..15] -> [lo 0..7, lo 8..15, hi 0..7, hi 8..15].
-  const __m256i planes = _mm256_permute4x64_epi64(split, 0xd8);
-  return {_mm256_permute2x128_si256(planes, planes, 0x00),
-          _mm256_permute2x128_si256(planes, planes, 0x11)};
+  const __m256 t_lo = _mm256_mul_ps(code_lo, scale);
+  const __m256 t_hi = _mm256_mul_ps(code_hi, scale);
+  // t[0..3 | 4..7] and t[8..11 | 12..15], bf16 bits in bytes 2 (low) and 3 (high) of each lane.
+  // The code holds no NaN, so only a NaN absmax can give a NaN with a payload to keep.
+  __m256i a, b;
+  if (am == am) {
+    a = bf16_round_high(_mm256_castps_si256(t_lo));
+    b = bf16_round_high(_mm256_castps_si256(t_hi));
+  } else {
+    a = bf16_bits_high(t_lo);
+    b = bf16_bits_high(t_hi);
+  }
+  // Gather per lane into dwords: a -> [lo bytes, -, hi bytes, -], b -> [-, lo bytes, -, hi bytes]
+  // (-1 zeroes a byte), so that a | b = lane 0: [L0..3, L8..11, H0..3, H8..11],
+  //                                     lane 1: [L4..7, L12..15, H4..7, H12..15].
+  const __m256i pick_a = _mm256_setr_epi8(2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1,
+                                          -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1,
+                                          -1, -1);
+  const __m256i pick_b = _mm256_setr_epi8(-1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11,
+                                          15, -1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7,
+                                          11, 15);
+  const __m256i ab =
+      _mm256_or_si256(_mm256_shuffle_epi8(a, pick_a), _mm256_shuffle_epi8(b, pick_b));
+  // dwords of ab: 0 = L0..3, 1 = L8..11, 2 = H0..3, 3 = H8..11, 4 = L4..7, 5 = L12..15, ...
+  return {_mm256_permutevar8x32_epi32(ab, _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5)),
+          _mm256_permutevar8x32_epi32(ab, _mm256_setr_epi32(2, 6, 3, 7, 2, 6, 3, 7))};
 }
 
-// 32 nibbles (lane 0: elements 0..15, lane 1: elements 16..31) -> out[0..32)
+// packed[0..16) -> out[0..32). The nibbles are laid out as lane 0: elements 0..7, 16..23 and
+// lane 1: elements 8..15, 24..31, so that the in-lane unpacks below emit elements 0..15 and
+// 16..31 as two contiguous registers without a cross-lane fix-up.
 template <bool kStream>
-inline void store32(const Bf16Table& t, __m256i idx, uint16_t* out) {
-  const __m256i lo = _mm256_shuffle_epi8(t.lo_bytes, idx);
-  const __m256i hi = _mm256_shuffle_epi8(t.hi_bytes, idx);
-  const __m256i a = _mm256_unpacklo_epi8(lo, hi);  // elements 0..7 | 16..23
-  const __m256i b = _mm256_unpackhi_epi8(lo, hi);  // elements 8..15 | 24..31
-  store256<kStream>(out, _mm256_permute2x128_si256(a, b, 0x20));
-  store256<kStream>(out + 16, _mm256_permute2x128_si256(a, b, 0x31));
+inline void store32(const Bf16Table& t, const uint8_t* packed, uint16_t* out) {
+  const __m256i raw = _mm256_castsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)));
+  // byte dwords 0..3 -> lane 0 low 8 bytes: dwords 0, 2; lane 1 low 8 bytes: dwords 1, 3
+  const __m256i b = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 2, 0, 0, 1, 3, 0, 0));
+  const __m256i mask = _mm256_set1_epi8(0x0f);
+  const __m256i n = _mm256_unpacklo_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), mask),
+                                         _mm256_and_si256(b, mask));
+  const __m256i lo = _mm256_shuffle_epi8(t.lo_bytes, n);
+  const __m256i hi = _mm256_shuffle_epi8(t.hi_bytes, n);
+  store256<kStream>(out, _mm256_unpacklo_epi8(lo, hi));       // elements 0..7 | 8..15
+  store256<kStream>(out + 16, _mm256_unpackhi_epi8(lo, hi));  // elements 16..23 | 24..31
 }
 
-// 16 nibbles -> out[0..16)
+// packed[0..8) -> out[0..16)
 template <bool kStream>
-inline void store16(const Bf16Table& t, __m128i n, uint16_t* out) {
+inline void store16(const Bf16Table& t, const uint8_t* packed, uint16_t* out) {
+  const __m128i n = nibbles16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed)));
   const __m128i lo = _mm_shuffle_epi8(_mm256_castsi256_si128(t.lo_bytes), n);
   const __m128i hi = _mm_shuffle_epi8(_mm256_castsi256_si128(t.hi_bytes), n);
   store256<kStream>(out, _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)));
@@ -151,12 +187,6 @@ inline Fp32Table block_table(Fp32Table*, __m256 code_lo, __m256 code_hi, float a
 }
 inline Bf16Table block_table(Bf16Table*, __m256 code_lo, __m256 code_hi, float am) {
   return bf16_table(code_lo, code_hi, am);
-}
-
-template <bool kStream>
-inline void store32(const Fp32Table& t, __m256i idx, float* out) {
-  store16<kStream>(t, _mm256_castsi256_si128(idx), out);
-  store16<kStream>(t, _mm256_extracti128_si256(idx, 1), out + 16);
 }
 
 inline void store1(float* out, float v) { *out = v; }
@@ -180,16 +210,8 @@ void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t numel
     const uint8_t* p = packed + begin / 2;  // [(n+1)/2]
     Out* o = out + begin;                   // [n]
     int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-      __m128i n0, n1;
-      split_nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i / 2)), n0, n1);
-      store32<kStream>(t, _mm256_set_m128i(n1, n0), o + i);
-    }
-    for (; i + 16 <= n; i += 16) {
-      __m128i n0, n1;
-      split_nibbles(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i / 2)), n0, n1);
-      store16<kStream>(t, n0, o + i);
-    }
+    for (; i + 32 <= n; i += 32) store32<kStream>(t, p + i / 2, o + i);
+    for (; i + 16 <= n; i += 16) store16<kStream>(t, p + i / 2, o + i);
     for (; i < n; ++i) {
       const uint8_t byte = p[i / 2];
       const uint8_t q = (i & 1) ? (byte & 0x0f) : (byte >> 4);

@@ -32,10 +32,10 @@ void quantize_8bit_blockwise_ref(const float* x, int64_t numel, int32_t blocksiz
 void dequantize_8bit_blockwise_ref(const uint8_t* q, const float* absmax, int64_t numel,
                                    int32_t blocksize, const float* code, float* out);
 
-// float -> bfloat16 bits, round to nearest even, NaN kept quiet (torch's c10::BFloat16 rule).
+// float -> bfloat16 bits, round to nearest even, every NaN -> 0x7fc0 (torch's c10::BFloat16 rule).
 QLORA_HD inline uint16_t float_to_bf16_bits(float f) {
   union { float f; uint32_t u; } v{f};
-  if ((v.u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((v.u >> 16) | 0x0040u);
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
   const uint32_t rounding_bias = 0x7fffu + ((v.u >> 16) & 1u);
   return static_cast<uint16_t>((v.u + rounding_bias) >> 16);
 }

@@ -18,7 +18,7 @@ using json = nlohmann::json;
 
 struct QuantMethodTraits {
   QuantMethod method;
-  const char* name;         // what we print
+  const char* name;          // what we print
   const char* quant_method;  // what transformers writes; nullptr when no single string maps here
 };
 
@@ -108,7 +108,8 @@ QuantizationConfig detect_quantization(const nlohmann::json& config) {
 
   const auto method_it = quant.find("quant_method");
   if (method_it != quant.end()) {
-    result.quant_method = method_it->is_string() ? method_it->get<std::string>() : method_it->dump();
+    result.quant_method =
+        method_it->is_string() ? method_it->get<std::string>() : method_it->dump();
   }
   // Configs from before transformers wrote quant_method carry only the bitsandbytes flags.
   const bool bitsandbytes = result.quant_method == "bitsandbytes" ||

@@ -36,14 +36,11 @@ struct DTypeTraits {
 
 // The one table of dtype names and sizes, in enum order.
 constexpr DTypeTraits kDTypeTraits[] = {
-    {DType::BOOL, "BOOL", 1},       {DType::U8, "U8", 1},
-    {DType::I8, "I8", 1},           {DType::I16, "I16", 2},
-    {DType::U16, "U16", 2},         {DType::I32, "I32", 4},
-    {DType::U32, "U32", 4},         {DType::I64, "I64", 8},
-    {DType::U64, "U64", 8},         {DType::F16, "F16", 2},
-    {DType::BF16, "BF16", 2},       {DType::F32, "F32", 4},
-    {DType::F64, "F64", 8},         {DType::F8_E4M3, "F8_E4M3", 1},
-    {DType::F8_E5M2, "F8_E5M2", 1},
+    {DType::BOOL, "BOOL", 1}, {DType::U8, "U8", 1},           {DType::I8, "I8", 1},
+    {DType::I16, "I16", 2},   {DType::U16, "U16", 2},         {DType::I32, "I32", 4},
+    {DType::U32, "U32", 4},   {DType::I64, "I64", 8},         {DType::U64, "U64", 8},
+    {DType::F16, "F16", 2},   {DType::BF16, "BF16", 2},       {DType::F32, "F32", 4},
+    {DType::F64, "F64", 8},   {DType::F8_E4M3, "F8_E4M3", 1}, {DType::F8_E5M2, "F8_E5M2", 1},
 };
 
 const DTypeTraits& dtype_traits(DType dtype) {
@@ -200,10 +197,10 @@ TensorInfo tensor_info_parse(const std::string& path, const std::string& name, c
 
   const auto dtype_it = entry.find("dtype");
   if (dtype_it == entry.end() || !dtype_it->is_string()) {
-    format_error_throw(path,
-                       tensor + " dtype is " +
-                           (dtype_it == entry.end() ? "missing" : json_describe(*dtype_it)),
-                       "expected a dtype name: " + dtype_names_list());
+    format_error_throw(
+        path,
+        tensor + " dtype is " + (dtype_it == entry.end() ? "missing" : json_describe(*dtype_it)),
+        "expected a dtype name: " + dtype_names_list());
   }
   const DTypeTraits* traits = dtype_traits_find(dtype_it->get_ref<const std::string&>());
   if (traits == nullptr) {
@@ -214,10 +211,10 @@ TensorInfo tensor_info_parse(const std::string& path, const std::string& name, c
 
   const auto shape_it = entry.find("shape");
   if (shape_it == entry.end() || !shape_it->is_array()) {
-    format_error_throw(path,
-                       tensor + " shape is " +
-                           (shape_it == entry.end() ? "missing" : json_describe(*shape_it)),
-                       "expected an array of non-negative integers");
+    format_error_throw(
+        path,
+        tensor + " shape is " + (shape_it == entry.end() ? "missing" : json_describe(*shape_it)),
+        "expected an array of non-negative integers");
   }
   info.shape.reserve(shape_it->size());  // bounded by the header size, already validated
   for (const json& dim : *shape_it) {
@@ -232,10 +229,10 @@ TensorInfo tensor_info_parse(const std::string& path, const std::string& name, c
   size_t expected_nbytes = 0;
   if (!shape_numel(info.shape, &numel) ||
       __builtin_mul_overflow(static_cast<size_t>(numel), traits->size, &expected_nbytes)) {
-    format_error_throw(path,
-                       tensor + " shape " + shape_to_string(info.shape) +
-                           " has more elements than fit in 64 bits",
-                       "expected a shape whose byte size fits in the file");
+    format_error_throw(
+        path,
+        tensor + " shape " + shape_to_string(info.shape) + " has more elements than fit in 64 bits",
+        "expected a shape whose byte size fits in the file");
   }
 
   const auto offsets_it = entry.find("data_offsets");
@@ -249,16 +246,15 @@ TensorInfo tensor_info_parse(const std::string& path, const std::string& name, c
                        "expected [begin, end] with non-negative integers");
   }
   if (begin > end) {
-    format_error_throw(path, tensor + " data_offsets " + offsets_to_string(begin, end) +
-                                 " have begin after end",
-                       "expected begin <= end");
+    format_error_throw(
+        path, tensor + " data_offsets " + offsets_to_string(begin, end) + " have begin after end",
+        "expected begin <= end");
   }
   if (end > data_nbytes) {
-    format_error_throw(path,
-                       tensor + " data_offsets " + offsets_to_string(begin, end) +
-                           " end beyond the data section",
-                       "expected end <= " + std::to_string(data_nbytes) +
-                           ", the data section's size");
+    format_error_throw(
+        path,
+        tensor + " data_offsets " + offsets_to_string(begin, end) + " end beyond the data section",
+        "expected end <= " + std::to_string(data_nbytes) + ", the data section's size");
   }
   if (end - begin != expected_nbytes) {
     format_error_throw(path,
@@ -280,10 +276,10 @@ std::map<std::string, std::string> metadata_parse(const std::string& path, const
   std::map<std::string, std::string> metadata;
   for (auto it = value.begin(); it != value.end(); ++it) {
     if (!it->is_string()) {
-      format_error_throw(path,
-                         std::string(kMetadataKey) + " key " + name_quote(it.key()) + " is " +
-                             json_describe(*it),
-                         "expected a string value");
+      format_error_throw(
+          path,
+          std::string(kMetadataKey) + " key " + name_quote(it.key()) + " is " + json_describe(*it),
+          "expected a string value");
     }
     metadata.emplace(it.key(), it->get<std::string>());
   }
@@ -311,8 +307,7 @@ void tensors_check_disjoint(const std::string& path, const std::vector<TensorInf
               offsets_to_string(info->offset, info->offset + info->nbytes) + " overlap",
           "expected disjoint data_offsets");
     }
-    if (furthest == nullptr ||
-        info->offset + info->nbytes > furthest->offset + furthest->nbytes) {
+    if (furthest == nullptr || info->offset + info->nbytes > furthest->offset + furthest->nbytes) {
       furthest = info;
     }
   }
@@ -404,11 +399,13 @@ int64_t TensorInfo::numel() const {
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
   FdGuard fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) {
-    format_error_throw(path, "cannot open: " + errno_text(), "expected a readable safetensors file");
+    format_error_throw(path, "cannot open: " + errno_text(),
+                       "expected a readable safetensors file");
   }
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) {
-    format_error_throw(path, "cannot stat: " + errno_text(), "expected a readable safetensors file");
+    format_error_throw(path, "cannot stat: " + errno_text(),
+                       "expected a readable safetensors file");
   }
   if (!S_ISREG(st.st_mode)) {
     format_error_throw(path, "is not a regular file", "expected a safetensors file");
@@ -424,7 +421,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   file->path_ = path;
   void* map = ::mmap(nullptr, file_nbytes, PROT_READ, MAP_PRIVATE, fd.get(), 0);
   if (map == MAP_FAILED) {
-    format_error_throw(path, "cannot mmap: " + errno_text(), "expected a readable safetensors file");
+    format_error_throw(path, "cannot mmap: " + errno_text(),
+                       "expected a readable safetensors file");
   }
   file->map_ = map;
   file->map_size_ = file_nbytes;
@@ -432,11 +430,10 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
 
   const uint64_t header_nbytes = u64_load_le(bytes);
   if (header_nbytes > file_nbytes - 8) {
-    format_error_throw(path,
-                       "header length " + std::to_string(header_nbytes) +
-                           " is larger than the file allows",
-                       "expected at most " + std::to_string(file_nbytes - 8) + " for a " +
-                           std::to_string(file_nbytes) + "-byte file");
+    format_error_throw(
+        path, "header length " + std::to_string(header_nbytes) + " is larger than the file allows",
+        "expected at most " + std::to_string(file_nbytes - 8) + " for a " +
+            std::to_string(file_nbytes) + "-byte file");
   }
   if (header_nbytes > kMaxHeaderBytes) {
     format_error_throw(path, "header length " + std::to_string(header_nbytes) + " is too large",
@@ -499,9 +496,9 @@ const TensorInfo* SafetensorsFile::find(const std::string& name) const {
 const TensorInfo& SafetensorsFile::at(const std::string& name) const {
   const TensorInfo* info = find(name);
   if (info == nullptr) {
-    format_error_throw(path_, "no tensor named " + name_quote(name),
-                       "expected one of the file's " + std::to_string(tensors_.size()) +
-                           " tensors");
+    format_error_throw(
+        path_, "no tensor named " + name_quote(name),
+        "expected one of the file's " + std::to_string(tensors_.size()) + " tensors");
   }
   return *info;
 }
@@ -513,23 +510,22 @@ const uint8_t* SafetensorsFile::data(const TensorInfo& info) const {
 // ---------------------------------------------------------------------------------------------
 // SafetensorsWriter
 
-void SafetensorsWriter::add(const std::string& name, DType dtype,
-                            const std::vector<int64_t>& shape, const void* data, size_t nbytes) {
+void SafetensorsWriter::add(const std::string& name, DType dtype, const std::vector<int64_t>& shape,
+                            const void* data, size_t nbytes) {
   if (name == kMetadataKey) {
     throw std::invalid_argument("safetensors: tensor name " + name_quote(name) +
                                 " is reserved for metadata");
   }
-  for (const Entry& entry : entries_) {
-    if (entry.info.name == name) {
-      throw std::invalid_argument("safetensors: tensor " + name_quote(name) + " added twice");
-    }
+  if (index_.count(name) > 0) {
+    throw std::invalid_argument("safetensors: tensor " + name_quote(name) + " added twice");
   }
   int64_t numel = 0;
   size_t expected_nbytes = 0;
   if (!shape_numel(shape, &numel) ||
       __builtin_mul_overflow(static_cast<size_t>(numel), dtype_size(dtype), &expected_nbytes)) {
     throw std::invalid_argument("safetensors: tensor " + name_quote(name) + " shape " +
-                                shape_to_string(shape) + " is invalid (expected non-negative "
+                                shape_to_string(shape) +
+                                " is invalid (expected non-negative "
                                 "dimensions whose product fits in 64 bits)");
   }
   if (nbytes != expected_nbytes) {
@@ -546,9 +542,11 @@ void SafetensorsWriter::add(const std::string& name, DType dtype,
   entry.info.dtype = dtype;
   entry.info.shape = shape;
   entry.info.nbytes = nbytes;
-  entry.info.offset = entries_.empty() ? 0 : entries_.back().info.offset + entries_.back().info.nbytes;
+  entry.info.offset =
+      entries_.empty() ? 0 : entries_.back().info.offset + entries_.back().info.nbytes;
   const auto* bytes = static_cast<const uint8_t*>(data);
   entry.bytes.assign(bytes, bytes + nbytes);
+  index_.emplace(name, entries_.size());
   entries_.push_back(std::move(entry));
 }
 
@@ -637,21 +635,20 @@ ModelWeights ModelWeights::open_dir(const std::string& dir) {
   }
   const auto map_it = index.find("weight_map");
   if (map_it == index.end() || !map_it->is_object()) {
-    format_error_throw(index_path,
-                       "weight_map is " +
-                           (map_it == index.end() ? "missing" : json_describe(*map_it)),
-                       "expected an object mapping tensor names to shard files");
+    format_error_throw(
+        index_path, "weight_map is " + (map_it == index.end() ? "missing" : json_describe(*map_it)),
+        "expected an object mapping tensor names to shard files");
   }
 
   // Each shard opens once; shards open in name order so files() is deterministic.
   std::map<std::string, std::vector<std::string>> names_by_shard;
   for (auto it = map_it->begin(); it != map_it->end(); ++it) {
     if (!it->is_string() || it->get_ref<const std::string&>().empty()) {
-      format_error_throw(index_path,
-                         "weight_map entry for tensor " + name_quote(it.key()) + " is " +
-                             json_describe(*it),
-                         "expected a shard file name such as "
-                         "\"model-00001-of-00002.safetensors\"");
+      format_error_throw(
+          index_path,
+          "weight_map entry for tensor " + name_quote(it.key()) + " is " + json_describe(*it),
+          "expected a shard file name such as "
+          "\"model-00001-of-00002.safetensors\"");
     }
     names_by_shard[it->get<std::string>()].push_back(it.key());
   }
@@ -666,10 +663,9 @@ ModelWeights ModelWeights::open_dir(const std::string& dir) {
     std::shared_ptr<SafetensorsFile> file = SafetensorsFile::open(shard_path);
     for (const std::string& name : names) {
       if (file->find(name) == nullptr) {
-        format_error_throw(index_path,
-                           "tensor " + name_quote(name) + " is not in its shard " +
-                               name_quote(shard),
-                           "expected every tensor in weight_map to be in the shard it names");
+        format_error_throw(
+            index_path, "tensor " + name_quote(name) + " is not in its shard " + name_quote(shard),
+            "expected every tensor in weight_map to be in the shard it names");
       }
       weights.where_[name] = weights.files_.size();
     }

@@ -81,6 +81,7 @@ class SafetensorsWriter {
     std::vector<uint8_t> bytes;
   };
   std::vector<Entry> entries_;
+  std::map<std::string, size_t> index_;  // name -> entries_ index, for the duplicate check
   std::map<std::string, std::string> metadata_;
 };
 

@@ -64,6 +64,13 @@ void QuantState::validate(const std::string& where) const {
          std::to_string(want_blocks));
   if (!code.defined() || code.numel() != 16 || code.scalar_type() != at::kFloat)
     fail("quant_map must be float32 [16]");
+  // Kernels decode with the format's own table (as bitsandbytes' do): a different quant_map
+  // would be silently ignored, so it is an error.
+  const at::Tensor map = code.contiguous().to(at::kCPU);
+  for (int i = 0; i < 16; ++i)
+    if (map.data_ptr<float>()[i] != kernels::quant_map_value(quant_type, i))
+      fail(std::string("quant_map differs from bitsandbytes' ") + quant_type_name(quant_type) +
+           " table at index " + std::to_string(i));
   if (nested) {
     if (absmax.scalar_type() != at::kByte) fail("double-quantized absmax must be uint8");
     const int64_t want_nested = kernels::num_blocks(want_blocks, nested->blocksize);

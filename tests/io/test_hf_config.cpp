@@ -1,12 +1,11 @@
 // Hugging Face config.json: architecture fields, quantization method and bit width detection
 // for every method transformers writes, and malformed files.
-#include "io/hf_config.h"
-
 #include <gtest/gtest.h>
 
 #include <string>
 #include <vector>
 
+#include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "temp_dir.h"
 
@@ -51,11 +50,12 @@ TEST(HfConfig, DetectsEveryQuantizationMethod) {
        "bitsandbytes-4bit", "bitsandbytes", 4},
       {"bitsandbytes without quant_method (old transformers)", R"({"load_in_8bit": true})",
        QuantMethod::bnb_8bit, "bitsandbytes-8bit", "", 8},
-      {"bitsandbytes with neither flag", R"({"quant_method": "bitsandbytes"})",
-       QuantMethod::other, "other", "bitsandbytes", 0},
+      {"bitsandbytes with neither flag", R"({"quant_method": "bitsandbytes"})", QuantMethod::other,
+       "other", "bitsandbytes", 0},
       {"gptq", R"({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false})",
        QuantMethod::gptq, "gptq", "gptq", 4},
-      {"gptq 3-bit", R"({"quant_method": "gptq", "bits": 3})", QuantMethod::gptq, "gptq", "gptq", 3},
+      {"gptq 3-bit", R"({"quant_method": "gptq", "bits": 3})", QuantMethod::gptq, "gptq", "gptq",
+       3},
       {"awq", R"({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"})",
        QuantMethod::awq, "awq", "awq", 4},
       {"awq (AutoAWQ w_bit)", R"({"quant_method": "awq", "w_bit": 4, "q_group_size": 128})",
@@ -76,8 +76,8 @@ TEST(HfConfig, DetectsEveryQuantizationMethod) {
        QuantMethod::fp8, "fp8", "fp8", 0},
       {"mxfp4", R"({"quant_method": "mxfp4", "modules_to_not_convert": null})", QuantMethod::mxfp4,
        "mxfp4", "mxfp4", 0},
-      {"unknown method", R"({"quant_method": "compressed-tensors", "bits": 4})",
-       QuantMethod::other, "other", "compressed-tensors", 0},
+      {"unknown method", R"({"quant_method": "compressed-tensors", "bits": 4})", QuantMethod::other,
+       "other", "compressed-tensors", 0},
       {"no quant_method at all", R"({"group_size": 64})", QuantMethod::other, "other", "", 0},
       {"null quantization_config", "null", QuantMethod::none, "none", "", 0},
   };
@@ -108,12 +108,17 @@ TEST(HfConfig, DetectsEveryQuantizationMethod) {
 
 TEST(HfConfig, QuantMethodNames) {
   const std::vector<std::pair<QuantMethod, std::string>> names = {
-      {QuantMethod::none, "none"},   {QuantMethod::bnb_4bit, "bitsandbytes-4bit"},
+      {QuantMethod::none, "none"},
+      {QuantMethod::bnb_4bit, "bitsandbytes-4bit"},
       {QuantMethod::bnb_8bit, "bitsandbytes-8bit"},
-      {QuantMethod::gptq, "gptq"},   {QuantMethod::awq, "awq"},
-      {QuantMethod::aqlm, "aqlm"},   {QuantMethod::hqq, "hqq"},
-      {QuantMethod::eetq, "eetq"},   {QuantMethod::fp8, "fp8"},
-      {QuantMethod::mxfp4, "mxfp4"}, {QuantMethod::other, "other"}};
+      {QuantMethod::gptq, "gptq"},
+      {QuantMethod::awq, "awq"},
+      {QuantMethod::aqlm, "aqlm"},
+      {QuantMethod::hqq, "hqq"},
+      {QuantMethod::eetq, "eetq"},
+      {QuantMethod::fp8, "fp8"},
+      {QuantMethod::mxfp4, "mxfp4"},
+      {QuantMethod::other, "other"}};
   for (const auto& [method, name] : names) EXPECT_EQ(quant_method_name(method), name);
 }
 

@@ -1,8 +1,6 @@
 // safetensors: writer -> reader round trips, every malformed header we know of (each must give
 // a FormatError naming the file, what is wrong and what is expected), a seeded mutation fuzz
 // loop, and Hugging Face model directories (single file and sharded index).
-#include "io/safetensors.h"
-
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -12,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "io/safetensors.h"
 #include "temp_dir.h"
 
 namespace qlora::io {
@@ -58,10 +57,9 @@ std::vector<uint8_t> bytes_pattern(size_t nbytes, uint8_t seed) {
 
 TEST(SafetensorsDType, NamesAndSizesRoundTrip) {
   const std::vector<std::pair<DType, size_t>> expected = {
-      {DType::BOOL, 1}, {DType::U8, 1},  {DType::I8, 1},      {DType::I16, 2},
-      {DType::U16, 2},  {DType::I32, 4}, {DType::U32, 4},     {DType::I64, 8},
-      {DType::U64, 8},  {DType::F16, 2}, {DType::BF16, 2},    {DType::F32, 4},
-      {DType::F64, 8},  {DType::F8_E4M3, 1}, {DType::F8_E5M2, 1}};
+      {DType::BOOL, 1}, {DType::U8, 1},  {DType::I8, 1},  {DType::I16, 2},     {DType::U16, 2},
+      {DType::I32, 4},  {DType::U32, 4}, {DType::I64, 8}, {DType::U64, 8},     {DType::F16, 2},
+      {DType::BF16, 2}, {DType::F32, 4}, {DType::F64, 8}, {DType::F8_E4M3, 1}, {DType::F8_E5M2, 1}};
   for (const auto& [dtype, nbytes] : expected) {
     EXPECT_EQ(dtype_size(dtype), nbytes) << dtype_name(dtype);
     EXPECT_EQ(dtype_from_name(dtype_name(dtype)), dtype) << dtype_name(dtype);
@@ -139,14 +137,16 @@ TEST(SafetensorsRoundTrip, DTypesShapesAndMetadata) {
     offset += info.nbytes;
   }
   EXPECT_EQ(file->find("absent"), nullptr);
-  expect_message([&] {
-    try {
-      file->at("absent");
-    } catch (const FormatError& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  }(), path, "no tensor named 'absent'");
+  expect_message(
+      [&] {
+        try {
+          file->at("absent");
+        } catch (const FormatError& e) {
+          return std::string(e.what());
+        }
+        return std::string();
+      }(),
+      path, "no tensor named 'absent'");
   const std::map<std::string, std::string> metadata = {{"format", "pt"}, {"note", "round trip"}};
   EXPECT_EQ(file->metadata(), metadata);
 
@@ -226,13 +226,15 @@ TEST(SafetensorsBadHeader, EachGivesAFormatErrorWithAUsefulMessage) {
       {"absurd length", safetensors_bytes("{}", "", uint64_t{1} << 60), "is larger than the file"},
       {"empty header", safetensors_bytes(""), "not valid JSON"},
       {"invalid JSON", safetensors_bytes("{\"x\": {\"dtype\": "), "not valid JSON"},
-      {"NUL padding", safetensors_bytes(std::string("{}\0\0", 4)), "header has a NUL byte at offset 10"},
+      {"NUL padding", safetensors_bytes(std::string("{}\0\0", 4)),
+       "header has a NUL byte at offset 10"},
       {"text after NUL", safetensors_bytes(std::string("{}\0x", 4)), "NUL byte"},
       {"text after the object", safetensors_bytes("{} {}"), "not valid JSON"},
       {"array header", safetensors_bytes("[1, 2]"), "header is [1, 2]"},
       {"string header", safetensors_bytes("\"x\""), "header is \"x\""},
       {"entry not an object", safetensors_bytes("{\"x\": 5}"), "tensor 'x' entry is 5"},
-      {"missing dtype", safetensors_bytes(R"({"x": {"shape": [], "data_offsets": [0, 4]}})", "abcd"),
+      {"missing dtype",
+       safetensors_bytes(R"({"x": {"shape": [], "data_offsets": [0, 4]}})", "abcd"),
        "tensor 'x' dtype is missing"},
       {"unknown dtype",
        safetensors_bytes(R"({"x": {"dtype": "F33", "shape": [], "data_offsets": [0, 4]}})", "abcd"),
@@ -240,42 +242,53 @@ TEST(SafetensorsBadHeader, EachGivesAFormatErrorWithAUsefulMessage) {
       {"dtype not a string",
        safetensors_bytes(R"({"x": {"dtype": 4, "shape": [], "data_offsets": [0, 4]}})", "abcd"),
        "tensor 'x' dtype is 4"},
-      {"missing shape", safetensors_bytes(R"({"x": {"dtype": "F32", "data_offsets": [0, 4]}})", "abcd"),
+      {"missing shape",
+       safetensors_bytes(R"({"x": {"dtype": "F32", "data_offsets": [0, 4]}})", "abcd"),
        "tensor 'x' shape is missing"},
       {"negative shape",
-       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", "abcd"),
+       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})",
+                         "abcd"),
        "tensor 'x' shape has entry -1"},
       {"fractional shape",
-       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 4]}})", "abcd"),
+       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 4]}})",
+                         "abcd"),
        "tensor 'x' shape has entry 2.5"},
       {"shape beyond int64",
-       safetensors_bytes(R"({"x": {"dtype": "U8", "shape": [18446744073709551615], "data_offsets": [0, 4]}})",
-                         "abcd"),
+       safetensors_bytes(
+           R"({"x": {"dtype": "U8", "shape": [18446744073709551615], "data_offsets": [0, 4]}})",
+           "abcd"),
        "shape has entry 18446744073709551615"},
       {"shape product overflow",
-       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [1099511627776, 1099511627776], "data_offsets": [0, 4]}})",
-                         "abcd"),
+       safetensors_bytes(
+           R"({"x": {"dtype": "F32", "shape": [1099511627776, 1099511627776], "data_offsets": [0, 4]}})",
+           "abcd"),
        "shape [1099511627776, 1099511627776] has more elements than fit in 64 bits"},
       {"byte size overflow",
-       safetensors_bytes(R"({"x": {"dtype": "F64", "shape": [2305843009213693952], "data_offsets": [0, 4]}})",
-                         "abcd"),
+       safetensors_bytes(
+           R"({"x": {"dtype": "F64", "shape": [2305843009213693952], "data_offsets": [0, 4]}})",
+           "abcd"),
        "has more elements than fit in 64 bits"},
       {"missing offsets", safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [1]}})", "abcd"),
        "tensor 'x' data_offsets is missing"},
       {"three offsets",
-       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}})", "abcd"),
+       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}})",
+                         "abcd"),
        "data_offsets is [0, 4, 8]"},
       {"negative offset",
-       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}})", "abcd"),
+       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}})",
+                         "abcd"),
        "data_offsets is [-4, 0]"},
       {"offsets beyond the data section",
-       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [3], "data_offsets": [4, 16]}})", data12),
+       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [3], "data_offsets": [4, 16]}})",
+                         data12),
        "tensor 'x' data_offsets [4, 16] end beyond the data section (expected end <= 12"},
       {"begin after end",
-       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}})", data12),
+       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}})",
+                         data12),
        "tensor 'x' data_offsets [8, 4] have begin after end"},
       {"size mismatch",
-       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 10]}})", data12),
+       safetensors_bytes(R"({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 10]}})",
+                         data12),
        "tensor 'x' data_offsets [0, 10] do not match dtype F32 shape [3] (expected 12 bytes)"},
       {"overlapping tensors",
        safetensors_bytes(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
@@ -295,7 +308,8 @@ TEST(SafetensorsBadHeader, EachGivesAFormatErrorWithAUsefulMessage) {
        "header lists 'a' twice"},
       {"metadata not an object", safetensors_bytes(R"({"__metadata__": ["pt"]})"),
        "__metadata__ is [\"pt\"] (expected an object"},
-      {"metadata value not a string", safetensors_bytes(R"({"__metadata__": {"format": "pt", "step": 3}})"),
+      {"metadata value not a string",
+       safetensors_bytes(R"({"__metadata__": {"format": "pt", "step": 3}})"),
        "__metadata__ key 'step' is 3 (expected a string value)"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
@@ -327,12 +341,13 @@ TEST(SafetensorsValidEdgeCases, EmptyTensorsGapsAndWhitespace) {
   const std::string path = dir.file("edge.safetensors");
   // Empty tensors may sit anywhere, even at the very end or inside another tensor's bytes;
   // gaps between tensors are allowed.
-  file_write(path, safetensors_bytes(R"(  {"e0": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]},
+  file_write(
+      path, safetensors_bytes(R"(  {"e0": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]},
       "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
       "e1": {"dtype": "I64", "shape": [0], "data_offsets": [2, 2]},
       "b": {"dtype": "U8", "shape": [2], "data_offsets": [6, 8]},
       "e2": {"dtype": "U8", "shape": [0], "data_offsets": [8, 8]}}   )",
-                                     "abcdefgh"));
+                              "abcdefgh"));
   const auto file = SafetensorsFile::open(path);
   ASSERT_EQ(file->tensors().size(), 5u);
   EXPECT_EQ(file->tensors()[0].name, "e0");  // header order, not sorted
@@ -486,8 +501,9 @@ TEST(ModelWeights, ShardedIndex) {
   shard_write(dir.file("model-00002-of-00002.safetensors"), {"lm_head.weight", "stray"}, 30);
   file_write(dir.file("model.safetensors.index.json"), kIndexTwoShards);
   const ModelWeights weights = ModelWeights::open_dir(dir.path() + "/");
-  EXPECT_EQ(weights.names(), (std::vector<std::string>{"lm_head.weight", "model.embed_tokens.weight",
-                                                       "model.layers.0.weight"}));
+  EXPECT_EQ(weights.names(),
+            (std::vector<std::string>{"lm_head.weight", "model.embed_tokens.weight",
+                                      "model.layers.0.weight"}));
   ASSERT_EQ(weights.files().size(), 2u);
   EXPECT_FALSE(weights.contains("stray"));
   EXPECT_EQ(weights.data("model.embed_tokens.weight")[0], 20);
