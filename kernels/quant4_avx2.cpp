@@ -5,25 +5,27 @@
 // elements become table lookups: fp32 by two 8-entry permutes blended on bit 3 of the code,
 // bf16 by two byte shuffles (low and high byte of each bf16 value).
 // This file alone is compiled with -mavx2 -mfma -ffp-contract=off; its functions may only be
-// reached after cpu_has_avx2() (quant4_cpu.cpp). It defines no inline or template function
-// with external linkage (not even std::string: errors are thrown by quant4_cpu.cpp), so no
-// AVX2-encoded copy of a shared inline can be picked by the linker for other callers.
+// reached after cpu_has_avx2() (quant4_cpu.cpp). It therefore calls no inline function with
+// external linkage: not std::string (errors are thrown by quant4_cpu.cpp), not num_blocks or
+// float_to_bf16_bits from the headers. Unoptimized builds would emit AVX-encoded copies of those
+// here, and the linker may keep such a copy for every other caller, on CPUs without AVX too.
 #include <immintrin.h>
 
+#include <cfloat>
 #include <cstddef>
 #include <cstdint>
 
 #include "quant4_check.h"
 #include "quant4_cpu.h"
-#include "quant4_ref.h"
 
 namespace qlora::kernels {
 namespace {
 
-// An output at least this large cannot stay in this CPU's caches (2 MiB L2 per core, 32 MiB
-// shared L3) until the GEMM that reads it, so it is written with non-temporal stores: they skip
-// the read-for-ownership of every output line, a third of the traffic of an fp32 dequantize.
-// Smaller outputs use ordinary stores and stay cached for their consumer.
+// An output this large would mostly leave this CPU's caches (1 MiB L2 per core, 32 MiB L3
+// shared by every core and rank) before the GEMM that reads it, so it is written with
+// non-temporal stores: they skip the read-for-ownership of every output line, which is nearly
+// half the memory traffic of an fp32 dequantize. Smaller outputs use ordinary stores and stay
+// cached for their consumer. (Measured in bench/README.md.)
 constexpr size_t kStreamMinNbytes = size_t{8} << 20;
 
 const float* code_table(QuantType type) {
@@ -96,24 +98,22 @@ inline void store32(const Fp32Table& t, const uint8_t* packed, float* out) {
 
 // Round to nearest even, bf16 bits in the HIGH half of each 32-bit lane (the byte shuffles
 // that follow pick them there, so no shift is needed): + 0x7fff, + 1 more when the kept lsb
-// (bit 16) is set. Exactly float_to_bf16_bits for every non-NaN lane, and for the NaN that
-// x86 makes of inf * 0 (0xffc00000: nothing below bit 16 to carry, already quiet).
+// (bit 16) is set. Exactly float_to_bf16_bits for every lane that is not NaN.
 inline __m256i bf16_round_high(__m256i u) {
   const __m256i lsb_set = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x10000)),
                                              _mm256_set1_epi32(0x10000));
   return _mm256_sub_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb_set);
 }
 
-// float_to_bf16_bits on 8 lanes, NaN payloads included, bits in the HIGH half of each lane.
+// float_to_bf16_bits on 8 lanes, NaN included (every NaN -> 0x7fc0, whatever its sign and
+// payload), bits in the HIGH half of each lane.
 inline __m256i bf16_bits_high(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i rounded = bf16_round_high(u);
-  // NaN: keep the upper half, set its quiet bit (bit 6 of the half = bit 22 of the float).
-  const __m256i quiet_nan = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000));
   // |u| > +inf as signed ints: both sides are non-negative, so the signed compare is exact.
   const __m256i is_nan = _mm256_cmpgt_epi32(
       _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-  return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc00000), is_nan);
 }
 
 // A block's 16 bf16 outputs as two byte tables, each in both 128-bit lanes (vpshufb looks up
@@ -128,9 +128,10 @@ inline Bf16Table bf16_table(__m256 code_lo, __m256 code_hi, float am) {
   const __m256 t_lo = _mm256_mul_ps(code_lo, scale);
   const __m256 t_hi = _mm256_mul_ps(code_hi, scale);
   // t[0..3 | 4..7] and t[8..11 | 12..15], bf16 bits in bytes 2 (low) and 3 (high) of each lane.
-  // The code holds no NaN, so only a NaN absmax can give a NaN with a payload to keep.
+  // The code is finite, so a product can only be NaN when absmax is NaN or +-inf (inf * 0):
+  // a finite absmax (false for NaN) skips the NaN handling.
   __m256i a, b;
-  if (am == am) {
+  if (am >= -FLT_MAX && am <= FLT_MAX) {
     a = bf16_round_high(_mm256_castps_si256(t_lo));
     b = bf16_round_high(_mm256_castps_si256(t_hi));
   } else {
@@ -180,6 +181,15 @@ inline void store16(const Bf16Table& t, const uint8_t* packed, uint16_t* out) {
   store256<kStream>(out, _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)));
 }
 
+// The value for code q (0..15) from the table, for the scalar rest of a block.
+inline uint16_t table_value(const Bf16Table& t, unsigned q) {
+  alignas(32) uint8_t lo[32];
+  alignas(32) uint8_t hi[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lo), t.lo_bytes);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(hi), t.hi_bytes);
+  return static_cast<uint16_t>(lo[q] | hi[q] << 8);
+}
+
 // ---- both -------------------------------------------------------------------------------------
 
 inline Fp32Table block_table(Fp32Table*, __m256 code_lo, __m256 code_hi, float am) {
@@ -189,19 +199,22 @@ inline Bf16Table block_table(Bf16Table*, __m256 code_lo, __m256 code_hi, float a
   return bf16_table(code_lo, code_hi, am);
 }
 
-inline void store1(float* out, float v) { *out = v; }
-inline void store1(uint16_t* out, float v) { *out = float_to_bf16_bits(v); }
+inline float table_value(const Fp32Table&, unsigned q, const float* code, float am) {
+  return code[q] * am;
+}
+inline uint16_t table_value(const Bf16Table& t, unsigned q, const float*, float) {
+  return table_value(t, q);
+}
 
 // Out is float or uint16_t (bf16 bits), Table the matching per-block table. Each block starts
 // on a byte boundary (even blocksize), so a block is whole bytes, except a partial odd last
-// block whose final element, like any block rest under 16 elements, goes through the scalar
-// formula of the reference.
+// block whose final element, like any block rest under 16 elements, is done one at a time.
 template <bool kStream, typename Table, typename Out>
 void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t numel,
                        int32_t blocksize, const float* code, Out* out) {
   const __m256 code_lo = _mm256_loadu_ps(code);
   const __m256 code_hi = _mm256_loadu_ps(code + 8);
-  const int64_t blocks = num_blocks(numel, blocksize);
+  const int64_t blocks = (numel + blocksize - 1) / blocksize;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * blocksize;
     const int64_t n = numel - begin < blocksize ? numel - begin : blocksize;
@@ -214,8 +227,8 @@ void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t numel
     for (; i + 16 <= n; i += 16) store16<kStream>(t, p + i / 2, o + i);
     for (; i < n; ++i) {
       const uint8_t byte = p[i / 2];
-      const uint8_t q = (i & 1) ? (byte & 0x0f) : (byte >> 4);
-      store1(o + i, code[q] * am);
+      const unsigned q = (i & 1) ? (byte & 0x0f) : (byte >> 4);
+      o[i] = table_value(t, q, code, am);
     }
   }
   if constexpr (kStream) _mm_sfence();  // order the weakly-ordered stores before any reader

@@ -31,13 +31,13 @@ constexpr float kNF4Code[16] = {
     0x1.c3497p-2f,    0x1.200f56p-1f,  0x1.722766p-1f,  0x1p+0f};
 
 // bitsandbytes FP4 (not OCP E2M1): [0, 0.0625, 8, 12, 4, 6, 2, 3, -0, ...] / 12, bit 3 = sign.
-// Decoding is lut[code & 7] * (code & 8 ? -1 : 1), so code 8 decodes to -0.0 as in bitsandbytes'
-// CUDA and native CPU kernels. (Its Python table, written to checkpoints as quant_map, builds
-// index 8 from the int -0 and so holds +0.0; quant_map_value() gives that form.)
+// bitsandbytes builds this table from Python ints, so index 8 is +0.0, and that is what its CPU
+// kernels (native and generic) decode to and what checkpoints carry as quant_map. (Its CUDA
+// kernel computes lut[code & 7] * -1 = -0.0 there; the sign of a zero changes no result.)
 constexpr float kFP4Code[16] = {
     0x0p+0f,         0x1.555556p-8f,  0x1.555556p-1f,  0x1p+0f,
     0x1.555556p-2f,  0x1p-1f,         0x1.555556p-3f,  0x1p-2f,
-    -0x0p+0f,         -0x1.555556p-8f, -0x1.555556p-1f, -0x1p+0f,
+    0x0p+0f,         -0x1.555556p-8f, -0x1.555556p-1f, -0x1p+0f,
     -0x1.555556p-2f, -0x1p-1f,        -0x1.555556p-3f, -0x1p-2f};
 
 // Quantization: scaled value v in [-1, 1] goes to bucket k = #{bounds < v} (so a value exactly
@@ -67,11 +67,6 @@ struct Quant4Traits {
 QLORA_HD inline Quant4Traits quant4_traits(QuantType type) {
   if (type == QuantType::nf4) return {kNF4Code, kNF4Bounds, kNF4Order, "nf4"};
   return {kFP4Code, kFP4Bounds, kFP4Order, "fp4"};
-}
-
-// The quant_map entry bitsandbytes writes for code i: the decode value with -0.0 read as +0.0.
-QLORA_HD inline float quant_map_value(QuantType type, int i) {
-  return quant4_traits(type).code[i] + 0.0f;
 }
 
 // Packed bytes for n codes: an odd count is padded with the code of 0.0 in the low nibble.

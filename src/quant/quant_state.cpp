@@ -68,7 +68,7 @@ void QuantState::validate(const std::string& where) const {
   // would be silently ignored, so it is an error.
   const at::Tensor map = code.contiguous().to(at::kCPU);
   for (int i = 0; i < 16; ++i)
-    if (map.data_ptr<float>()[i] != kernels::quant_map_value(quant_type, i))
+    if (map.data_ptr<float>()[i] != kernels::quant4_traits(quant_type).code[i])
       fail(std::string("quant_map differs from bitsandbytes' ") + quant_type_name(quant_type) +
            " table at index " + std::to_string(i));
   if (nested) {

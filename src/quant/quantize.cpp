@@ -19,15 +19,8 @@ bool is_storage_dtype(at::ScalarType t) {
   return t == at::kByte || t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
 }
 
-// What bitsandbytes stores as quant_map (its Python table).
-at::Tensor quant_map_tensor(QuantType type) {
-  at::Tensor t = at::empty({16}, at::kFloat);
-  for (int i = 0; i < 16; ++i) t.data_ptr<float>()[i] = kernels::quant_map_value(type, i);
-  return t;
-}
-
-// The decode table of the kernels (FP4 code 8 is -0.0).
-at::Tensor decode_table(QuantType type) {
+// The format's code table: what the kernels decode with and what checkpoints carry as quant_map.
+at::Tensor code_table(QuantType type) {
   return at::from_blob(const_cast<float*>(kernels::quant4_traits(type).code), {16},
                        at::TensorOptions().dtype(at::kFloat))
       .clone();
@@ -83,7 +76,7 @@ Quantized quantize_4bit(const at::Tensor& weight, const QuantizeOptions& options
   st.blocksize = options.blocksize;
   st.quant_type = options.quant_type;
   st.dtype = src;
-  st.code = quant_map_tensor(options.quant_type);
+  st.code = code_table(options.quant_type);
   if (options.double_quant && blocks > 0) {
     // at::mean is the very reduction bitsandbytes calls (absmax.mean()), so the offset matches
     // to the bit; the subtraction too.
@@ -144,9 +137,9 @@ at::Tensor dequantize_4bit_torch(const at::Tensor& packed, const QuantState& sta
   const at::Tensor codes =
       at::stack({at::bitwise_right_shift(bytes, 4), at::bitwise_and(bytes, 15)}, 1)
           .reshape({-1}).slice(0, 0, n).to(at::kLong);
-  // The kernels' table, not state.code: bitsandbytes' kernels decode with their own tables too
+  // The format's table, not state.code: bitsandbytes' kernels decode with their own tables too
   // (QuantState::validate checks that the quant_map agrees).
-  const at::Tensor values = decode_table(state.quant_type).to(packed.device()).index({codes});
+  const at::Tensor values = code_table(state.quant_type).to(packed.device()).index({codes});
   const at::Tensor scales = state.absmax_fp32().to(packed.device()).view({blocks, 1});
   at::Tensor out = at::constant_pad_nd(values, {0, blocks * bs - n}).view({blocks, bs}) * scales;
   return out.reshape({-1}).slice(0, 0, n).reshape(state.shape).to(want);

@@ -1,7 +1,7 @@
 // AVX2 4-bit dequantize (fp32 and bf16) against the scalar reference, bit for bit, over odd and
 // partial shapes, every blocksize, both formats, hostile absmax values (0, subnormal, huge, inf,
-// NaN payloads, bf16 rounding ties) and sentinel bytes around the output; plus the argument
-// checks and a quantize -> dequantize error bound for the reference itself.
+// NaNs with payloads, bf16 rounding ties) and sentinel bytes around the output; plus the
+// argument checks and a quantize -> dequantize error bound for the reference itself.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -203,7 +203,8 @@ TEST(Quant4Avx2, MatchesRefEveryShapeBlocksizeType) {
 }
 
 // Every code against every special absmax, deterministically (the random cases above may miss
-// a pair): inf * 0 gives x86's default NaN, NaN absmax keeps its payload, ties round to even.
+// a pair): inf * +-0 is NaN, a NaN absmax keeps its payload in fp32 (bf16: 0x7fc0), ties round
+// to even, FP4 code 8 is -0.0.
 TEST(Quant4Avx2, MatchesRefEveryCodeWithSpecialAbsmax) {
   SKIP_WITHOUT_AVX2();
   const uint32_t special_bits[] = {0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7fffffffu,

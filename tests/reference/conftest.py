@@ -22,3 +22,31 @@ def run(args, **kw):
     if res.returncode != 0:
         pytest.fail(f"{' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr}")
     return res
+
+
+KNOWN_BNB_CPU_BUG = set()
+
+
+def bnb_dequantize(packed, st, dtype=None, tag=None):
+    """bitsandbytes' dequantize_4bit, with one exception: its native CPU kernel (the AVX-512 one
+    this machine runs) assumes every row of a 2-D weight starts on a block boundary and returns
+    wrong values when the last dimension is not a multiple of the blocksize (e.g. [256, 688] at
+    blocksize 64: everything from row 1 on). There bitsandbytes' own generic torch path, which
+    follows the flat-block layout its quantizer writes and its CUDA kernel reads, is the
+    reference. `tag` records which cases took that path."""
+    import torch
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    dtype = dtype or st.dtype
+    shape = tuple(st.shape)
+    if len(shape) >= 2 and shape[-1] % 2 == 0 and shape[-1] % st.blocksize != 0:
+        if tag is not None:
+            KNOWN_BNB_CPU_BUG.add(tag)
+        absmax = st.absmax
+        if st.nested:
+            absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+        return _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax.float(),
+                                        st.code, st.blocksize, st.shape, dtype)
+    st = F.QuantState(absmax=st.absmax, shape=st.shape, code=st.code, blocksize=st.blocksize,
+                      quant_type=st.quant_type, dtype=dtype, offset=st.offset, state2=st.state2)
+    return F.dequantize_4bit(packed, st)
