@@ -46,7 +46,10 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     -DQLORA_PYTHON="$root/.venv/bin/python" >"$build.configure.log" 2>&1 ||
     { cat "$build.configure.log"; exit 1; }
 fi
-log "building $build with $jobs jobs"
-cmake --build "$build" -j "$jobs" 2>&1 | grep -E "error|warning: unused|Error|FAILED" || true
-cmake --build "$build" -j "$jobs" >/dev/null
+log "building $build with $jobs jobs (ccache: ${CCACHE_DIR:-~/.cache/ccache})"
+if ! cmake --build "$build" -j "$jobs" >"$build.build.log" 2>&1; then
+  grep -E -B2 -A6 "error|Error" "$build.build.log" | head -80
+  log "build failed; full log: $build.build.log"
+  exit 1
+fi
 log "done: $build/qlora_dist"

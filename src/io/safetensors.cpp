@@ -555,13 +555,23 @@ void SafetensorsWriter::set_metadata(const std::string& key, const std::string& 
 }
 
 void SafetensorsWriter::write(const std::string& path) const {
+  // Data in the order the reference writer uses: widest dtype first, then by name, so that every
+  // tensor starts at a multiple of its element size (the data section starts 8-byte aligned).
+  std::vector<const Entry*> order;
+  for (const Entry& entry : entries_) order.push_back(&entry);
+  std::stable_sort(order.begin(), order.end(), [](const Entry* a, const Entry* b) {
+    const size_t sa = dtype_size(a->info.dtype), sb = dtype_size(b->info.dtype);
+    return sa != sb ? sa > sb : a->info.name < b->info.name;
+  });
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata_.empty()) header[kMetadataKey] = metadata_;
-  for (const Entry& entry : entries_) {
-    const TensorInfo& info = entry.info;
+  size_t offset = 0;
+  for (const Entry* entry : order) {
+    const TensorInfo& info = entry->info;
     header[info.name] = {{"dtype", dtype_name(info.dtype)},
                          {"shape", info.shape},
-                         {"data_offsets", {info.offset, info.offset + info.nbytes}}};
+                         {"data_offsets", {offset, offset + info.nbytes}}};
+    offset += info.nbytes;
   }
   std::string header_text = header.dump();
   // The data section starts 8-byte aligned, as the reference writer pads it.
@@ -586,8 +596,8 @@ void SafetensorsWriter::write(const std::string& path) const {
       !fd_write_all(fd.get(), header_text.data(), header_text.size())) {
     fail("write the header");
   }
-  for (const Entry& entry : entries_) {
-    if (!fd_write_all(fd.get(), entry.bytes.data(), entry.bytes.size())) fail("write the data");
+  for (const Entry* entry : order) {
+    if (!fd_write_all(fd.get(), entry->bytes.data(), entry->bytes.size())) fail("write the data");
   }
   // Flushed before the rename so a crash leaves the old file or the complete new one.
   if (::fsync(fd.get()) != 0) fail("flush");

@@ -65,8 +65,8 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
 };
 
-// Collects tensors (copies of their bytes) and writes one file, header entries in insertion
-// order, data 8-byte aligned as the reference writer does. Duplicate names are an error.
+// Collects tensors (copies of their bytes) and writes one file: header entries and data ordered as the reference writer orders it (widest dtype first, then by name) so
+// every tensor is aligned to its element size. Duplicate names are an error.
 class SafetensorsWriter {
  public:
   void add(const std::string& name, DType dtype, const std::vector<int64_t>& shape,
