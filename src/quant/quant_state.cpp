@@ -73,8 +73,8 @@ void QuantState::validate(const std::string& where) const {
            " table at index " + std::to_string(i));
   if (nested) {
     if (absmax.scalar_type() != at::kByte) fail("double-quantized absmax must be uint8");
+    if (nested->blocksize <= 0) fail("nested_blocksize must be positive");  // before dividing by it
     const int64_t want_nested = kernels::num_blocks(want_blocks, nested->blocksize);
-    if (nested->blocksize <= 0) fail("nested_blocksize must be positive");
     if (!nested->absmax.defined() || nested->absmax.numel() != want_nested ||
         nested->absmax.scalar_type() != at::kFloat)
       fail("nested_absmax must be float32 [" + std::to_string(want_nested) + "]");

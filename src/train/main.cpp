@@ -1,4 +1,4 @@
-// qlora_dist: the one binary. Commands: quantize, init-model (this release); train, eval,
+// qlora_dist: the one binary. Commands: quantize, init-model, inspect (this release); train, eval,
 // export, synth-data and plot arrive with the trainer. Every error a user can cause ends as one
 // line "qlora_dist: error: ..." and exit status 1; usage errors exit 2.
 #include <boost/program_options.hpp>
@@ -12,6 +12,7 @@
 #include "io/safetensors.h"
 #include "model/init_model.h"
 #include "quant/quant_state.h"
+#include "train/inspect_command.h"
 #include "train/quantize_command.h"
 
 namespace po = boost::program_options;
@@ -31,6 +32,8 @@ const char* const kUsage =
     "              Hugging Face model -> pre-quantized bitsandbytes 4-bit checkpoint\n"
     "  init-model  --preset tiny|small --out DIR [--seed N]\n"
     "              random-initialized LLaMA model in Hugging Face format\n"
+    "  inspect     --model DIR\n"
+    "              what a model directory holds; checks every bitsandbytes 4-bit weight\n"
     "not yet available (they come with the trainer): train, eval, export, synth-data, plot\n"
     "run 'qlora_dist <command> --help' for a command's options\n";
 
@@ -107,6 +110,16 @@ int run_init_model(int argc, char** argv) {
   return 0;
 }
 
+int run_inspect(int argc, char** argv) {
+  std::string model;
+  po::options_description desc("qlora_dist inspect options");
+  desc.add_options()("help", "show this help")
+      ("model", po::value(&model)->required(), "Hugging Face model directory");
+  parse(desc, argc, argv);
+  std::cout << qlora::train::inspect_model_dir(model);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -118,11 +131,12 @@ int main(int argc, char** argv) {
   try {
     if (command == "quantize") return run_quantize(argc - 1, argv + 1);
     if (command == "init-model") return run_init_model(argc - 1, argv + 1);
+    if (command == "inspect") return run_inspect(argc - 1, argv + 1);
     if (command == "train" || command == "eval" || command == "export" ||
         command == "synth-data" || command == "plot")
       throw std::runtime_error("command '" + command + "' is not available in this release yet");
     throw UsageError("unknown command '" + command +
-                     "' (expected quantize or init-model; see qlora_dist --help)");
+                     "' (expected quantize, init-model or inspect; see qlora_dist --help)");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), e.what());
     return 2;

@@ -79,7 +79,11 @@ nlohmann::ordered_json quantization_config(const quant::QuantizeOptions& o,
 QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
   QuantizeReport report;
-  const fs::path in(opt.model_dir), out(opt.out_dir);
+  const fs::path in(opt.model_dir);
+  // "q/" names the directory q; with the trailing separator kept, q itself would be taken for
+  // the parent and the temporary directory made inside it.
+  fs::path out = fs::absolute(opt.out_dir).lexically_normal();
+  if (!out.has_filename()) out = out.parent_path();
   if (!fs::is_directory(in))
     throw std::invalid_argument(opt.model_dir + ": model directory does not exist");
   if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))

@@ -413,7 +413,7 @@ TEST(QuantStateValidate, BadQuantMap) {
   // An fp4 state carrying the nf4 table: the kernels would ignore it, so it is an error.
   st = state_make(false, QuantType::fp4);
   st.code = state_make(false, QuantType::nf4).code;
-  expect_validate_error(st, "quant_map differs from bitsandbytes' fp4 table at index 1");
+  expect_validate_error(st, "quant_map differs from bitsandbytes' fp4 table at index 0");
 
   st = state_make(false);
   st.code = st.code.clone();

@@ -149,3 +149,54 @@ def test_sharded_input(base, tmp_path):
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+
+
+def rewrite(path, edit):
+    """Loads a safetensors file, lets `edit` change the dict, writes it back."""
+    from safetensors.torch import save_file
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_inspect_reads_transformers_checkpoint(base, tmp_path):
+    hf = tmp_path / "hf4"
+    transformers_quantized(base, hf)
+    res = run([binary("qlora_dist"), "inspect", "--model", str(hf)])
+    assert "quantization: bitsandbytes-4bit" in res.stdout, res.stdout
+    assert "28 bitsandbytes 4-bit weights" in res.stdout, res.stdout
+    assert "28 x nf4, blocksize 64, double quantization on, storage Byte" in res.stdout, res.stdout
+
+
+QS = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize("what,edit,message", [
+    ("json shape", lambda t: t.__setitem__(
+        QS + ".quant_state.bitsandbytes__nf4",
+        torch.tensor(list(bytes(t[QS + ".quant_state.bitsandbytes__nf4"].tolist()).decode()
+                          .replace("[688, 256]", "[688, 512]").encode()), dtype=torch.uint8)),
+     "absmax has 2752 entries, the shape and blocksize 64 need 5504"),
+    ("json blocksize", lambda t: t.__setitem__(
+        QS + ".quant_state.bitsandbytes__nf4",
+        torch.tensor(list(bytes(t[QS + ".quant_state.bitsandbytes__nf4"].tolist()).decode()
+                          .replace('"blocksize": 64', '"blocksize": 128').encode()), dtype=torch.uint8)),
+     "absmax has"),
+    ("json not json", lambda t: t.__setitem__(
+        QS + ".quant_state.bitsandbytes__nf4", torch.tensor(list(b"{oops"), dtype=torch.uint8)),
+     "not a JSON object"),
+    ("missing absmax", lambda t: t.pop(QS + ".absmax"), "missing"),
+    ("missing nested", lambda t: t.pop(QS + ".nested_absmax"), "missing"),
+    ("short absmax", lambda t: t.__setitem__(QS + ".absmax", t[QS + ".absmax"][:-3].clone()),
+     "absmax has"),
+])
+def test_inconsistent_checkpoint_is_one_clear_line(base, tmp_path, what, edit, message):
+    hf = tmp_path / "hf4"
+    transformers_quantized(base, hf)
+    rewrite(hf / "model.safetensors", edit)
+    res = subprocess.run([binary("qlora_dist"), "inspect", "--model", str(hf)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1, (what, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qlora_dist inspect: error:"), res.stderr
+    assert QS in lines[0] and message in lines[0], lines[0]

@@ -1,0 +1,401 @@
+"""The qlora_dist binary on bad and good input.
+
+Every bad input must end with:
+  - exit status 1 (an error in what the user handed us) or 2 (a usage error: the command line
+    itself does not parse: unknown command or option, missing required option, a value of the
+    wrong kind);
+  - exactly one line on stderr, "qlora_dist <command>: error: ...", naming what is wrong (the
+    path, key, tensor, option or value), and nothing on stdout;
+  - nothing written: --out does not exist afterwards (or, if it existed, is byte-for-byte as it
+    was) and no hidden temporary directory is left beside it.
+Models come from `qlora_dist init-model --preset tiny` (LLaMA, 4 layers, hidden 256, fp32).
+"""
+import filecmp
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "build")
+QLORA = os.path.join(BUILD, "qlora_dist")
+
+SUPPORTED = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"  # [256, 256] in the tiny preset
+
+# Every option of each command, as its --help lists them.
+QUANTIZE_OPTIONS = {"help", "model", "out", "quantization_type", "quantization_blocksize",
+                    "double_quantization", "quant_storage"}
+INIT_MODEL_OPTIONS = {"help", "preset", "out", "seed"}
+
+
+def run(*args):
+    if not os.path.exists(QLORA):
+        pytest.fail(f"qlora_dist not built in {BUILD}")
+    return subprocess.run([QLORA, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def assert_error(res, command, status, *names):
+    """One line on stderr, prefixed with the command, naming every one of `names`."""
+    context = f"exit {res.returncode}\nstdout: {res.stdout!r}\nstderr: {res.stderr!r}"
+    assert res.returncode == status, context
+    assert res.stderr.endswith("\n") and res.stderr.count("\n") == 1, context
+    assert res.stderr.startswith(f"qlora_dist {command}: error: "), context
+    for name in names:
+        assert str(name) in res.stderr, f"expected {str(name)!r} in the message\n{context}"
+    assert res.stdout == "", context
+
+
+def tree_snapshot(path):
+    """{relative path: bytes} of every file under path, and every directory as None."""
+    snap = {}
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            snap[os.path.relpath(os.path.join(root, d), path)] = None
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                snap[os.path.relpath(os.path.join(root, f), path)] = fh.read()
+    return snap
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base") / "tiny"
+    res = run("init-model", "--preset", "tiny", "--out", d, "--seed", "11")
+    assert res.returncode == 0, res.stderr
+    return d
+
+
+@pytest.fixture
+def model(tiny, tmp_path):
+    """A private copy of the tiny model, free to break."""
+    d = tmp_path / "model"
+    shutil.copytree(tiny, d)
+    return d
+
+
+@pytest.fixture
+def out(tmp_path):
+    """An --out path that does not exist yet, in a parent that must stay empty on failure."""
+    parent = tmp_path / "outs"
+    parent.mkdir()
+    target = parent / "q"
+    yield target
+    # Checked after every test that used it; the good-path tests remove what they check.
+
+
+def assert_nothing_written(out_path):
+    assert not os.path.exists(out_path), f"{out_path} was created"
+    leftovers = os.listdir(os.path.dirname(out_path))
+    assert leftovers == [], f"left beside --out: {leftovers}"
+
+
+def quantize_error(model_dir, out_path, status, *names, extra=()):
+    res = run("quantize", "--model", model_dir, "--out", out_path, *extra)
+    assert_error(res, "quantize", status, *names)
+    assert_nothing_written(out_path)
+
+
+def safetensors_rewrite(path, edit):
+    """Loads model.safetensors, lets `edit` change the dict of tensors, writes it back."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize: bad model directories
+
+
+def test_missing_model_dir(tmp_path, out):
+    quantize_error(tmp_path / "no_such_model", out, 1, tmp_path / "no_such_model", "does not exist")
+
+
+def test_model_dir_without_config(tmp_path, out):
+    d = tmp_path / "empty_model"
+    d.mkdir()
+    quantize_error(d, out, 1, d / "config.json")
+
+
+def test_config_not_json(model, out):
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "vocab_size": ')
+    quantize_error(model, out, 1, model / "config.json", "JSON")
+
+
+def test_config_top_level_not_object(model, out):
+    (model / "config.json").write_text("[1, 2, 3]\n")
+    quantize_error(model, out, 1, model / "config.json")
+
+
+def test_config_unsupported_architecture(model, out):
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["model_type"] = "gpt2"
+    (model / "config.json").write_text(json.dumps(cfg))
+    quantize_error(model, out, 1, model / "config.json", "GPT2LMHeadModel", SUPPORTED)
+
+
+def test_config_missing_key(model, out):
+    cfg = json.loads((model / "config.json").read_text())
+    del cfg["intermediate_size"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    quantize_error(model, out, 1, model / "config.json", "'intermediate_size'")
+
+
+def test_config_heads_not_multiple_of_kv_heads(model, out):
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["num_key_value_heads"] = 3
+    (model / "config.json").write_text(json.dumps(cfg))
+    quantize_error(model, out, 1, model / "config.json", "num_key_value_heads 3")
+
+
+def test_no_weights(model, out):
+    os.remove(model / "model.safetensors")
+    quantize_error(model, out, 1, model, "model.safetensors")
+
+
+def test_safetensors_truncated(model, out):
+    path = model / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:1000])  # the header alone is longer than this
+    quantize_error(model, out, 1, path)
+
+
+def test_safetensors_truncated_data(model, out):
+    path = model / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 4096])  # header intact, the last tensor cut short
+    quantize_error(model, out, 1, path)
+
+
+def test_safetensors_absurd_header_length(model, out):
+    path = model / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", 1 << 62) + data[8:])
+    quantize_error(model, out, 1, path, "header length")
+
+
+def test_safetensors_header_not_json(model, out):
+    path = model / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8] = ord("#")  # the opening brace of the header
+    path.write_bytes(bytes(data))
+    quantize_error(model, out, 1, path, "JSON")
+
+
+def test_tensor_missing(model, out):
+    safetensors_rewrite(model / "model.safetensors", lambda t: t.pop(Q_PROJ))
+    quantize_error(model, out, 1, model, f"'{Q_PROJ}'", "missing")
+
+
+def test_tensor_wrong_shape(model, out):
+    import torch
+
+    def edit(t):
+        t[Q_PROJ] = torch.zeros(256, 255)
+    safetensors_rewrite(model / "model.safetensors", edit)
+    quantize_error(model, out, 1, f"'{Q_PROJ}'", "[256, 255]", "[256, 256]")
+
+
+def test_tensor_wrong_dtype(model, out):
+    import torch
+
+    def edit(t):
+        t[Q_PROJ] = torch.zeros(256, 256, dtype=torch.int32)
+    safetensors_rewrite(model / "model.safetensors", edit)
+    quantize_error(model, out, 1, f"'{Q_PROJ}'", "I32")
+
+
+def test_already_quantized(model, tmp_path, out):
+    first = tmp_path / "first"
+    res = run("quantize", "--model", model, "--out", first)
+    assert res.returncode == 0, res.stderr
+    quantize_error(first, out, 1, first / "config.json", "already quantized")
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize: bad options. Exit statuses are those of today's main.cpp: values that the option
+# parser itself rejects (a non-number where a number goes, a non-boolean) are usage errors (2);
+# values that parse but are not supported (blocksize, quant type, storage) are errors (1).
+
+
+@pytest.mark.parametrize("blocksize", [0, 16, 48, 100, 8192])
+def test_unsupported_blocksize(model, out, blocksize):
+    quantize_error(model, out, 1, f"--quantization_blocksize {blocksize} ",
+                   extra=("--quantization_blocksize", blocksize))
+
+
+def test_blocksize_not_a_number(model, out):
+    quantize_error(model, out, 2, "'abc'", "--quantization_blocksize",
+                   extra=("--quantization_blocksize", "abc"))
+
+
+def test_unsupported_quant_type(model, out):
+    quantize_error(model, out, 1, "'int4'", "nf4 or fp4", extra=("--quantization_type", "int4"))
+
+
+def test_bad_double_quantization(model, out):
+    quantize_error(model, out, 2, "--double_quantization", "'maybe'",
+                   extra=("--double_quantization", "maybe"))
+
+
+def test_bad_quant_storage(model, out):
+    quantize_error(model, out, 1, "'int32'", "uint8, bf16, fp16 or fp32",
+                   extra=("--quant_storage", "int32"))
+
+
+def test_missing_model_option(out):
+    res = run("quantize", "--out", out)
+    assert_error(res, "quantize", 2, "'--model'")
+    assert_nothing_written(out)
+
+
+def test_missing_out_option(model):
+    res = run("quantize", "--model", model)
+    assert_error(res, "quantize", 2, "'--out'")
+
+
+def test_unknown_option(model, out):
+    quantize_error(model, out, 2, "'--bogus'", extra=("--bogus", "1"))
+
+
+def test_unknown_command():
+    assert_error(run("frobnicate", "--out", "x"), "frobnicate", 2, "'frobnicate'", "quantize",
+                 "init-model")
+
+
+def test_command_not_available_yet():
+    assert_error(run("train"), "train", 1, "'train'", "not available")
+
+
+def test_no_command_prints_usage():
+    res = run()
+    assert res.returncode == 2
+    assert "usage: qlora_dist <command>" in res.stdout
+
+
+@pytest.mark.parametrize("kind", ["non-empty dir", "file"])
+def test_out_exists_and_is_not_empty(model, tmp_path, kind):
+    target = tmp_path / "taken"
+    if kind == "file":
+        target.write_bytes(b"precious\x00bytes")
+    else:
+        (target / "sub").mkdir(parents=True)
+        (target / "keep.txt").write_bytes(b"keep me\n")
+        (target / "sub" / "model.safetensors").write_bytes(b"\x01\x02\x03")
+    before = tree_snapshot(tmp_path / "taken") if kind != "file" else target.read_bytes()
+    siblings = sorted(os.listdir(tmp_path))
+    res = run("quantize", "--model", model, "--out", target)
+    assert_error(res, "quantize", 1, target, "not empty")
+    after = tree_snapshot(tmp_path / "taken") if kind != "file" else target.read_bytes()
+    assert after == before, "the existing --out was changed"
+    assert sorted(os.listdir(tmp_path)) == siblings, "something was left beside --out"
+
+
+# ----------------------------------------------------------------------------------------------
+# init-model: bad input
+
+
+def test_init_model_unknown_preset(out):
+    res = run("init-model", "--preset", "huge", "--out", out)
+    assert_error(res, "init-model", 1, "'huge'", "tiny or small")
+    assert_nothing_written(out)
+
+
+def test_init_model_missing_preset(out):
+    res = run("init-model", "--out", out)
+    assert_error(res, "init-model", 2, "'--preset'")
+    assert_nothing_written(out)
+
+
+def test_init_model_bad_seed(out):
+    res = run("init-model", "--preset", "tiny", "--out", out, "--seed", "abc")
+    assert_error(res, "init-model", 2, "'abc'", "--seed")
+    assert_nothing_written(out)
+
+
+def test_init_model_into_non_empty_dir(tiny, tmp_path):
+    target = tmp_path / "taken"
+    shutil.copytree(tiny, target)
+    (target / "notes.txt").write_text("mine\n")
+    before = tree_snapshot(target)
+    res = run("init-model", "--preset", "tiny", "--out", target, "--seed", "99")
+    assert_error(res, "init-model", 1, target, "not empty")
+    assert tree_snapshot(target) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Good paths
+
+
+def test_init_model_same_seed_same_bytes(tiny, tmp_path):
+    again = tmp_path / "again"
+    other = tmp_path / "other"
+    assert run("init-model", "--preset", "tiny", "--out", again, "--seed", "11").returncode == 0
+    assert run("init-model", "--preset", "tiny", "--out", other, "--seed", "12").returncode == 0
+    for name in ("config.json", "model.safetensors"):
+        assert filecmp.cmp(tiny / name, again / name, shallow=False), f"{name} differs for seed 11"
+    assert filecmp.cmp(tiny / "config.json", other / "config.json", shallow=False)
+    assert not filecmp.cmp(tiny / "model.safetensors", other / "model.safetensors", shallow=False)
+
+
+def assert_quantized_checkpoint(out_path, res):
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert "28 linear weights" in res.stdout, res.stdout
+    assert sorted(os.listdir(out_path)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    cfg = json.loads((out_path / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert cfg["quantization_config"]["load_in_4bit"] is True
+    from safetensors import safe_open
+    with safe_open(out_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert f"{Q_PROJ}.quant_state.bitsandbytes__nf4" in keys
+    assert "model.embed_tokens.weight" in keys
+
+
+def test_quantize_into_new_nested_path(model, tmp_path):
+    (model / "tokenizer.json").write_text("{}\n")  # side files are copied, hidden ones are not
+    (model / ".hidden").write_text("x\n")
+    target = tmp_path / "a" / "b" / "q"
+    res = run("quantize", "--model", model, "--out", target)
+    assert_quantized_checkpoint(target, res)
+    assert os.listdir(tmp_path / "a" / "b") == ["q"], "temporary directory left behind"
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_quantize_into_existing_empty_dir(model, tmp_path, slash):
+    (model / "tokenizer.json").write_text("{}\n")
+    target = tmp_path / "empty"
+    target.mkdir()
+    res = run("quantize", "--model", model, "--out", str(target) + slash)
+    assert_quantized_checkpoint(target, res)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "model"], "temporary directory left behind"
+
+
+def test_quantize_out_with_trailing_slash(model, tmp_path):
+    (model / "tokenizer.json").write_text("{}\n")
+    res = run("quantize", "--model", model, "--out", str(tmp_path / "new") + "/")
+    assert_quantized_checkpoint(tmp_path / "new", res)
+    assert sorted(os.listdir(tmp_path)) == ["model", "new"], "temporary directory left behind"
+
+
+@pytest.mark.parametrize("command,options", [("quantize", QUANTIZE_OPTIONS),
+                                             ("init-model", INIT_MODEL_OPTIONS)])
+def test_help_lists_every_option(command, options):
+    res = run(command, "--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    listed = set(re.findall(r"^\s+--(\w+)", res.stdout, re.M))
+    assert listed == options, res.stdout
+    # The top-level usage names each command and all its options but --help.
+    usage = run("--help")
+    assert usage.returncode == 0
+    assert command in usage.stdout
+    for option in options - {"help"}:
+        assert f"--{option}" in usage.stdout, f"--{option} missing from qlora_dist --help"
