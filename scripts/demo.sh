@@ -13,9 +13,15 @@ echo
 "$bin" quantize --model "$run_dir/base" --out "$run_dir/nf4" \
   --quantization_type nf4 --quantization_blocksize 64 --double_quantization true --quant_storage uint8
 echo
-echo "The checkpoint loads in transformers (bitsandbytes 4-bit); its quantization_config:"
-.venv/bin/python - "$run_dir/nf4" <<'PY'
-import json, sys
-print(json.dumps(json.load(open(f"{sys.argv[1]}/config.json"))["quantization_config"], indent=2))
+"$bin" inspect --model "$run_dir/nf4"
+echo
+echo "Loading it with transformers + bitsandbytes (the reference stack, CPU):"
+.venv/bin/python - "$run_dir/nf4" <<'PY' 2>&1 | grep -v -i -E "warn|kernels-community|Loading weights"
+import sys, torch, bitsandbytes as bnb
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu")
+n = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+logits = model(torch.tensor([[1, 42, 7, 99]])).logits
+print(f"  {n} Linear4bit layers, logits {tuple(logits.shape)}, finite: {bool(torch.isfinite(logits).all())}")
 PY
 echo "Outputs in $run_dir"

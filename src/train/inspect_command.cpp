@@ -54,7 +54,8 @@ std::string inspect_model_dir(const std::string& model_dir) {
     std::ostringstream kind;
     kind << quant::quant_type_name(q.state.quant_type) << ", blocksize " << q.state.blocksize
          << ", double quantization " << (q.state.is_nested() ? "on" : "off") << ", storage "
-         << c10::toString(q.packed.scalar_type());
+         << (q.packed.scalar_type() == at::kByte ? std::string("uint8")
+                                                 : quant::float_dtype_name(q.packed.scalar_type()));
     ++kinds[kind.str()];
   }
   if (hf.quantization.method == io::QuantMethod::bnb_4bit && quantized == 0)

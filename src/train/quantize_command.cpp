@@ -120,7 +120,8 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
     report.bytes_in += info.nbytes;
     at::Tensor t = quant::tensor_from_weights(weights, name);
     if (model::is_block_linear_weight(name)) {
-      if (!at::isFloatingType(t.scalar_type()) || t.scalar_type() == at::kDouble)
+      const at::ScalarType st = t.scalar_type();
+      if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf)  // what quantize_4bit takes
         throw std::invalid_argument(opt.model_dir + ": tensor '" + name + "' has dtype " +
                                     io::dtype_name(info.dtype) +
                                     " (expected F32, BF16 or F16 to quantize)");

@@ -165,7 +165,7 @@ def test_inspect_reads_transformers_checkpoint(base, tmp_path):
     res = run([binary("qlora_dist"), "inspect", "--model", str(hf)])
     assert "quantization: bitsandbytes-4bit" in res.stdout, res.stdout
     assert "28 bitsandbytes 4-bit weights" in res.stdout, res.stdout
-    assert "28 x nf4, blocksize 64, double quantization on, storage Byte" in res.stdout, res.stdout
+    assert "28 x nf4, blocksize 64, double quantization on, storage uint8" in res.stdout, res.stdout
 
 
 QS = "model.layers.1.mlp.up_proj.weight"
