@@ -1,7 +1,7 @@
 // Random-initialized LLaMA-architecture models in Hugging Face format (config.json +
 // model.safetensors), deterministic by seed: the demo and test models.
-//   tiny:  hidden 256, 4 layers, GQA 8/4 heads, vocab 2048, untied   (~4.2M params, fp32)
-//   small: hidden 768, 12 layers, GQA 12/4 heads, vocab 32000, tied  (~100M params, bf16)
+//   tiny:  hidden 256, 4 layers, GQA 8/4 heads, vocab 2048, untied   (3.95M params, fp32)
+//   small: hidden 768, 12 layers, GQA 12/4 heads, vocab 32000, tied  (100.1M params, bf16)
 #pragma once
 
 #include <cstdint>

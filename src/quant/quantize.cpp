@@ -111,7 +111,10 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const QuantState& state,
   if (bytes.numel() < kernels::packed_nbytes(n))
     throw std::invalid_argument("packed weight has " + std::to_string(bytes.numel()) +
                                 " bytes, shape needs " + std::to_string(kernels::packed_nbytes(n)));
-  const at::Tensor absmax = state.absmax_fp32().contiguous();
+  const at::Tensor absmax = state.absmax_fp32().to(at::kFloat).contiguous();
+  if (absmax.numel() < state.blocks())
+    throw std::invalid_argument("absmax has " + std::to_string(absmax.numel()) +
+                                " entries, the shape needs " + std::to_string(state.blocks()));
   if (want == at::kBFloat16) {
     at::Tensor out = at::empty(state.shape, at::TensorOptions().dtype(at::kBFloat16));
     kernels::dequantize_4bit_bf16_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,

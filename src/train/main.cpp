@@ -10,6 +10,7 @@
 #include <string>
 
 #include "io/safetensors.h"
+#include "quant4_format.h"
 #include "model/init_model.h"
 #include "quant/quant_state.h"
 #include "train/inspect_command.h"
@@ -43,6 +44,17 @@ bool parse_bool(const std::string& key, const std::string& v) {
   throw UsageError("--" + key + " '" + v + "' is not a boolean (expected true or false)");
 }
 
+// Option values that parse but are not allowed are usage errors too (exit 2), like those the
+// parser itself rejects; errors in the files a user hands us exit 1.
+template <typename F>
+void as_usage_error(F&& f, const char* /*what*/) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(e.what());
+  }
+}
+
 po::variables_map parse(const po::options_description& desc, int argc, char** argv) {
   po::variables_map vm;
   try {
@@ -71,10 +83,15 @@ int run_quantize(int argc, char** argv) {
       ("double_quantization", po::value(&dq)->default_value("true"), "quantize the absmax again (8-bit, blocks of 256)")
       ("quant_storage", po::value(&storage)->default_value("uint8"), "dtype the packed bytes are stored as: uint8, bf16, fp16, fp32");
   parse(desc, argc, argv);
-  opt.quant.quant_type = qlora::quant::quant_type_from_name(type);
+  as_usage_error([&] {
+    opt.quant.quant_type = qlora::quant::quant_type_from_name(type);
+    opt.quant.storage = qlora::quant::storage_dtype_from_name(storage);
+  }, "quantization_type/--quant_storage");
+  if (!qlora::kernels::valid_blocksize(blocksize))
+    throw UsageError("--quantization_blocksize " + std::to_string(blocksize) +
+                     " is not supported (expected 32, 64, 128, ..., 4096)");
   opt.quant.blocksize = blocksize;
   opt.quant.double_quant = parse_bool("double_quantization", dq);
-  opt.quant.storage = qlora::quant::storage_dtype_from_name(storage);
 
   const auto r = qlora::train::quantize_model_dir(opt);
   std::printf(
@@ -92,21 +109,23 @@ int run_quantize(int argc, char** argv) {
 
 int run_init_model(int argc, char** argv) {
   std::string preset, out;
-  uint64_t seed = 0;
+  int64_t seed = 0;
   po::options_description desc("qlora_dist init-model options");
   desc.add_options()("help", "show this help")
       ("preset", po::value(&preset)->required(), "tiny (~4M params) or small (~100M params)")
       ("out", po::value(&out)->required(), "output directory (must not exist or be empty)")
       ("seed", po::value(&seed)->default_value(0), "random seed; the same seed gives the same bytes");
   parse(desc, argc, argv);
-  const qlora::model::ModelConfig config = qlora::model::preset_config(preset);
+  if (seed < 0) throw UsageError("--seed " + std::to_string(seed) + " is negative (expected 0 or more)");
+  qlora::model::ModelConfig config;
+  as_usage_error([&] { config = qlora::model::preset_config(preset); }, "preset");
   if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
     throw std::invalid_argument(out + ": output directory exists and is not empty (choose a new path)");
-  const auto r = qlora::model::init_model_write(config, seed, out);
-  std::printf("wrote %s: %s preset, %lld layers, hidden %lld, %.2fM params, %.2f MiB (%s, seed %llu)\n",
+  const auto r = qlora::model::init_model_write(config, static_cast<uint64_t>(seed), out);
+  std::printf("wrote %s: %s preset, %lld layers, hidden %lld, %.2fM params, %.2f MiB (%s, seed %lld)\n",
               out.c_str(), preset.c_str(), static_cast<long long>(config.num_hidden_layers),
               static_cast<long long>(config.hidden_size), r.num_params / 1e6, r.nbytes / 1048576.0,
-              config.torch_dtype.c_str(), static_cast<unsigned long long>(seed));
+              config.torch_dtype.c_str(), static_cast<long long>(seed));
   return 0;
 }
 

@@ -202,13 +202,15 @@ def test_tensor_wrong_shape(model, out):
     quantize_error(model, out, 1, f"'{Q_PROJ}'", "[256, 255]", "[256, 256]")
 
 
-def test_tensor_wrong_dtype(model, out):
+@pytest.mark.parametrize("dtype,name", [("int32", "I32"), ("float64", "F64"),
+                                        ("float8_e4m3fn", "F8_E4M3")])
+def test_tensor_wrong_dtype(model, out, dtype, name):
     import torch
 
     def edit(t):
-        t[Q_PROJ] = torch.zeros(256, 256, dtype=torch.int32)
+        t[Q_PROJ] = torch.zeros(256, 256, dtype=getattr(torch, dtype))
     safetensors_rewrite(model / "model.safetensors", edit)
-    quantize_error(model, out, 1, f"'{Q_PROJ}'", "I32")
+    quantize_error(model, out, 1, f"'{Q_PROJ}'", name, "F32, BF16 or F16")
 
 
 def test_already_quantized(model, tmp_path, out):
@@ -220,13 +222,14 @@ def test_already_quantized(model, tmp_path, out):
 
 # ----------------------------------------------------------------------------------------------
 # quantize: bad options. Exit statuses are those of today's main.cpp: values that the option
-# parser itself rejects (a non-number where a number goes, a non-boolean) are usage errors (2);
-# values that parse but are not supported (blocksize, quant type, storage) are errors (1).
+# parser itself rejects (a non-number where a number goes, a non-boolean) and values that parse
+# but are not supported (blocksize, quant type, storage, preset, negative seed) are all usage
+# errors (2); errors in the files and directories handed to us are 1.
 
 
 @pytest.mark.parametrize("blocksize", [0, 16, 48, 100, 8192])
 def test_unsupported_blocksize(model, out, blocksize):
-    quantize_error(model, out, 1, f"--quantization_blocksize {blocksize} ",
+    quantize_error(model, out, 2, f"--quantization_blocksize {blocksize} ",
                    extra=("--quantization_blocksize", blocksize))
 
 
@@ -236,7 +239,7 @@ def test_blocksize_not_a_number(model, out):
 
 
 def test_unsupported_quant_type(model, out):
-    quantize_error(model, out, 1, "'int4'", "nf4 or fp4", extra=("--quantization_type", "int4"))
+    quantize_error(model, out, 2, "'int4'", "nf4 or fp4", extra=("--quantization_type", "int4"))
 
 
 def test_bad_double_quantization(model, out):
@@ -245,7 +248,7 @@ def test_bad_double_quantization(model, out):
 
 
 def test_bad_quant_storage(model, out):
-    quantize_error(model, out, 1, "'int32'", "uint8, bf16, fp16 or fp32",
+    quantize_error(model, out, 2, "'int32'", "uint8, bf16, fp16 or fp32",
                    extra=("--quant_storage", "int32"))
 
 
@@ -303,7 +306,7 @@ def test_out_exists_and_is_not_empty(model, tmp_path, kind):
 
 def test_init_model_unknown_preset(out):
     res = run("init-model", "--preset", "huge", "--out", out)
-    assert_error(res, "init-model", 1, "'huge'", "tiny or small")
+    assert_error(res, "init-model", 2, "'huge'", "tiny or small")
     assert_nothing_written(out)
 
 
@@ -317,6 +320,24 @@ def test_init_model_bad_seed(out):
     res = run("init-model", "--preset", "tiny", "--out", out, "--seed", "abc")
     assert_error(res, "init-model", 2, "'abc'", "--seed")
     assert_nothing_written(out)
+
+
+def test_init_model_negative_seed(out):
+    res = run("init-model", "--preset", "tiny", "--out", out, "--seed", "-1")
+    assert_error(res, "init-model", 2, "--seed -1", "0 or more")
+    assert_nothing_written(out)
+
+
+def test_inspect_missing_dir(tmp_path):
+    res = run("inspect", "--model", str(tmp_path / "nope"))
+    assert_error(res, "inspect", 1, str(tmp_path / "nope"), "does not exist")
+
+
+def test_inspect_plain_model(tiny):
+    res = run("inspect", "--model", str(tiny))
+    assert res.returncode == 0, res.stderr
+    assert "LlamaForCausalLM, 4 layers, hidden 256" in res.stdout
+    assert "quantization: none" in res.stdout
 
 
 def test_init_model_into_non_empty_dir(tiny, tmp_path):
@@ -386,7 +407,8 @@ def test_quantize_out_with_trailing_slash(model, tmp_path):
 
 
 @pytest.mark.parametrize("command,options", [("quantize", QUANTIZE_OPTIONS),
-                                             ("init-model", INIT_MODEL_OPTIONS)])
+                                             ("init-model", INIT_MODEL_OPTIONS),
+                                             ("inspect", {"help", "model"})])
 def test_help_lists_every_option(command, options):
     res = run(command, "--help")
     assert res.returncode == 0, res.stderr
