@@ -15,6 +15,8 @@
 #include "quant/tensor_io.h"
 #include "temp_dir.h"
 
+#include "expect_error.h"
+
 namespace qlora::model {
 namespace {
 
@@ -24,22 +26,8 @@ using json = nlohmann::json;
 
 const std::string kWhere = "/models/m/config.json";
 
-std::string invalid_argument_message(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected std::invalid_argument, got: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "expected std::invalid_argument, nothing thrown";
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using qlora::testing::contains;
+using qlora::testing::invalid_argument_message;
 
 json llama_json() {
   return json::parse(R"({

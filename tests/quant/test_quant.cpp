@@ -20,6 +20,8 @@
 #include "dynamic_map.h"
 #include "quant/quantize.h"
 
+#include "expect_error.h"
+
 namespace qlora::quant {
 namespace {
 
@@ -78,23 +80,8 @@ double code_half_gap_max(QuantType type) {
   return ::testing::AssertionSuccess();
 }
 
-// The message of the std::invalid_argument that `f` must throw ("" and a failure if none).
-std::string invalid_argument_message(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected std::invalid_argument, got: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "expected std::invalid_argument, nothing thrown";
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using qlora::testing::contains;
+using qlora::testing::invalid_argument_message;
 
 const std::vector<std::vector<int64_t>> kShapes = {
     {1}, {2}, {7}, {31}, {33}, {64}, {65}, {5, 13}, {64, 96}, {3, 1001}, {256 * 64 + 3}, {3, 5, 7}};

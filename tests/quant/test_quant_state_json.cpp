@@ -16,25 +16,13 @@
 #include "quant/bnb_checkpoint.h"
 #include "quant/quantize.h"
 
+#include "expect_error.h"
+
 namespace qlora::quant {
 namespace {
 
-std::string invalid_argument_message(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected std::invalid_argument, got: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "expected std::invalid_argument, nothing thrown";
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using qlora::testing::contains;
+using qlora::testing::invalid_argument_message;
 
 bool tensors_identical(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
