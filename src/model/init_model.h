@@ -19,7 +19,8 @@ struct InitReport {
 };
 
 // Writes config.json and model.safetensors into out_dir (created if needed). Weights as
-// transformers initializes them: linears and embeddings N(0, 0.02), RMSNorm weights 1.
+// transformers initializes them: linears and embeddings N(0, 0.02), RMSNorm weights 1, biases
+// (when the config has them) 0.
 InitReport init_model_write(const ModelConfig& config, uint64_t seed, const std::string& out_dir);
 
 // config.json text as transformers writes it for this config.

@@ -23,7 +23,140 @@ int64_t positive_int(const nlohmann::json& j, const char* key, const std::string
   return j[key].get<int64_t>();
 }
 
+bool bool_key(const nlohmann::json& j, const char* key, bool fallback, const std::string& where) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  if (!j[key].is_boolean())
+    throw std::invalid_argument(where + ": key '" + key + "' must be true or false, not " +
+                                j[key].dump());
+  return j[key].get<bool>();
+}
+
+double number_key(const nlohmann::json& j, const std::string& key, const std::string& where) {
+  if (!j.contains(key) || !j[key].is_number())
+    throw std::invalid_argument(where + ": key '" + key + "' must be a number");
+  return j[key].get<double>();
+}
+
+// transformers' PreTrainedConfig.convert_rope_params_to_dict + standardize_rope_params: a non-empty
+// rope_scaling (older files) wins over rope_parameters (transformers 5); rope_theta from that
+// object, else the top level; rope_type from "rope_type", else "type", else "default".
+void rope_from_json(const nlohmann::json& j, const std::string& where, ModelConfig& c) {
+  const nlohmann::json* rope = nullptr;
+  std::string key;
+  for (const char* k : {"rope_scaling", "rope_parameters"}) {
+    if (rope == nullptr && j.contains(k) && j[k].is_object() && !j[k].empty()) {
+      rope = &j[k];
+      key = k;
+    } else if (j.contains(k) && !j[k].is_null() && !j[k].is_object()) {
+      throw std::invalid_argument(where + ": key '" + k + "' must be an object, not " +
+                                  j[k].dump());
+    }
+  }
+  c.rope_theta = 10000.0;
+  if (j.contains("rope_theta") && !j["rope_theta"].is_null())
+    c.rope_theta = number_key(j, "rope_theta", where);
+  if (rope == nullptr) return;
+  if (rope->contains("rope_theta") && !(*rope)["rope_theta"].is_null())
+    c.rope_theta = number_key(*rope, "rope_theta", where + ": " + key);
+  RopeScaling& r = c.rope_scaling;
+  const char* type_key = rope->contains("rope_type") ? "rope_type" : "type";
+  if (rope->contains(type_key)) {
+    if (!(*rope)[type_key].is_string())
+      throw std::invalid_argument(where + ": key '" + key + "." + type_key + "' must be a string");
+    r.rope_type = (*rope)[type_key].get<std::string>();
+  }
+  const std::string at = where + ": " + key;
+  if (r.rope_type == "default") return;
+  if (r.rope_type != "linear" && r.rope_type != "llama3")
+    throw std::invalid_argument(where + ": " + key + "." + type_key + " '" + r.rope_type +
+                                "' is not supported (supported: default, linear, llama3)");
+  if (rope->contains("partial_rotary_factor") && !(*rope)["partial_rotary_factor"].is_null() &&
+      number_key(*rope, "partial_rotary_factor", at) != 1.0)
+    throw std::invalid_argument(where + ": " + key +
+                                ".partial_rotary_factor other than 1 is not supported");
+  r.factor = number_key(*rope, "factor", at);
+  if (!(r.factor > 0.0))
+    throw std::invalid_argument(where + ": " + key + ".factor must be positive, not " +
+                                (*rope)["factor"].dump());
+  if (r.rope_type == "linear") return;
+  r.low_freq_factor = number_key(*rope, "low_freq_factor", at);
+  r.high_freq_factor = number_key(*rope, "high_freq_factor", at);
+  if (!(r.low_freq_factor > 0.0) || !(r.high_freq_factor > r.low_freq_factor))
+    throw std::invalid_argument(where + ": " + key + ": llama3 needs 0 < low_freq_factor < " +
+                                "high_freq_factor, not " + (*rope)["low_freq_factor"].dump() +
+                                " and " + (*rope)["high_freq_factor"].dump());
+  // A top-level original_max_position_embeddings wins (transformers' exception for Phi3-style
+  // files), then the rope object's, then max_position_embeddings.
+  if (j.contains("original_max_position_embeddings") &&
+      !j["original_max_position_embeddings"].is_null())
+    r.original_max_position_embeddings = positive_int(j, "original_max_position_embeddings", where);
+  else if (rope->contains("original_max_position_embeddings"))
+    r.original_max_position_embeddings =
+        positive_int(*rope, "original_max_position_embeddings", at);
+  else
+    r.original_max_position_embeddings = c.max_position_embeddings;
+}
+
+// sliding_window: a positive integer, null (none) or absent (4096, the config classes' default).
+int64_t window_key(const nlohmann::json& j, const std::string& where) {
+  if (!j.contains("sliding_window")) return 4096;  // MistralConfig / Qwen2Config default
+  if (j["sliding_window"].is_null()) return 0;
+  return positive_int(j, "sliding_window", where);
+}
+
+void sliding_from_json(const nlohmann::json& j, const std::string& where, ModelConfig& c) {
+  const size_t layers = static_cast<size_t>(c.num_hidden_layers);
+  if (c.arch == Architecture::mistral) {
+    c.sliding_window = window_key(j, where);
+    c.sliding_layers.assign(layers, c.sliding_window > 0);
+  } else if (c.arch == Architecture::qwen2) {
+    // Qwen2Config: sliding_window only with use_sliding_window; which layers from layer_types,
+    // else layers i >= max_window_layers.
+    c.sliding_window = bool_key(j, "use_sliding_window", false, where) ? window_key(j, where) : 0;
+    c.sliding_layers.assign(layers, false);
+    if (j.contains("layer_types") && !j["layer_types"].is_null()) {
+      const nlohmann::json& types = j["layer_types"];
+      if (!types.is_array() || types.size() != layers)
+        throw std::invalid_argument(where + ": key 'layer_types' must be a list of " +
+                                    std::to_string(layers) + " layer types");
+      for (size_t i = 0; i < layers; ++i) {
+        const std::string t = types[i].is_string() ? types[i].get<std::string>() : types[i].dump();
+        if (t != "full_attention" && t != "sliding_attention")
+          throw std::invalid_argument(where + ": layer_types[" + std::to_string(i) + "] '" + t +
+                                      "' (expected full_attention or sliding_attention)");
+        c.sliding_layers[i] = c.sliding_window > 0 && t == "sliding_attention";
+      }
+    } else if (c.sliding_window > 0) {
+      int64_t first = 28;  // Qwen2Config's default
+      if (j.contains("max_window_layers") && !j["max_window_layers"].is_null()) {
+        if (!j["max_window_layers"].is_number_integer())
+          throw std::invalid_argument(where + ": key 'max_window_layers' must be an integer");
+        first = j["max_window_layers"].get<int64_t>();
+      }
+      for (size_t i = 0; i < layers; ++i) c.sliding_layers[i] = static_cast<int64_t>(i) >= first;
+    }
+    if (c.sliding_window == 0) c.sliding_layers.assign(layers, false);
+  }
+}
+
 }  // namespace
+
+int64_t ModelConfig::attention_window(int64_t layer) const {
+  if (sliding_window <= 0 || layer < 0 || layer >= static_cast<int64_t>(sliding_layers.size()))
+    return 0;
+  return sliding_layers[static_cast<size_t>(layer)] ? sliding_window : 0;
+}
+
+bool ModelConfig::linear_has_bias(const std::string& short_name) const {
+  if (short_name == "q_proj" || short_name == "k_proj" || short_name == "v_proj")
+    return attention_bias;
+  if (short_name == "o_proj") return attention_bias && arch == Architecture::llama;
+  if (short_name == "gate_proj" || short_name == "up_proj" || short_name == "down_proj")
+    return mlp_bias;
+  throw std::invalid_argument("unknown block linear '" + short_name +
+                              "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or "
+                              "down_proj)");
+}
 
 std::string supported_architectures() {
   std::string s;
@@ -60,22 +193,58 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
                    ? positive_int(j, "head_dim", where)
                    : c.hidden_size / c.num_attention_heads;
   if (c.num_attention_heads % c.num_key_value_heads != 0)
-    throw std::invalid_argument(where + ": num_attention_heads " +
-                                std::to_string(c.num_attention_heads) +
-                                " is not a multiple of num_key_value_heads " +
-                                std::to_string(c.num_key_value_heads));
+    throw std::invalid_argument(
+        where + ": num_attention_heads " + std::to_string(c.num_attention_heads) +
+        " is not a multiple of num_key_value_heads " + std::to_string(c.num_key_value_heads));
   c.max_position_embeddings = j.value("max_position_embeddings", int64_t{2048});
   c.rms_norm_eps = j.value("rms_norm_eps", 1e-6);
-  // transformers 5 writes rope_parameters.rope_theta; older files a top-level rope_theta.
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object())
-    c.rope_theta = j["rope_parameters"].value("rope_theta", 10000.0);
-  else
-    c.rope_theta = j.value("rope_theta", 10000.0);
+  rope_from_json(j, where, c);
   c.tie_word_embeddings = j.value("tie_word_embeddings", false);
-  c.attention_bias = c.arch == Architecture::qwen2 ? true : j.value("attention_bias", false);
+  // What each family's attention / MLP modules construct, whatever else the file says.
+  c.attention_bias = c.arch == Architecture::qwen2   ? true
+                     : c.arch == Architecture::llama ? bool_key(j, "attention_bias", false, where)
+                                                     : false;
+  c.mlp_bias = c.arch == Architecture::llama && bool_key(j, "mlp_bias", false, where);
+  const std::string act = j.contains("hidden_act") && j["hidden_act"].is_string()
+                              ? j["hidden_act"].get<std::string>()
+                              : (j.contains("hidden_act") ? j["hidden_act"].dump() : "silu");
+  if (act != "silu")
+    throw std::invalid_argument(where + ": hidden_act '" + act +
+                                "' is not supported (expected silu)");
+  sliding_from_json(j, where, c);
   const char* dtype_key = j.contains("torch_dtype") ? "torch_dtype" : "dtype";
   if (j.contains(dtype_key) && j[dtype_key].is_string()) c.torch_dtype = j[dtype_key];
   return c;
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::map<std::string, std::vector<int64_t>> expected_weight_shapes(const ModelConfig& c) {
+  std::map<std::string, std::vector<int64_t>> m;
+  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim;
+  const int64_t kv = c.num_key_value_heads * c.head_dim, f = c.intermediate_size;
+  m["model.embed_tokens.weight"] = {c.vocab_size, h};
+  if (!c.tie_word_embeddings) m["lm_head.weight"] = {c.vocab_size, h};
+  m["model.norm.weight"] = {h};
+  const std::pair<const char*, std::vector<int64_t>> linears[] = {
+      {"self_attn.q_proj", {q, h}}, {"self_attn.k_proj", {kv, h}}, {"self_attn.v_proj", {kv, h}},
+      {"self_attn.o_proj", {h, q}}, {"mlp.gate_proj", {f, h}},     {"mlp.up_proj", {f, h}},
+      {"mlp.down_proj", {h, f}}};
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    m[p + "input_layernorm.weight"] = {h};
+    m[p + "post_attention_layernorm.weight"] = {h};
+    for (const auto& [module, shape] : linears) {
+      m[p + module + ".weight"] = shape;
+      const std::string short_name = std::string(module).substr(std::string(module).find('.') + 1);
+      if (c.linear_has_bias(short_name)) m[p + module + ".bias"] = {shape[0]};
+    }
+  }
+  return m;
 }
 
 bool is_block_linear_weight(const std::string& name) {

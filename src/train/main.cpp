@@ -1,6 +1,7 @@
-// qlora_dist: the one binary. Commands: quantize, init-model, inspect (this release); train, eval,
-// export, synth-data and plot arrive with the trainer. Every error a user can cause ends as one
+// qlora_dist: the one binary. Commands: quantize, init-model, inspect, export (this release);
+// train, eval, synth-data and plot arrive with the trainer. Every error a user can cause ends as one
 // line "qlora_dist: error: ..." and exit status 1; usage errors exit 2.
+#include <ATen/core/ScalarType.h>
 #include <boost/program_options.hpp>
 
 #include <cstdio>
@@ -13,6 +14,7 @@
 #include "quant4_format.h"
 #include "model/init_model.h"
 #include "quant/quant_state.h"
+#include "train/export_command.h"
 #include "train/inspect_command.h"
 #include "train/quantize_command.h"
 
@@ -33,9 +35,11 @@ const char* const kUsage =
     "              Hugging Face model -> pre-quantized bitsandbytes 4-bit checkpoint\n"
     "  init-model  --preset tiny|small --out DIR [--seed N]\n"
     "              random-initialized LLaMA model in Hugging Face format\n"
+    "  export      --model DIR --adapter DIR --out DIR [--dtype bf16|fp16|fp32]\n"
+    "              base model + PEFT LoRA adapter -> merged Hugging Face checkpoint\n"
     "  inspect     --model DIR\n"
     "              what a model directory holds; checks every bitsandbytes 4-bit weight\n"
-    "not yet available (they come with the trainer): train, eval, export, synth-data, plot\n"
+    "not yet available (they come with the trainer): train, eval, synth-data, plot\n"
     "run 'qlora_dist <command> --help' for a command's options\n";
 
 bool parse_bool(const std::string& key, const std::string& v) {
@@ -129,6 +133,28 @@ int run_init_model(int argc, char** argv) {
   return 0;
 }
 
+int run_export(int argc, char** argv) {
+  qlora::train::ExportOptions opt;
+  std::string dtype = "bf16";
+  po::options_description desc("qlora_dist export options");
+  desc.add_options()("help", "show this help")
+      ("model", po::value(&opt.model_dir)->required(), "base model directory (bitsandbytes 4-bit or unquantized)")
+      ("adapter", po::value(&opt.adapter_dir)->required(), "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
+      ("out", po::value(&opt.out_dir)->required(), "output directory (must not exist or be empty)")
+      ("dtype", po::value(&dtype)->default_value("bf16"), "dtype of the merged weights: bf16, fp16 or fp32");
+  parse(desc, argc, argv);
+  if (dtype == "bf16") opt.dtype = at::kBFloat16;
+  else if (dtype == "fp16") opt.dtype = at::kHalf;
+  else if (dtype == "fp32") opt.dtype = at::kFloat;
+  else throw UsageError("--dtype '" + dtype + "' is not supported (expected bf16, fp16 or fp32)");
+  const auto r = qlora::train::export_merged(opt);
+  std::printf("merged %s + %s -> %s\n  %lld layers merged (W + s * B @ A), %lld tensors, %.2f MiB (%s)\n",
+              opt.model_dir.c_str(), opt.adapter_dir.c_str(), opt.out_dir.c_str(),
+              static_cast<long long>(r.layers_merged), static_cast<long long>(r.tensors_written),
+              r.bytes_out / 1048576.0, dtype.c_str());
+  return 0;
+}
+
 int run_inspect(int argc, char** argv) {
   std::string model;
   po::options_description desc("qlora_dist inspect options");
@@ -151,11 +177,12 @@ int main(int argc, char** argv) {
     if (command == "quantize") return run_quantize(argc - 1, argv + 1);
     if (command == "init-model") return run_init_model(argc - 1, argv + 1);
     if (command == "inspect") return run_inspect(argc - 1, argv + 1);
-    if (command == "train" || command == "eval" || command == "export" ||
+    if (command == "export") return run_export(argc - 1, argv + 1);
+    if (command == "train" || command == "eval" ||
         command == "synth-data" || command == "plot")
       throw std::runtime_error("command '" + command + "' is not available in this release yet");
     throw UsageError("unknown command '" + command +
-                     "' (expected quantize, init-model or inspect; see qlora_dist --help)");
+                     "' (expected quantize, init-model, inspect or export; see qlora_dist --help)");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), e.what());
     return 2;

@@ -9,44 +9,18 @@
 #include <fstream>
 #include <map>
 #include <stdexcept>
-#include <unistd.h>
 
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/model_config.h"
 #include "quant/bnb_checkpoint.h"
 #include "quant/tensor_io.h"
+#include "train/model_dir_output.h"
 
 namespace fs = std::filesystem;
 
 namespace qlora::train {
 namespace {
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-// The shapes the config implies, for the tensors whose shape it fixes.
-std::map<std::string, std::vector<int64_t>> expected_shapes(const model::ModelConfig& c) {
-  std::map<std::string, std::vector<int64_t>> m;
-  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim;
-  const int64_t kv = c.num_key_value_heads * c.head_dim, f = c.intermediate_size;
-  m["model.embed_tokens.weight"] = {c.vocab_size, h};
-  if (!c.tie_word_embeddings) m["lm_head.weight"] = {c.vocab_size, h};
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    m[p + "self_attn.q_proj.weight"] = {q, h};
-    m[p + "self_attn.k_proj.weight"] = {kv, h};
-    m[p + "self_attn.v_proj.weight"] = {kv, h};
-    m[p + "self_attn.o_proj.weight"] = {h, q};
-    m[p + "mlp.gate_proj.weight"] = {f, h};
-    m[p + "mlp.up_proj.weight"] = {f, h};
-    m[p + "mlp.down_proj.weight"] = {h, f};
-  }
-  return m;
-}
 
 std::string storage_name(at::ScalarType t) {
   if (t == at::kByte) return "uint8";
@@ -80,15 +54,9 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
   QuantizeReport report;
   const fs::path in(opt.model_dir);
-  // "q/" names the directory q; with the trailing separator kept, q itself would be taken for
-  // the parent and the temporary directory made inside it.
-  fs::path out = fs::absolute(opt.out_dir).lexically_normal();
-  if (!out.has_filename()) out = out.parent_path();
   if (!fs::is_directory(in))
     throw std::invalid_argument(opt.model_dir + ": model directory does not exist");
-  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out)))
-    throw std::invalid_argument(opt.out_dir +
-                                ": output directory exists and is not empty (choose a new path)");
+  const fs::path out = output_dir_check(opt.out_dir);
   if (!kernels::valid_blocksize(opt.quant.blocksize))
     throw std::invalid_argument("--quantization_blocksize " + std::to_string(opt.quant.blocksize) +
                                 " is not supported (expected 32, 64, ..., 4096)");
@@ -101,7 +69,7 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
                                 "'); quantize takes a bf16/fp16/fp32 model");
 
   const io::ModelWeights weights = io::ModelWeights::open_dir(opt.model_dir);
-  const auto expected = expected_shapes(mc);
+  const auto expected = model::expected_weight_shapes(mc);
   for (const auto& [name, shape] : expected) {
     if (!weights.contains(name))
       throw std::invalid_argument(opt.model_dir + ": tensor '" + name +
@@ -109,8 +77,8 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
                                   std::to_string(mc.num_hidden_layers) + " layers)");
     if (weights.info(name).shape != shape)
       throw std::invalid_argument(opt.model_dir + ": tensor '" + name + "' has shape " +
-                                  shape_str(weights.info(name).shape) + ", config.json implies " +
-                                  shape_str(shape));
+                                  model::shape_str(weights.info(name).shape) +
+                                  ", config.json implies " + model::shape_str(shape));
   }
 
   io::SafetensorsWriter writer;
@@ -139,30 +107,12 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
   nlohmann::ordered_json config = nlohmann::ordered_json::parse(hf.raw.dump());
   config["quantization_config"] = quantization_config(opt.quant, mc.torch_dtype);
 
-  // Everything goes to a temporary sibling first; a failure leaves out_dir as it was.
-  const fs::path parent = fs::absolute(out).parent_path();
-  fs::create_directories(parent);
-  const fs::path tmp = parent / ("." + out.filename().string() + ".tmp-" + std::to_string(getpid()));
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  try {
+  output_dir_commit(out, [&](const fs::path& tmp) {
     writer.write((tmp / "model.safetensors").string());
     std::ofstream(tmp / "config.json") << config.dump(2) << "\n";
-    for (const auto& entry : fs::directory_iterator(in)) {  // tokenizer, generation config, ...
-      const std::string fname = entry.path().filename().string();
-      if (!entry.is_regular_file() || fname == "config.json" ||
-          fname.find(".safetensors") != std::string::npos || fname.rfind(".", 0) == 0)
-        continue;
-      fs::copy_file(entry.path(), tmp / fname);
-    }
+    copy_side_files(in, tmp);
     report.bytes_out = fs::file_size(tmp / "model.safetensors");
-    if (fs::exists(out)) fs::remove(out);  // only ever an empty directory (checked above)
-    fs::rename(tmp, out);
-  } catch (...) {
-    std::error_code ec;
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  });
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return report;
 }

@@ -408,7 +408,8 @@ def test_quantize_out_with_trailing_slash(model, tmp_path):
 
 @pytest.mark.parametrize("command,options", [("quantize", QUANTIZE_OPTIONS),
                                              ("init-model", INIT_MODEL_OPTIONS),
-                                             ("inspect", {"help", "model"})])
+                                             ("inspect", {"help", "model"}),
+                                             ("export", {"help", "model", "adapter", "out", "dtype"})])
 def test_help_lists_every_option(command, options):
     res = run(command, "--help")
     assert res.returncode == 0, res.stderr
@@ -421,3 +422,80 @@ def test_help_lists_every_option(command, options):
     assert command in usage.stdout
     for option in options - {"help"}:
         assert f"--{option}" in usage.stdout, f"--{option} missing from qlora_dist --help"
+
+
+# ----------------------------------------------------------------------------------------------
+# export: base + adapter -> merged checkpoint
+
+
+def write_adapter(d, layers, r=4, in_features=256, out_features=256, b_value=0.0):
+    """A PEFT LoRA adapter as peft names it: A [r, in] random, B [out, r] = b_value."""
+    import torch
+    from safetensors.torch import save_file
+    d.mkdir(parents=True)
+    json.dump({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
+               "target_modules": sorted({l.rsplit(".", 1)[1] for l in layers}), "bias": "none", "task_type": "CAUSAL_LM",
+               "base_model_name_or_path": "tiny", "use_rslora": False},
+              open(d / "adapter_config.json", "w"))
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for layer in layers:
+        p = f"base_model.model.{layer}"
+        tensors[p + ".lora_A.weight"] = torch.randn(r, in_features, generator=g)
+        tensors[p + ".lora_B.weight"] = torch.full((out_features, r), b_value)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("q4") / "q4"
+    res = run("quantize", "--model", tiny, "--out", d)
+    assert res.returncode == 0, res.stderr
+    return d
+
+
+def test_export_zero_adapter_gives_the_dequantized_base(tiny, tiny_q4, tmp_path):
+    from safetensors.torch import load_file
+    adapter = write_adapter(tmp_path / "a", ["model.layers.0.self_attn.q_proj"])
+    res = run("export", "--model", tiny_q4, "--adapter", adapter, "--out", tmp_path / "m",
+              "--dtype", "fp32")
+    assert res.returncode == 0, res.stderr
+    assert "1 layers merged" in res.stdout, res.stdout
+    cfg = json.load(open(tmp_path / "m" / "config.json"))
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    base = load_file(os.path.join(tiny_q4, "model.safetensors"))
+    assert len(merged) == 39  # 28 linears + 11 other tensors, no quant-state tensors
+    # B = 0: the merged q_proj is the dequantized 4-bit weight, close to the fp32 original.
+    orig = load_file(os.path.join(tiny, "model.safetensors"))
+    w = merged["model.layers.0.self_attn.q_proj.weight"]
+    assert (w - orig["model.layers.0.self_attn.q_proj.weight"]).abs().max() < 0.05
+    assert merged["model.embed_tokens.weight"].equal(base["model.embed_tokens.weight"])
+
+
+def test_export_missing_adapter(tiny_q4, tmp_path, out):
+    res = run("export", "--model", tiny_q4, "--adapter", tmp_path / "none", "--out", out)
+    assert_error(res, "export", 1, str(tmp_path / "none"))
+    assert_nothing_written(out)
+
+
+def test_export_adapter_layer_not_in_model(tiny_q4, tmp_path, out):
+    adapter = write_adapter(tmp_path / "a", ["model.layers.9.self_attn.q_proj"])
+    res = run("export", "--model", tiny_q4, "--adapter", adapter, "--out", out)
+    assert_error(res, "export", 1, "model.layers.9.self_attn.q_proj", "does not exist")
+    assert_nothing_written(out)
+
+
+def test_export_adapter_shape_mismatch(tiny_q4, tmp_path, out):
+    adapter = write_adapter(tmp_path / "a", ["model.layers.0.self_attn.k_proj"])  # k_proj is [128, 256]
+    res = run("export", "--model", tiny_q4, "--adapter", adapter, "--out", out)
+    assert_error(res, "export", 1, "model.layers.0.self_attn.k_proj", "[256, 4]", "[128, 256]")
+    assert_nothing_written(out)
+
+
+def test_export_bad_dtype(tiny_q4, tmp_path, out):
+    adapter = write_adapter(tmp_path / "a", ["model.layers.0.self_attn.q_proj"])
+    res = run("export", "--model", tiny_q4, "--adapter", adapter, "--out", out, "--dtype", "int8")
+    assert_error(res, "export", 2, "--dtype", "'int8'")
+    assert_nothing_written(out)

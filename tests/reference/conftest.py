@@ -50,3 +50,21 @@ def bnb_dequantize(packed, st, dtype=None, tag=None):
     st = F.QuantState(absmax=st.absmax, shape=st.shape, code=st.code, blocksize=st.blocksize,
                       quant_type=st.quant_type, dtype=dtype, offset=st.offset, state2=st.state2)
     return F.dequantize_4bit(packed, st)
+
+
+def use_generic_bnb_cpu_dequantize():
+    """Routes bitsandbytes' CPU dequantize_4bit through its own generic torch implementation
+    (see bnb_dequantize for why: its native CPU kernel is wrong for weights whose rows are not
+    block-aligned, e.g. in_features 96 at blocksize 64). transformers' and peft's Linear4bit
+    forward then computes with the weights bitsandbytes' format actually holds."""
+    import torch
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    def generic(A, absmax, blocksize, quant_type, shape, dtype):
+        if A.dtype != torch.uint8:
+            A = A.view(torch.uint8)
+        return _dequantize_4bit_compute(A.reshape(-1), absmax.float(),
+                                        _get_4bit_code(quant_type, A.device), blocksize, shape,
+                                        dtype)
+    torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", generic)

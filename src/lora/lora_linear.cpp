@@ -1,0 +1,278 @@
+// The QLoRA linear and its base-product autograd function:
+//   y[M, out] = x[M, in] @ W^T + b + (s * ((dropout(x) @ A^T) @ B^T)).to(x dtype)
+// with W [out, in] dequantized from 4-bit for each product and dropped right after, A [r, in] and
+// B [out, r] fp32. This is peft's LoRA forward on a bitsandbytes Linear4bit, step for step.
+#include "lora/lora_linear.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+#include "lora/qlora_base_matmul.h"
+
+namespace qlora::lora {
+
+namespace {
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << '[';
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << ']';
+  return out.str();
+}
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+// The quantization state travels in ctx->saved_data as plain IValues (no custom classes), so a
+// test can list every tensor the node keeps.
+void state_save(torch::autograd::AutogradContext* ctx, const quant::Quantized& w) {
+  auto& d = ctx->saved_data;
+  d["packed"] = w.packed;
+  d["shape"] = w.state.shape;
+  d["blocksize"] = static_cast<int64_t>(w.state.blocksize);
+  d["quant_type"] = static_cast<int64_t>(w.state.quant_type);
+  d["dtype"] = w.state.dtype;
+  d["absmax"] = w.state.absmax;
+  d["code"] = w.state.code;
+  d["nested"] = w.state.is_nested();
+  if (w.state.is_nested()) {
+    d["nested_absmax"] = w.state.nested->absmax;
+    d["nested_code"] = w.state.nested->code;
+    d["nested_blocksize"] = static_cast<int64_t>(w.state.nested->blocksize);
+    d["nested_offset"] = static_cast<double>(w.state.nested->offset);
+  }
+}
+
+quant::Quantized state_load(torch::autograd::AutogradContext* ctx) {
+  auto& d = ctx->saved_data;
+  quant::Quantized w;
+  w.packed = d.at("packed").toTensor();
+  w.state.shape = d.at("shape").toIntVector();
+  w.state.blocksize = static_cast<int32_t>(d.at("blocksize").toInt());
+  w.state.quant_type = static_cast<quant::QuantType>(d.at("quant_type").toInt());
+  w.state.dtype = d.at("dtype").toScalarType();
+  w.state.absmax = d.at("absmax").toTensor();
+  w.state.code = d.at("code").toTensor();
+  if (d.at("nested").toBool()) {
+    quant::NestedState nested;
+    nested.absmax = d.at("nested_absmax").toTensor();
+    nested.code = d.at("nested_code").toTensor();
+    nested.blocksize = static_cast<int32_t>(d.at("nested_blocksize").toInt());
+    nested.offset = static_cast<float>(d.at("nested_offset").toDouble());
+    w.state.nested = nested;
+  }
+  return w;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// LoraConfig
+
+double LoraConfig::scale() const {
+  if (rank < 1) throw std::invalid_argument("LoRA rank " + std::to_string(rank) + " must be >= 1");
+  return use_rslora ? alpha / std::sqrt(static_cast<double>(rank))
+                    : alpha / static_cast<double>(rank);
+}
+
+void LoraConfig::validate(const std::string& where) const {
+  if (rank < 1)
+    throw std::invalid_argument(where + ": LoRA rank " + std::to_string(rank) + " must be >= 1");
+  if (!std::isfinite(alpha))
+    throw std::invalid_argument(where + ": lora_alpha must be a finite number");
+  if (!(dropout >= 0.0 && dropout < 1.0))
+    throw std::invalid_argument(where + ": lora_dropout " + std::to_string(dropout) +
+                                " must be in [0, 1)");
+}
+
+// ------------------------------------------------------------------------------------------
+// QLoraBaseMatmul
+
+at::Tensor QLoraBaseMatmul::forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                    const std::optional<at::Tensor>& bias,
+                                    const quant::Quantized* weight) {
+  // Grad mode is off in here: W is a plain temporary, freed when this scope ends.
+  at::Tensor y;
+  {
+    const at::Tensor w = quant::dequantize_4bit(weight->packed, weight->state, x.scalar_type());
+    y = at::linear(x, w, bias);  // [..., out]
+  }
+  state_save(ctx, *weight);
+  ctx->saved_data["x_dtype"] = x.scalar_type();
+  ctx->saved_data["has_bias"] = bias.has_value();
+  return y;
+}
+
+torch::autograd::variable_list QLoraBaseMatmul::backward(
+    torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grad_outputs) {
+  const at::Tensor& grad_y = grad_outputs[0];  // [..., out]
+  at::Tensor grad_x, grad_bias;
+  if (ctx->needs_input_grad(0)) {
+    const quant::Quantized w = state_load(ctx);
+    const at::ScalarType dtype = ctx->saved_data.at("x_dtype").toScalarType();
+    const at::Tensor weight = quant::dequantize_4bit(w.packed, w.state, dtype);  // [out, in]
+    grad_x = at::matmul(grad_y, weight);                                         // [..., in]
+  }
+  if (ctx->saved_data.at("has_bias").toBool() && ctx->needs_input_grad(1))
+    grad_bias = grad_y.reshape({-1, grad_y.size(-1)}).sum(0);  // [out]
+  return {grad_x, grad_bias, at::Tensor()};
+}
+
+at::Tensor qlora_base_matmul(const at::Tensor& x, const quant::Quantized& weight) {
+  if (weight.state.shape.size() != 2)
+    throw std::invalid_argument("qlora_base_matmul: the weight's state shape " +
+                                shape_str(weight.state.shape) + " is not 2-D [out, in]");
+  if (!is_float_dtype(x.scalar_type()) || x.dim() < 1 || x.size(-1) != weight.state.shape[1])
+    throw std::invalid_argument("qlora_base_matmul: x " + shape_str(x.sizes()) + " " +
+                                c10::toString(x.scalar_type()) + " does not fit the weight " +
+                                shape_str(weight.state.shape) + " (expected a float tensor [..., " +
+                                std::to_string(weight.state.shape[1]) + "])");
+  return QLoraBaseMatmul::apply(x, std::optional<at::Tensor>(), &weight);
+}
+
+// ------------------------------------------------------------------------------------------
+// QLoraLinear
+
+QLoraLinear::QLoraLinear(std::string name, quant::Quantized base, at::Tensor bias)
+    : name_(std::move(name)), base_(std::move(base)), bias_(std::move(bias)) {
+  const auto& shape = base_.state.shape;
+  if (shape.size() != 2)
+    throw std::invalid_argument(name_ + ": the quantized weight has shape " + shape_str(shape) +
+                                ", a linear needs a 2-D [out_features, in_features] weight");
+  base_.state.validate(name_);
+  if (!base_.packed.defined() ||
+      quant::packed_bytes(base_.packed).numel() < (base_.state.numel() + 1) / 2)
+    throw std::invalid_argument(name_ + ": the packed weight holds fewer than the " +
+                                std::to_string((base_.state.numel() + 1) / 2) +
+                                " bytes its shape " + shape_str(shape) + " needs");
+  out_features_ = shape[0];
+  in_features_ = shape[1];
+  if (bias_.defined() && (bias_.dim() != 1 || bias_.size(0) != out_features_))
+    throw std::invalid_argument(name_ + ": bias has shape " + shape_str(bias_.sizes()) +
+                                ", expected [" + std::to_string(out_features_) + "]");
+}
+
+void QLoraLinear::adapter_init(const LoraConfig& config, at::Generator gen) {
+  config.validate(name_);
+  // kaiming_uniform_(a = sqrt 5) on a [r, in] weight: gain sqrt(2 / (1 + 5)), bound
+  // gain * sqrt(3 / fan_in) = 1 / sqrt(in).
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in_features_));
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(base_.packed.device());
+  at::Tensor a = at::empty({config.rank, in_features_}, options);  // [r, in]
+  a.uniform_(-bound, bound, gen);
+  config_ = config;
+  lora_A_ = a.requires_grad_(true);
+  lora_B_ = at::zeros({out_features_, config.rank}, options).requires_grad_(true);  // [out, r]
+}
+
+void QLoraLinear::adapter_set(const LoraConfig& config, const at::Tensor& lora_A,
+                              const at::Tensor& lora_B) {
+  config.validate(name_);
+  const bool a_ok = lora_A.defined() && lora_A.dim() == 2 && lora_A.size(0) == config.rank &&
+                    lora_A.size(1) == in_features_ && is_float_dtype(lora_A.scalar_type());
+  const bool b_ok = lora_B.defined() && lora_B.dim() == 2 && lora_B.size(0) == out_features_ &&
+                    lora_B.size(1) == config.rank && is_float_dtype(lora_B.scalar_type());
+  if (!a_ok || !b_ok) {
+    auto describe = [](const at::Tensor& t) {
+      return t.defined() ? shape_str(t.sizes()) + " " + c10::toString(t.scalar_type())
+                         : std::string("undefined");
+    };
+    throw std::invalid_argument(
+        name_ + ": LoRA weights lora_A " + describe(lora_A) + " and lora_B " + describe(lora_B) +
+        " do not fit this layer; rank " + std::to_string(config.rank) + " needs lora_A [" +
+        std::to_string(config.rank) + ", " + std::to_string(in_features_) + "] and lora_B [" +
+        std::to_string(out_features_) + ", " + std::to_string(config.rank) + "] (float)");
+  }
+  // fp32 tensors on the right device are kept as given (sharing storage, e.g. views into a flat
+  // buffer); anything else is converted.
+  const at::Device device = base_.packed.device();
+  config_ = config;
+  lora_A_ = lora_A.detach().to(device, at::kFloat).requires_grad_(true);
+  lora_B_ = lora_B.detach().to(device, at::kFloat).requires_grad_(true);
+}
+
+at::Tensor QLoraLinear::forward(const at::Tensor& x, bool training,
+                                std::optional<at::Generator> dropout_gen) const {
+  if (!is_float_dtype(x.scalar_type()) || x.dim() < 1 || x.size(-1) != in_features_)
+    throw std::invalid_argument(name_ + ": input " + shape_str(x.sizes()) + " " +
+                                c10::toString(x.scalar_type()) + " does not fit; expected a " +
+                                "float tensor [..., " + std::to_string(in_features_) + "]");
+  // bitsandbytes' Linear4bit casts its bias to the input's dtype.
+  std::optional<at::Tensor> bias;
+  if (bias_.defined()) bias = bias_.to(x.scalar_type());
+  at::Tensor result = QLoraBaseMatmul::apply(x, bias, &base_);  // [..., out]
+  if (!has_adapter()) return result;
+
+  at::Tensor xa = x.to(lora_A_.scalar_type());  // peft casts the input to lora_A's dtype
+  const double p = config_.dropout;
+  if (training && p > 0.0) {
+    // The default generator would make a run depend on everything else that draws from it.
+    if (!dropout_gen.has_value() || !dropout_gen->defined())
+      throw std::invalid_argument(name_ + ": lora_dropout " + std::to_string(p) +
+                                  " in training needs a dropout generator (none was given)");
+    // at::dropout's CPU path: noise = bernoulli(1 - p) / (1 - p); x * noise.
+    at::Tensor noise = at::empty(xa.sizes(), xa.options());
+    {
+      at::NoGradGuard no_grad;
+      noise.bernoulli_(1.0 - p, dropout_gen);
+      noise.div_(1.0 - p);
+    }
+    xa = xa * noise;
+  }
+  const at::Tensor lora = at::linear(at::linear(xa, lora_A_), lora_B_) * config_.scale();
+  return result + lora.to(result.scalar_type());
+}
+
+at::Tensor QLoraLinear::merged_weight(at::ScalarType dtype) const {
+  at::NoGradGuard no_grad;
+  at::Tensor w = quant::dequantize_4bit(base_.packed, base_.state, at::kFloat);  // [out, in]
+  if (has_adapter()) w = w + at::matmul(lora_B_, lora_A_) * config_.scale();     // peft's order
+  return w.to(dtype);
+}
+
+// ------------------------------------------------------------------------------------------
+// Targets
+
+const std::vector<std::string>& block_linear_names() {
+  static const std::vector<std::string> names = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"};
+  return names;
+}
+
+std::vector<std::string> lora_target_parse(const std::string& spec) {
+  const auto& valid = block_linear_names();
+  auto fail = [&](const std::string& what) {
+    std::string list = "all";
+    for (const auto& n : valid) list += ", " + n;
+    throw std::invalid_argument(what + " (valid: " + list + ")");
+  };
+  auto trim = [](const std::string& s) {
+    const size_t b = s.find_first_not_of(" \t");
+    if (b == std::string::npos) return std::string();
+    return s.substr(b, s.find_last_not_of(" \t") - b + 1);
+  };
+  if (trim(spec) == "all") return valid;
+  std::vector<std::string> out;
+  size_t begin = 0;
+  while (true) {
+    const size_t comma = spec.find(',', begin);
+    const std::string item =
+        trim(spec.substr(begin, comma == std::string::npos ? std::string::npos : comma - begin));
+    if (item.empty()) fail("lora_target '" + spec + "' has an empty name");
+    if (item == "all") fail("lora_target '" + spec + "': 'all' cannot be combined with names");
+    if (std::find(valid.begin(), valid.end(), item) == valid.end())
+      fail("lora_target '" + item + "' is not a linear of the model");
+    if (std::find(out.begin(), out.end(), item) == out.end()) out.push_back(item);
+    if (comma == std::string::npos) break;
+    begin = comma + 1;
+  }
+  return out;
+}
+
+}  // namespace qlora::lora

@@ -1,0 +1,330 @@
+// PEFT LoRA adapter files: adapter_config.json with every key peft 0.21.2 writes for a LoRA
+// CAUSAL_LM adapter (json.dumps(indent=2, sort_keys=True), no trailing newline), and
+// adapter_model.safetensors with base_model.model.<layer>.lora_{A,B}.weight in fp32.
+#include "lora/peft_adapter.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+
+#include "io/safetensors.h"
+#include "quant/tensor_io.h"
+
+namespace qlora::lora {
+
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+constexpr const char* kConfigFile = "adapter_config.json";
+constexpr const char* kWeightsFile = "adapter_model.safetensors";
+constexpr const char* kPrefix = "base_model.model.";
+constexpr const char* kSuffixA = ".lora_A.weight";
+constexpr const char* kSuffixB = ".lora_B.weight";
+// The peft release whose adapter_config.json we mirror key for key (it records its version).
+constexpr const char* kPeftVersion = "0.21.2";
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << '[';
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << ']';
+  return out.str();
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string last_component(const std::string& name) {
+  const size_t dot = name.rfind('.');
+  return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// A LoRA alpha that is a whole number is written as a JSON integer, as peft writes its int.
+json alpha_json(double alpha) {
+  if (std::floor(alpha) == alpha && std::fabs(alpha) < 9.0e15) return static_cast<int64_t>(alpha);
+  return alpha;
+}
+
+json config_json(const PeftAdapter& adapter) {
+  std::vector<std::string> targets = adapter.target_modules;
+  std::sort(targets.begin(), targets.end());
+  targets.erase(std::unique(targets.begin(), targets.end()), targets.end());
+  const LoraConfig& c = adapter.config;
+  json j = json::object();  // std::map underneath: keys come out sorted, as sort_keys=True
+  j["alora_invocation_tokens"] = nullptr;
+  j["alpha_pattern"] = json::object();
+  j["arrow_config"] = nullptr;
+  j["auto_mapping"] = nullptr;
+  j["base_model_name_or_path"] = adapter.base_model_name_or_path.empty()
+                                     ? json(nullptr)
+                                     : json(adapter.base_model_name_or_path);
+  j["bias"] = "none";
+  j["corda_config"] = nullptr;
+  j["ensure_weight_tying"] = false;
+  j["eva_config"] = nullptr;
+  j["exclude_modules"] = nullptr;
+  j["fan_in_fan_out"] = false;
+  j["inference_mode"] = true;  // save_pretrained always writes true
+  j["init_lora_weights"] = true;
+  j["kasa_config"] = nullptr;
+  j["layer_replication"] = nullptr;
+  j["layers_pattern"] = nullptr;
+  j["layers_to_transform"] = nullptr;
+  j["loftq_config"] = json::object();
+  j["lora_alpha"] = alpha_json(c.alpha);
+  j["lora_bias"] = false;
+  j["lora_dropout"] = c.dropout;
+  j["lora_ga_config"] = nullptr;
+  j["megatron_config"] = nullptr;
+  j["megatron_core"] = "megatron.core";
+  j["modules_to_save"] = nullptr;
+  j["monteclora_config"] = nullptr;
+  j["peft_type"] = "LORA";
+  j["peft_version"] = kPeftVersion;
+  j["qalora_group_size"] = 16;
+  j["r"] = c.rank;
+  j["rank_pattern"] = json::object();
+  j["revision"] = nullptr;
+  j["target_modules"] = targets;
+  j["target_parameters"] = nullptr;
+  j["task_type"] = "CAUSAL_LM";
+  j["trainable_token_indices"] = nullptr;
+  j["use_bdlora"] = nullptr;
+  j["use_dora"] = false;
+  j["use_qalora"] = false;
+  j["use_rslora"] = c.use_rslora;
+  j["velora_config"] = nullptr;
+  return j;
+}
+
+// The rank checks shared by write and read: A [r, in], B [out, r], both float.
+void weights_check(const std::string& where, const std::string& layer, const at::Tensor& a,
+                   const at::Tensor& b, int64_t rank) {
+  const std::string key_a = kPrefix + layer + kSuffixA, key_b = kPrefix + layer + kSuffixB;
+  if (!a.defined()) throw std::invalid_argument(where + ": " + key_a + " is missing");
+  if (!b.defined()) throw std::invalid_argument(where + ": " + key_b + " is missing");
+  if (!is_float_dtype(a.scalar_type()) || !is_float_dtype(b.scalar_type()))
+    throw std::invalid_argument(
+        where + ": " + key_a + " / " + key_b + " are " + c10::toString(a.scalar_type()) + " / " +
+        c10::toString(b.scalar_type()) + ", expected float32, bf16 or fp16");
+  if (a.dim() != 2 || a.size(0) != rank)
+    throw std::invalid_argument(where + ": " + key_a + " has shape " + shape_str(a.sizes()) +
+                                ", expected [r = " + std::to_string(rank) + ", in_features]");
+  if (b.dim() != 2 || b.size(1) != rank)
+    throw std::invalid_argument(where + ": " + key_b + " has shape " + shape_str(b.sizes()) +
+                                ", expected [out_features, r = " + std::to_string(rank) + "]");
+}
+
+// Writes `text` or a safetensors file to `path` through a temporary sibling and a rename.
+std::string temp_path(const std::string& dir, const std::string& file) {
+  return dir + "/." + file + ".tmp." + std::to_string(::getpid());
+}
+
+void rename_into_place(const std::string& from, const std::string& to) {
+  std::error_code ec;
+  fs::rename(from, to, ec);
+  if (ec) {
+    fs::remove(from, ec);
+    throw std::runtime_error("cannot rename " + from + " to " + to + ": " + ec.message());
+  }
+}
+
+json json_file_read(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec))
+    throw std::invalid_argument(path + ": not found (a peft adapter directory holds " +
+                                kConfigFile + " and " + kWeightsFile + ")");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::invalid_argument(path + ": cannot be read");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  try {
+    return json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw std::invalid_argument(path + ": not valid JSON (" + e.what() + ")");
+  }
+}
+
+// Typed look-ups of adapter_config.json keys; absent or null keys take peft's default.
+struct ConfigReader {
+  const json& j;
+  const std::string& path;
+
+  bool has(const char* key) const { return j.contains(key) && !j.at(key).is_null(); }
+  [[noreturn]] void fail(const char* key, const std::string& what) const {
+    throw std::invalid_argument(path + ": key '" + key + "' " + what);
+  }
+  std::string string_or(const char* key, const std::string& fallback) const {
+    if (!has(key)) return fallback;
+    if (!j.at(key).is_string()) fail(key, "is " + j.at(key).dump() + ", expected a string");
+    return j.at(key).get<std::string>();
+  }
+  double number_or(const char* key, double fallback) const {
+    if (!has(key)) return fallback;
+    if (!j.at(key).is_number()) fail(key, "is " + j.at(key).dump() + ", expected a number");
+    return j.at(key).get<double>();
+  }
+  bool bool_or(const char* key, bool fallback) const {
+    if (!has(key)) return fallback;
+    if (!j.at(key).is_boolean()) fail(key, "is " + j.at(key).dump() + ", expected true or false");
+    return j.at(key).get<bool>();
+  }
+  int64_t int_or(const char* key, int64_t fallback) const {
+    if (!has(key)) return fallback;
+    if (!j.at(key).is_number_integer())
+      fail(key, "is " + j.at(key).dump() + ", expected an integer");
+    return j.at(key).get<int64_t>();
+  }
+  // Features that change the math and that we do not implement: reject rather than ignore.
+  void require_false(const char* key, const std::string& why) const {
+    if (has(key) && !(j.at(key).is_boolean() && !j.at(key).get<bool>()))
+      fail(key, "is " + j.at(key).dump() + ": " + why);
+  }
+  void require_empty(const char* key, const std::string& why) const {
+    if (has(key) && !(j.at(key).is_object() && j.at(key).empty()))
+      fail(key, "is " + j.at(key).dump() + ": " + why);
+  }
+};
+
+}  // namespace
+
+void peft_adapter_write(const std::string& dir, const PeftAdapter& adapter) {
+  const std::string where = dir + "/" + kWeightsFile;
+  adapter.config.validate(dir + "/" + kConfigFile);
+  if (adapter.weights.empty())
+    throw std::invalid_argument(where + ": the adapter has no LoRA weights");
+  const std::set<std::string> targets(adapter.target_modules.begin(), adapter.target_modules.end());
+  io::SafetensorsWriter writer;
+  writer.set_metadata("format", "pt");  // what peft's save_pretrained writes
+  for (const auto& [layer, ab] : adapter.weights) {
+    const auto& [a, b] = ab;
+    weights_check(where, layer, a, b, adapter.config.rank);
+    if (targets.count(last_component(layer)) == 0)
+      throw std::invalid_argument(where + ": layer " + layer + " is not in target_modules, so " +
+                                  "peft would not load its weights");
+    quant::writer_add(writer, kPrefix + layer + kSuffixA, a.detach().to(at::kCPU, at::kFloat));
+    quant::writer_add(writer, kPrefix + layer + kSuffixB, b.detach().to(at::kCPU, at::kFloat));
+  }
+
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw std::runtime_error("cannot create adapter directory " + dir + ": " + ec.message());
+  const std::string config_tmp = temp_path(dir, kConfigFile);
+  const std::string weights_tmp = temp_path(dir, kWeightsFile);
+  try {
+    {
+      std::ofstream out(config_tmp, std::ios::binary | std::ios::trunc);
+      out << config_json(adapter).dump(2, ' ', /*ensure_ascii=*/true);  // json.dumps escapes too
+      out.close();
+      if (!out) throw std::runtime_error("cannot write " + config_tmp);
+    }
+    writer.write(weights_tmp);
+    // Weights first: a directory with a config always has the weights that go with it.
+    rename_into_place(weights_tmp, dir + "/" + kWeightsFile);
+    rename_into_place(config_tmp, dir + "/" + kConfigFile);
+  } catch (...) {
+    fs::remove(config_tmp, ec);
+    fs::remove(weights_tmp, ec);
+    throw;
+  }
+}
+
+PeftAdapter peft_adapter_read(const std::string& dir) {
+  const std::string config_path = dir + "/" + kConfigFile;
+  const std::string weights_path = dir + "/" + kWeightsFile;
+  const json j = json_file_read(config_path);
+  if (!j.is_object())
+    throw std::invalid_argument(config_path + ": top level is " + j.dump() +
+                                ", expected an object");
+  const ConfigReader cfg{j, config_path};
+
+  if (!j.contains("peft_type")) cfg.fail("peft_type", "is missing (expected \"LORA\")");
+  const std::string peft_type = cfg.string_or("peft_type", "");
+  if (peft_type != "LORA")
+    cfg.fail("peft_type", "is \"" + peft_type + "\", expected \"LORA\" (only LoRA adapters)");
+  const std::string bias = cfg.string_or("bias", "none");
+  if (bias != "none")
+    cfg.fail("bias", "is \"" + bias + "\", expected \"none\" (trained biases are not supported)");
+  cfg.require_false("use_dora", "DoRA adapters are not supported");
+  cfg.require_false("lora_bias", "LoRA biases are not supported");
+  cfg.require_false("fan_in_fan_out", "transposed (Conv1D) weights are not supported");
+  cfg.require_empty("rank_pattern", "per-layer ranks are not supported");
+  cfg.require_empty("alpha_pattern", "per-layer alphas are not supported");
+
+  PeftAdapter adapter;
+  // Defaults are peft's LoraConfig defaults.
+  adapter.config.rank = cfg.int_or("r", 8);
+  adapter.config.alpha = cfg.number_or("lora_alpha", 8.0);
+  adapter.config.dropout = cfg.number_or("lora_dropout", 0.0);
+  adapter.config.use_rslora = cfg.bool_or("use_rslora", false);
+  adapter.config.validate(config_path);
+  adapter.base_model_name_or_path = cfg.string_or("base_model_name_or_path", "");
+
+  // target_modules: a list of names (peft matches a module whose name is the entry or ends with
+  // "." + entry) or one regex string; the list is kept as short names.
+  std::optional<std::set<std::string>> targets;
+  if (cfg.has("target_modules")) {
+    const json& t = j.at("target_modules");
+    if (t.is_array()) {
+      targets.emplace();
+      for (const json& e : t) {
+        if (!e.is_string()) cfg.fail("target_modules", "holds " + e.dump() + ", expected strings");
+        targets->insert(last_component(e.get<std::string>()));
+      }
+    } else if (!t.is_string()) {
+      cfg.fail("target_modules", "is " + t.dump() + ", expected a list of names or a string");
+    }
+  }
+
+  const auto file = io::SafetensorsFile::open(weights_path);  // validates the header
+  std::map<std::string, std::pair<at::Tensor, at::Tensor>> weights;
+  for (const io::TensorInfo& info : file->tensors()) {
+    const std::string& key = info.name;
+    const bool is_a = ends_with(key, kSuffixA), is_b = ends_with(key, kSuffixB);
+    const size_t prefix_len = std::string(kPrefix).size(),
+                 suffix_len = std::string(kSuffixA).size();
+    if (key.rfind(kPrefix, 0) != 0 || (!is_a && !is_b) || key.size() <= prefix_len + suffix_len)
+      throw std::invalid_argument(weights_path + ": tensor '" + key + "' is not a LoRA weight " +
+                                  "(expected base_model.model.<layer>.lora_A.weight or " +
+                                  ".lora_B.weight)");
+    if (info.dtype != io::DType::F32 && info.dtype != io::DType::BF16 &&
+        info.dtype != io::DType::F16)
+      throw std::invalid_argument(weights_path + ": tensor '" + key + "' is " +
+                                  io::dtype_name(info.dtype) + ", expected F32, BF16 or F16");
+    const std::string layer = key.substr(prefix_len, key.size() - prefix_len - suffix_len);
+    at::Tensor t = quant::tensor_from_safetensors(info, file->data(info)).to(at::kFloat);
+    (is_a ? weights[layer].first : weights[layer].second) = t;
+  }
+  if (weights.empty()) throw std::invalid_argument(weights_path + ": holds no LoRA weights");
+  std::set<std::string> present;
+  for (const auto& [layer, ab] : weights) {
+    weights_check(weights_path, layer, ab.first, ab.second, adapter.config.rank);
+    if (targets && targets->count(last_component(layer)) == 0)
+      throw std::invalid_argument(weights_path + ": layer " + layer + " is not in " + config_path +
+                                  " key 'target_modules'");
+    present.insert(last_component(layer));
+  }
+  adapter.weights = std::move(weights);
+  const std::set<std::string>& names = targets ? *targets : present;
+  adapter.target_modules.assign(names.begin(), names.end());
+  return adapter;
+}
+
+}  // namespace qlora::lora

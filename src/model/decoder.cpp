@@ -1,0 +1,406 @@
+// The decoder: weight loading (quantize on load, or bitsandbytes 4-bit as it is), the forward of
+// LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM op for op as transformers runs it, and
+// the LoRA adapters of the block linears. The loss is in loss.cpp.
+//   rmsnorm(x) = w * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)
+//   rope:      inv_freq = 1 / theta^(arange(0, d, 2) / d)  (fp32),  f = pos * inv_freq,
+//              q' = q * cos([f, f]) + rotate_half(q) * sin([f, f])
+//   attention: softmax(q k^T / sqrt(d) + causal (sliding-window) mask) v, k/v heads repeated
+#include "model/decoder.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <stdexcept>
+#include <utility>
+
+#include "io/hf_config.h"
+#include "io/safetensors.h"
+#include "quant/bnb_checkpoint.h"
+#include "quant/tensor_io.h"
+
+namespace qlora::model {
+namespace {
+
+// "q_proj" -> "self_attn.q_proj", "gate_proj" -> "mlp.gate_proj".
+std::string linear_module(const std::string& short_name) {
+  const bool attn = short_name == "q_proj" || short_name == "k_proj" || short_name == "v_proj" ||
+                    short_name == "o_proj";
+  return (attn ? "self_attn." : "mlp.") + short_name;
+}
+
+std::string layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
+
+std::string linear_names_list() {
+  std::string s;
+  for (const std::string& n : lora::block_linear_names()) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
+// transformers' LlamaRMSNorm. With upcast_layernorm the weight is fp32 and the product stays in
+// fp32 until the cast back to the input's dtype.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::ScalarType input_dtype = x.scalar_type();
+  at::Tensor h = x.to(at::kFloat);
+  const at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * at::rsqrt(variance + eps);
+  if (weight.scalar_type() != input_dtype) return (weight * h).to(input_dtype);
+  return weight * h.to(input_dtype);
+}
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, x.size(-1) - half), x.narrow(-1, 0, half)}, -1);
+}
+
+// [B, kv_heads, T, D] -> [B, kv_heads * n_rep, T, D], each kv head n_rep times in a row.
+at::Tensor repeat_kv(const at::Tensor& x, int64_t n_rep) {
+  if (n_rep == 1) return x;
+  const int64_t b = x.size(0), kv = x.size(1), t = x.size(2), d = x.size(3);
+  return x.unsqueeze(2).expand({b, kv, n_rep, t, d}).reshape({b, kv * n_rep, t, d});
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// RoPE
+
+at::Tensor rope_inv_freq(const ModelConfig& c) {
+  const int64_t dim = c.head_dim;
+  // transformers: 1.0 / (base ** (arange(0, dim, 2, int64).float() / dim)); Python evaluates
+  // `base ** t` as pow(base, t) and `1.0 / t` as t.reciprocal() * 1.0, all in fp32.
+  const at::Tensor exponent = at::arange(0, dim, 2, at::kLong).to(at::kFloat) / dim;
+  const at::Tensor inv_freq = at::reciprocal(at::pow(c.rope_theta, exponent)) * 1.0;  // [dim/2]
+  const RopeScaling& r = c.rope_scaling;
+  if (r.rope_type == "default") return inv_freq;
+  if (r.rope_type == "linear") return inv_freq / r.factor;
+  if (r.rope_type == "llama3") {
+    // _compute_llama3_parameters, expression by expression.
+    const double old_context_len = static_cast<double>(r.original_max_position_embeddings);
+    const double low_freq_wavelen = old_context_len / r.low_freq_factor;
+    const double high_freq_wavelen = old_context_len / r.high_freq_factor;
+    const at::Tensor wavelen = at::reciprocal(inv_freq) * (2 * M_PI);
+    at::Tensor inv_freq_llama =
+        at::where(wavelen > low_freq_wavelen, inv_freq / r.factor, inv_freq);
+    const at::Tensor smooth_factor =
+        (at::reciprocal(wavelen) * r.original_max_position_embeddings - r.low_freq_factor) /
+        (r.high_freq_factor - r.low_freq_factor);
+    const at::Tensor smoothed_inv_freq =
+        at::rsub(smooth_factor, 1) * inv_freq_llama / r.factor + smooth_factor * inv_freq_llama;
+    const at::Tensor is_medium_freq = at::logical_and(at::logical_not(wavelen < high_freq_wavelen),
+                                                      at::logical_not(wavelen > low_freq_wavelen));
+    return at::where(is_medium_freq, smoothed_inv_freq, inv_freq_llama);
+  }
+  throw std::invalid_argument("rope_type '" + r.rope_type +
+                              "' is not supported (supported: default, linear, llama3)");
+}
+
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, int64_t seq_len,
+                                               at::ScalarType dtype) {
+  // LlamaRotaryEmbedding.forward with position_ids [1, T] = 0..T-1, in fp32.
+  const at::Tensor position_ids =
+      at::arange(seq_len, at::TensorOptions().dtype(at::kLong).device(inv_freq.device()))
+          .unsqueeze(0);  // [1, T]
+  const at::Tensor freqs = position_ids.unsqueeze(-1).to(at::kFloat) * inv_freq.to(at::kFloat);
+  const at::Tensor emb = at::cat({freqs, freqs}, -1);  // [1, T, D]
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+// ------------------------------------------------------------------------------------------
+// DecoderBlock
+
+const lora::QLoraLinear& DecoderBlock::linear(const std::string& short_name) const {
+  const auto& names = lora::block_linear_names();
+  for (size_t i = 0; i < names.size() && i < linears.size(); ++i)
+    if (names[i] == short_name) return linears[i];
+  throw std::invalid_argument("unknown block linear '" + short_name + "' (expected one of " +
+                              linear_names_list() + ")");
+}
+
+lora::QLoraLinear& DecoderBlock::linear(const std::string& short_name) {
+  return const_cast<lora::QLoraLinear&>(std::as_const(*this).linear(short_name));
+}
+
+// ------------------------------------------------------------------------------------------
+// Loading
+
+DecoderModel DecoderModel::load(const std::string& dir, const LoadOptions& options) {
+  const io::HfConfig hf = io::read_hf_config((std::filesystem::path(dir) / "config.json").string());
+  DecoderModel m;
+  m.config_ = model_config_from_json(hf.raw, hf.path);
+  const ModelConfig& c = m.config_;
+  const at::ScalarType compute = options.compute_dtype;
+  if (compute != at::kFloat && compute != at::kBFloat16 && compute != at::kHalf)
+    throw std::invalid_argument(std::string("compute dtype ") + c10::toString(compute) +
+                                " is not supported (expected float32, bfloat16 or float16)");
+  if (c.head_dim % 2 != 0)
+    throw std::invalid_argument(hf.path + ": head_dim " + std::to_string(c.head_dim) +
+                                " is odd; rotary embeddings need an even head_dim");
+  bool prequantized = false;
+  if (hf.quantization.method == io::QuantMethod::bnb_4bit) {
+    prequantized = true;
+  } else if (hf.quantization.method != io::QuantMethod::none) {
+    throw std::invalid_argument(
+        hf.path + ": quantization method '" + io::quant_method_name(hf.quantization.method) +
+        "' (quant_method '" + hf.quantization.quant_method +
+        "') cannot be loaded; supported: an unquantized (fp32/bf16/fp16) model or a bitsandbytes "
+        "4-bit one");
+  }
+  m.compute_dtype_ = compute;
+  m.upcast_layernorm_ = options.upcast_layernorm;
+
+  const io::ModelWeights weights = io::ModelWeights::open_dir(dir);
+  const auto contains = [&](const std::string& name) { return weights.contains(name); };
+  // A block linear of a bitsandbytes checkpoint: the key of its quant_state ("" when the
+  // checkpoint keeps this one unquantized, as llm_int8_skip_modules does).
+  const auto state_key = [&](const std::string& name) {
+    return prequantized && is_block_linear_weight(name) ? quant::bnb_quant_state_key(name, contains)
+                                                        : std::string();
+  };
+
+  // Every tensor and its shape first, before any heavy work.
+  for (const auto& [name, shape] : expected_weight_shapes(c)) {
+    std::vector<int64_t> have;
+    const std::string key = state_key(name);
+    if (!key.empty()) {
+      const at::Tensor bytes = quant::tensor_from_weights(weights, key).contiguous();
+      if (bytes.scalar_type() != at::kByte)
+        throw std::invalid_argument(dir + ": tensor '" + key + "' must be uint8 JSON bytes");
+      const std::string json(reinterpret_cast<const char*>(bytes.data_ptr()),
+                             static_cast<size_t>(bytes.numel()));
+      have = quant::quant_state_from_json(json, dir + ": " + key).shape;
+    } else {
+      if (!weights.contains(name))
+        throw std::invalid_argument(
+            dir + ": tensor '" + name + "' is missing (config.json implies " + shape_str(shape) +
+            "; the config has " + std::to_string(c.num_hidden_layers) + " layers)");
+      const io::TensorInfo& info = weights.info(name);
+      const bool linear = is_block_linear_weight(name);
+      const io::DType dt = info.dtype;
+      const bool ok = dt == io::DType::F32 || dt == io::DType::BF16 || dt == io::DType::F16 ||
+                      (!linear && dt == io::DType::F64);
+      if (!ok)
+        throw std::invalid_argument(dir + ": tensor '" + name + "' has dtype " +
+                                    io::dtype_name(dt) +
+                                    (linear ? " (expected F32, BF16 or F16 to quantize)"
+                                            : " (expected F32, BF16, F16 or F64)"));
+      have = info.shape;
+    }
+    if (have != shape)
+      throw std::invalid_argument(dir + ": tensor '" + name + "' has shape " + shape_str(have) +
+                                  ", config.json implies " + shape_str(shape));
+  }
+
+  const auto load_float = [&](const std::string& name, at::ScalarType dtype) {
+    return quant::tensor_from_weights(weights, name).to(dtype).contiguous();
+  };
+  const auto lookup = [&](const std::string& name) -> std::optional<at::Tensor> {
+    if (!weights.contains(name)) return std::nullopt;
+    return quant::tensor_from_weights(weights, name);
+  };
+  const at::ScalarType norm_dtype = options.upcast_layernorm ? at::kFloat : compute;
+
+  m.embed_tokens_ = load_float("model.embed_tokens.weight", compute);  // [V, H]
+  m.lm_head_ = c.tie_word_embeddings ? m.embed_tokens_ : load_float("lm_head.weight", compute);
+  m.norm_ = load_float("model.norm.weight", norm_dtype);
+  m.blocks_.resize(static_cast<size_t>(c.num_hidden_layers));
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    DecoderBlock& b = m.blocks_[static_cast<size_t>(i)];
+    const std::string p = layer_prefix(i);
+    b.input_layernorm = load_float(p + "input_layernorm.weight", norm_dtype);
+    b.post_attention_layernorm = load_float(p + "post_attention_layernorm.weight", norm_dtype);
+    for (const std::string& short_name : lora::block_linear_names()) {
+      const std::string name = p + linear_module(short_name);  // model.layers.i.self_attn.q_proj
+      const std::string weight_name = name + ".weight";
+      quant::Quantized q;
+      if (!state_key(weight_name).empty()) {
+        try {
+          q = quant::bnb_read_quantized(weight_name, lookup);
+        } catch (const std::invalid_argument& e) {
+          throw std::invalid_argument(dir + ": " + e.what());
+        }
+      } else {
+        q = quant::quantize_4bit(quant::tensor_from_weights(weights, weight_name), options.quant);
+      }
+      at::Tensor bias;
+      if (c.linear_has_bias(short_name)) bias = load_float(name + ".bias", compute);
+      b.linears.emplace_back(name, std::move(q), std::move(bias));
+    }
+  }
+  m.rope_inv_freq_ = rope_inv_freq(c);
+  return m;
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+
+at::Tensor DecoderModel::embed(const at::Tensor& tokens) const {
+  if (tokens.dim() != 2 || !at::isIntegralType(tokens.scalar_type(), /*includeBool=*/false))
+    throw std::invalid_argument("embed: tokens must be an integer tensor [batch, seq], not " +
+                                shape_str(tokens.sizes().vec()) + " " +
+                                c10::toString(tokens.scalar_type()));
+  const at::Tensor ids = tokens.to(at::kLong);
+  if (ids.numel() > 0) {
+    const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+    if (lo < 0 || hi >= config_.vocab_size)
+      throw std::invalid_argument("token id " + std::to_string(lo < 0 ? lo : hi) +
+                                  " is out of range [0, " + std::to_string(config_.vocab_size) +
+                                  ") of the model's vocabulary");
+  }
+  return at::embedding(embed_tokens_, ids);  // [B, T, H]
+}
+
+at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool training,
+                                       std::optional<at::Generator> dropout_gen) const {
+  const ModelConfig& c = config_;
+  if (i < 0 || i >= num_blocks())
+    throw std::invalid_argument("block " + std::to_string(i) + " does not exist (the model has " +
+                                std::to_string(num_blocks()) + ")");
+  if (x.dim() != 3 || x.size(2) != c.hidden_size)
+    throw std::invalid_argument("block_forward: x must be [batch, seq, " +
+                                std::to_string(c.hidden_size) + "], not " +
+                                shape_str(x.sizes().vec()));
+  const DecoderBlock& b = blocks_[static_cast<size_t>(i)];
+  const int64_t batch = x.size(0), seq = x.size(1), d = c.head_dim;
+  const int64_t n_rep = c.num_attention_heads / c.num_key_value_heads;
+
+  // Attention.
+  const at::Tensor h = rms_norm(x, b.input_layernorm, c.rms_norm_eps);  // [B, T, H]
+  const auto proj = [&](const char* name) {  // [B, T, n * D] -> [B, n, T, D]
+    return b.linear(name)
+        .forward(h, training, dropout_gen)
+        .view({batch, seq, -1, d})
+        .transpose(1, 2);
+  };
+  at::Tensor q = proj("q_proj"), k = proj("k_proj"), v = proj("v_proj");
+  auto [cos, sin] = rope_cos_sin(rope_inv_freq_.to(x.device()), seq, x.scalar_type());
+  cos = cos.unsqueeze(1);  // [1, 1, T, D]
+  sin = sin.unsqueeze(1);
+  q = q * cos + rotate_half(q) * sin;
+  k = k * cos + rotate_half(k) * sin;
+  const double scaling = std::pow(static_cast<double>(d), -0.5);  // Python's head_dim**-0.5
+  const int64_t window = c.attention_window(i);
+  at::Tensor attn;  // [B, heads, T, D]
+  if (window > 0 && seq > window) {
+    // Sliding window: query t sees keys t - window < j <= t (transformers'
+    // sliding_window_overlay on the causal mask).
+    const at::Tensor pos = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(x.device()));
+    const at::Tensor qi = pos.unsqueeze(1), kj = pos.unsqueeze(0);
+    const at::Tensor mask = at::logical_and(kj <= qi, kj > qi - window);  // [T, T] bool
+    attn = at::scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, 0.0,
+                                            /*is_causal=*/false, scaling);
+  } else {
+    attn = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/seq > 1,
+                                            scaling, /*enable_gqa=*/n_rep > 1);
+  }
+  attn = attn.transpose(1, 2).reshape({batch, seq, -1});  // [B, T, heads * D]
+  const at::Tensor hidden = x + b.linear("o_proj").forward(attn, training, dropout_gen);
+
+  // MLP.
+  const at::Tensor h2 = rms_norm(hidden, b.post_attention_layernorm, c.rms_norm_eps);
+  const at::Tensor gate = b.linear("gate_proj").forward(h2, training, dropout_gen);
+  const at::Tensor up = b.linear("up_proj").forward(h2, training, dropout_gen);
+  return hidden + b.linear("down_proj").forward(at::silu(gate) * up, training, dropout_gen);
+}
+
+at::Tensor DecoderModel::final_norm(const at::Tensor& x) const {
+  return rms_norm(x, norm_, config_.rms_norm_eps);
+}
+
+at::Tensor DecoderModel::logits(const at::Tensor& normed) const {
+  return at::linear(normed, lm_head_);  // [B, T, V]
+}
+
+at::Tensor DecoderModel::forward_logits(const at::Tensor& tokens) const {
+  at::Tensor x = embed(tokens);
+  for (int64_t i = 0; i < num_blocks(); ++i) x = block_forward(i, x);
+  return logits(final_norm(x));
+}
+
+// ------------------------------------------------------------------------------------------
+// Adapters
+
+void DecoderModel::adapters_init(const lora::LoraConfig& config,
+                                 const std::vector<std::string>& targets, uint64_t seed) {
+  const auto& names = lora::block_linear_names();
+  for (const std::string& t : targets)
+    if (std::find(names.begin(), names.end(), t) == names.end())
+      throw std::invalid_argument("LoRA target '" + t + "' is not a linear of the model (valid: " +
+                                  linear_names_list() + ")");
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  for (DecoderBlock& b : blocks_)
+    for (const std::string& name : names)  // block order, then linear order
+      if (std::find(targets.begin(), targets.end(), name) != targets.end())
+        b.linear(name).adapter_init(config, gen);
+}
+
+void DecoderModel::adapters_load(const lora::PeftAdapter& adapter) {
+  std::map<std::string, lora::QLoraLinear*> by_name;
+  for (DecoderBlock& b : blocks_)
+    for (lora::QLoraLinear& l : b.linears) by_name[l.name()] = &l;
+  // Everything is checked before any layer changes.
+  const int64_t r = adapter.config.rank;
+  for (const auto& [name, ab] : adapter.weights) {
+    const auto it = by_name.find(name);
+    if (it == by_name.end())
+      throw std::invalid_argument("adapter layer '" + name + "' does not exist in the model (" +
+                                  std::to_string(num_blocks()) + " layers model.layers.{0.." +
+                                  std::to_string(num_blocks() - 1) + "}.self_attn/mlp.{" +
+                                  linear_names_list() + "})");
+    const lora::QLoraLinear& l = *it->second;
+    const std::vector<int64_t> want_a = {r, l.in_features()}, want_b = {l.out_features(), r};
+    const auto sizes = [](const at::Tensor& t) {
+      return t.defined() ? t.sizes().vec() : std::vector<int64_t>{};
+    };
+    if (sizes(ab.first) != want_a || sizes(ab.second) != want_b)
+      throw std::invalid_argument(
+          "adapter layer '" + name + "': lora_A " + shape_str(sizes(ab.first)) + " and lora_B " +
+          shape_str(sizes(ab.second)) + " do not fit; rank " + std::to_string(r) +
+          " on this layer needs lora_A " + shape_str(want_a) + " and lora_B " + shape_str(want_b));
+  }
+  for (const auto& [name, ab] : adapter.weights)
+    by_name.at(name)->adapter_set(adapter.config, ab.first, ab.second);
+}
+
+lora::PeftAdapter DecoderModel::adapters_export(const std::string& base_model_name_or_path) const {
+  lora::PeftAdapter out;
+  out.base_model_name_or_path = base_model_name_or_path;
+  const auto& names = lora::block_linear_names();
+  std::vector<bool> targeted(names.size(), false);
+  bool first = true;
+  for (const DecoderBlock& b : blocks_) {
+    for (size_t j = 0; j < b.linears.size(); ++j) {
+      const lora::QLoraLinear& l = b.linears[j];
+      if (!l.has_adapter()) continue;
+      if (first) out.config = l.adapter_config();
+      first = false;
+      targeted[j] = true;
+      auto& mutable_l = const_cast<lora::QLoraLinear&>(l);  // lora_A() has no const overload
+      out.weights[l.name()] = {mutable_l.lora_A().detach().clone(),
+                               mutable_l.lora_B().detach().clone()};
+    }
+  }
+  if (first)
+    throw std::logic_error(
+        "adapters_export: the model has no LoRA adapters "
+        "(adapters_init or adapters_load first)");
+  for (size_t j = 0; j < names.size(); ++j)
+    if (targeted[j]) out.target_modules.push_back(names[j]);
+  return out;
+}
+
+std::vector<at::Tensor> DecoderModel::adapter_parameters() {
+  std::vector<at::Tensor> params;
+  for (DecoderBlock& b : blocks_)
+    for (lora::QLoraLinear& l : b.linears)
+      if (l.has_adapter()) {
+        params.push_back(l.lora_A());
+        params.push_back(l.lora_B());
+      }
+  return params;
+}
+
+}  // namespace qlora::model

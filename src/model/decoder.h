@@ -1,0 +1,106 @@
+// Decoder-only LLaMA-family model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) on
+// libtorch, with every block linear a QLoraLinear over a frozen 4-bit weight:
+//   x0 = embed(tokens);  x_{i+1} = block_i(x_i);  logits = lm_head(norm(x_L))
+//   block(x) = h + mlp(rmsnorm(h)),  h = x + o_proj(attn(rmsnorm(x)))
+//   attn: q/k/v projections (bias on Qwen2), RoPE (rope_theta; rope_scaling type llama3),
+//         grouped-query attention through scaled_dot_product_attention, causal
+//   mlp(x) = down_proj(silu(gate_proj(x)) * up_proj(x))
+// Embedding, norms and lm_head stay in the compute dtype (norms in fp32 with upcast_layernorm).
+// The model knows nothing of ranks: the trainer drives it block by block.
+#pragma once
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lora/lora_linear.h"
+#include "lora/peft_adapter.h"
+#include "model/model_config.h"
+#include "quant/quantize.h"
+
+namespace qlora::model {
+
+struct LoadOptions {
+  at::ScalarType compute_dtype = at::kFloat;  // fp32 on the CPU by default; bf16 on CUDA
+  // For a checkpoint that is not pre-quantized: quantize block linears on load with these.
+  // A pre-quantized bitsandbytes 4-bit checkpoint is loaded as it is.
+  quant::QuantizeOptions quant;
+  bool upcast_layernorm = false;  // keep RMSNorm weights (and their math) in fp32
+};
+
+struct DecoderBlock {
+  at::Tensor input_layernorm;                                // [hidden]
+  at::Tensor post_attention_layernorm;                       // [hidden]
+  std::vector<lora::QLoraLinear> linears;                    // in lora::block_linear_names() order
+  lora::QLoraLinear& linear(const std::string& short_name);  // "q_proj", ...
+  const lora::QLoraLinear& linear(const std::string& short_name) const;
+};
+
+// RoPE as transformers computes it (fp32): inv_freq [head_dim / 2] from rope_theta and
+// rope_scaling (default, linear, llama3), and cos / sin [1, T, head_dim] of positions 0..T-1 in
+// `dtype`. Exposed for tests.
+at::Tensor rope_inv_freq(const ModelConfig& config);
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, int64_t seq_len,
+                                               at::ScalarType dtype);
+
+struct LossResult {
+  at::Tensor loss;          // scalar: sum of token losses / num_targets (autograd to hidden)
+  int64_t num_targets = 0;  // labels != -100 after the shift
+};
+
+class DecoderModel {
+ public:
+  // Reads config.json and the weights; throws std::invalid_argument naming the tensor and both
+  // shapes on a missing tensor, a wrong shape or a dtype that cannot be used.
+  static DecoderModel load(const std::string& dir, const LoadOptions& options);
+
+  const ModelConfig& config() const { return config_; }
+  at::ScalarType compute_dtype() const { return compute_dtype_; }
+  int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
+  DecoderBlock& block(int64_t i) { return blocks_.at(static_cast<size_t>(i)); }
+
+  at::Tensor embed(const at::Tensor& tokens) const;  // [B, T] int64 -> [B, T, H]
+  // [B, T, H] -> [B, T, H]; positions 0..T-1. Dropout of LoRA inputs only when training.
+  // Causal attention; a layer with a sliding window (Mistral, Qwen2 use_sliding_window) shorter
+  // than T gets the windowed causal mask, as transformers applies it.
+  at::Tensor block_forward(int64_t i, const at::Tensor& x, bool training = false,
+                           std::optional<at::Generator> dropout_gen = std::nullopt) const;
+  at::Tensor final_norm(const at::Tensor& x) const;           // [B, T, H]
+  at::Tensor logits(const at::Tensor& normed) const;          // [B, T, V] (for tests and eval)
+  at::Tensor forward_logits(const at::Tensor& tokens) const;  // all of the above
+
+  // Causal-LM cross-entropy of normed hidden states [B, T, H] against labels [B, T] (shifted
+  // by one inside, -100 ignored), divided by `normalizer` (the number of target tokens when
+  // <= 0; a batch without targets then has loss 0). Computed chunk_tokens rows at a time through
+  // a custom autograd function: neither forward nor backward ever holds more than
+  // [chunk_tokens, V] logits. Labels outside [0, V) other than -100 are std::invalid_argument.
+  LossResult loss(const at::Tensor& normed, const at::Tensor& labels, int64_t chunk_tokens = 1024,
+                  double normalizer = 0.0) const;
+
+  // LoRA on the named linears of every block (peft's init; `seed` drives A's init).
+  void adapters_init(const lora::LoraConfig& config, const std::vector<std::string>& targets,
+                     uint64_t seed);
+  // From / to peft's files. Loading checks that every adapter layer exists and fits (throws
+  // std::invalid_argument naming the layer, before changing any layer). Exporting a model
+  // without adapters is std::logic_error.
+  void adapters_load(const lora::PeftAdapter& adapter);
+  lora::PeftAdapter adapters_export(const std::string& base_model_name_or_path) const;
+  std::vector<at::Tensor> adapter_parameters();  // A, B of every adapted linear, block order
+
+ private:
+  ModelConfig config_;
+  at::ScalarType compute_dtype_ = at::kFloat;
+  bool upcast_layernorm_ = false;
+  at::Tensor embed_tokens_;  // [V, H]
+  at::Tensor norm_;          // [H]
+  at::Tensor lm_head_;       // [V, H] (the embedding when tied)
+  std::vector<DecoderBlock> blocks_;
+  at::Tensor rope_inv_freq_;  // [head_dim / 2] fp32
+};
+
+}  // namespace qlora::model

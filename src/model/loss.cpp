@@ -1,0 +1,112 @@
+// Causal-LM cross-entropy in row chunks through lm_head, never holding the full logits:
+//   loss = sum_r -log_softmax(h_r @ W^T)[t_r] / normalizer        (rows r with a target)
+//   dL/dh_r = g / normalizer * (softmax(h_r @ W^T) - onehot(t_r)) @ W
+// Backward recomputes each chunk's logits. W (lm_head) is frozen and gets no gradient.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "model/decoder.h"
+
+namespace qlora::model {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Logits of one chunk in fp32, as transformers' loss upcasts them: [n, V].
+at::Tensor chunk_log_softmax(const at::Tensor& hidden, const at::Tensor& weight) {
+  return at::log_softmax(at::linear(hidden, weight).to(at::kFloat), -1);
+}
+
+struct ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
+  // hidden [N, H] (the rows that have a target), weight [V, H], targets [N] int64 in [0, V).
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden,
+                            const at::Tensor& weight, const at::Tensor& targets, int64_t chunk,
+                            double normalizer) {
+    ctx->save_for_backward({hidden, weight, targets});
+    ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["normalizer"] = normalizer;
+    // Chunk sums accumulate in fp64 so that the result does not depend on the chunk size.
+    at::Tensor total = at::zeros({}, hidden.options().dtype(at::kDouble));
+    const int64_t n = hidden.size(0);
+    for (int64_t begin = 0; begin < n; begin += chunk) {
+      const int64_t len = std::min(chunk, n - begin);
+      const at::Tensor logp = chunk_log_softmax(hidden.narrow(0, begin, len), weight);  // [len, V]
+      const at::Tensor picked = logp.gather(1, targets.narrow(0, begin, len).unsqueeze(1));
+      total -= picked.sum(at::kDouble);
+    }
+    return (total / normalizer).to(at::kFloat);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& hidden = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& targets = saved[2];
+    at::Tensor grad_hidden;
+    if (ctx->needs_input_grad(0)) {
+      const int64_t chunk = ctx->saved_data["chunk"].toInt();
+      const double normalizer = ctx->saved_data["normalizer"].toDouble();
+      const at::Tensor scale = grad_outputs[0].to(at::kFloat) / normalizer;  // 0-dim
+      grad_hidden = at::empty_like(hidden);                                  // [N, H]
+      const int64_t n = hidden.size(0);
+      for (int64_t begin = 0; begin < n; begin += chunk) {
+        const int64_t len = std::min(chunk, n - begin);
+        // exp(log_softmax) rather than softmax: what autograd's log_softmax backward uses.
+        at::Tensor grad_logits = chunk_log_softmax(hidden.narrow(0, begin, len), weight).exp_();
+        const at::Tensor t = targets.narrow(0, begin, len).unsqueeze(1);
+        grad_logits.scatter_add_(1, t, at::full({len, 1}, -1.0f, grad_logits.options()));
+        grad_logits.mul_(scale);  // [len, V]
+        grad_hidden.narrow(0, begin, len)
+            .copy_(at::matmul(grad_logits.to(hidden.scalar_type()), weight));  // [len, H]
+      }
+    }
+    return {grad_hidden, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+LossResult DecoderModel::loss(const at::Tensor& normed, const at::Tensor& labels,
+                              int64_t chunk_tokens, double normalizer) const {
+  const int64_t h = config_.hidden_size, v = config_.vocab_size;
+  if (normed.dim() != 3 || normed.size(2) != h)
+    throw std::invalid_argument("loss: hidden states must be [batch, seq, " + std::to_string(h) +
+                                "], not " + shape_str(normed.sizes().vec()));
+  if (labels.dim() != 2 || labels.size(0) != normed.size(0) || labels.size(1) != normed.size(1) ||
+      !at::isIntegralType(labels.scalar_type(), /*includeBool=*/false))
+    throw std::invalid_argument("loss: labels must be integers [" + std::to_string(normed.size(0)) +
+                                ", " + std::to_string(normed.size(1)) + "], not " +
+                                shape_str(labels.sizes().vec()) + " " +
+                                c10::toString(labels.scalar_type()));
+  if (chunk_tokens < 1)
+    throw std::invalid_argument("loss: chunk_tokens " + std::to_string(chunk_tokens) +
+                                " must be >= 1");
+  // Position t predicts label t + 1 (transformers' ForCausalLMLoss shift).
+  const int64_t shifted = std::max<int64_t>(normed.size(1) - 1, 0);
+  at::Tensor hidden = normed.narrow(1, 0, shifted).reshape({-1, h});  // [B*(T-1), H]
+  at::Tensor targets = labels.narrow(1, std::min<int64_t>(1, labels.size(1)), shifted)
+                           .reshape({-1})
+                           .to(at::kLong);  // [B*(T-1)]
+  const at::Tensor keep = (targets != -100).nonzero().squeeze(1);
+  targets = targets.index_select(0, keep);
+  hidden = hidden.index_select(0, keep);  // [N, H]
+  if (targets.numel() > 0) {
+    const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+    if (lo < 0 || hi >= v)
+      throw std::invalid_argument("loss: label " + std::to_string(lo < 0 ? lo : hi) +
+                                  " is out of range [0, " + std::to_string(v) +
+                                  ") (-100 marks a position without a target)");
+  }
+  LossResult result;
+  result.num_targets = targets.numel();
+  double norm = normalizer > 0.0 ? normalizer : static_cast<double>(result.num_targets);
+  if (norm <= 0.0) norm = 1.0;  // no targets: the sum is 0, and so is the loss
+  result.loss = ChunkedLmLoss::apply(hidden, lm_head_, targets, chunk_tokens, norm);
+  return result;
+}
+
+}  // namespace qlora::model
