@@ -155,8 +155,8 @@ void bm_dequantize(benchmark::State& state, Shape s) {
                                               benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// ... the same work into an output buffer allocated once (what a reused workspace would cost;
-// src/ has no such path yet: quant has no dequantize-into-a-given-tensor API) ...
+// ... the same work into an output buffer allocated once: what a dequantize workspace reused
+// across products costs (absmax decode + kernel, no page faults) ...
 void bm_dequantize_reuse(benchmark::State& state, Shape s) {
   const quant::Quantized& q = setup(s).layer->base();
   const at::Tensor bytes = quant::packed_bytes(q.packed);

@@ -94,13 +94,31 @@ void LoraConfig::validate(const std::string& where) const {
 // ------------------------------------------------------------------------------------------
 // QLoraBaseMatmul
 
+// W for one product. On the CPU it goes into one reusable buffer per thread and dtype, sized
+// for the largest weight seen: a fresh [out, in] tensor per call would come from a new mmap and
+// page-fault on every 4 KiB (~33 ms per 64 MiB here, more than the dequantize itself; see
+// bench/README.md). The buffer is overwritten by the next product, so the returned view must
+// not outlive the matmul it feeds. Elsewhere the device's caching allocator does this already.
+static at::Tensor dequantize_for_product(const quant::Quantized& w, at::ScalarType dtype) {
+  if (!w.packed.device().is_cpu() || (dtype != at::kFloat && dtype != at::kBFloat16))
+    return quant::dequantize_4bit(w.packed, w.state, dtype);
+  thread_local at::Tensor buffer_fp32, buffer_bf16;
+  at::Tensor& buffer = dtype == at::kFloat ? buffer_fp32 : buffer_bf16;
+  const int64_t n = w.state.numel();
+  if (!buffer.defined() || buffer.numel() < n)
+    buffer = at::empty({n}, at::TensorOptions().dtype(dtype));
+  at::Tensor out = buffer.narrow(0, 0, n).view(w.state.shape);
+  quant::dequantize_4bit_into(w.packed, w.state, out);
+  return out;
+}
+
 at::Tensor QLoraBaseMatmul::forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                     const std::optional<at::Tensor>& bias,
                                     const quant::Quantized* weight) {
   // Grad mode is off in here: W is a plain temporary, freed when this scope ends.
   at::Tensor y;
   {
-    const at::Tensor w = quant::dequantize_4bit(weight->packed, weight->state, x.scalar_type());
+    const at::Tensor w = dequantize_for_product(*weight, x.scalar_type());
     y = at::linear(x, w, bias);  // [..., out]
   }
   state_save(ctx, *weight);
@@ -116,8 +134,8 @@ torch::autograd::variable_list QLoraBaseMatmul::backward(
   if (ctx->needs_input_grad(0)) {
     const quant::Quantized w = state_load(ctx);
     const at::ScalarType dtype = ctx->saved_data.at("x_dtype").toScalarType();
-    const at::Tensor weight = quant::dequantize_4bit(w.packed, w.state, dtype);  // [out, in]
-    grad_x = at::matmul(grad_y, weight);                                         // [..., in]
+    const at::Tensor weight = dequantize_for_product(w, dtype);  // [out, in]
+    grad_x = at::matmul(grad_y, weight);                         // [..., in]
   }
   if (ctx->saved_data.at("has_bias").toBool() && ctx->needs_input_grad(1))
     grad_bias = grad_y.reshape({-1, grad_y.size(-1)}).sum(0);  // [out]

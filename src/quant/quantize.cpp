@@ -106,7 +106,17 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const QuantState& state,
                            std::optional<at::ScalarType> dtype) {
   const at::ScalarType want = dtype.value_or(state.dtype);
   if (!packed.device().is_cpu()) return dequantize_4bit_torch(packed, state, want);
+  at::Tensor out = at::empty(state.shape, at::TensorOptions().dtype(want));
+  dequantize_4bit_into(packed, state, out);
+  return out;
+}
+
+void dequantize_4bit_into(const at::Tensor& packed, const QuantState& state, const at::Tensor& out) {
   const int64_t n = state.numel();
+  if (!packed.device().is_cpu() || !out.device().is_cpu() || !out.is_contiguous() ||
+      out.numel() != n)
+    throw std::invalid_argument("dequantize_4bit_into: out must be a contiguous CPU tensor of " +
+                                std::to_string(n) + " elements");
   const at::Tensor bytes = packed_bytes(packed);
   if (bytes.numel() < kernels::packed_nbytes(n))
     throw std::invalid_argument("packed weight has " + std::to_string(bytes.numel()) +
@@ -115,17 +125,19 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const QuantState& state,
   if (absmax.numel() < state.blocks())
     throw std::invalid_argument("absmax has " + std::to_string(absmax.numel()) +
                                 " entries, the shape needs " + std::to_string(state.blocks()));
-  if (want == at::kBFloat16) {
-    at::Tensor out = at::empty(state.shape, at::TensorOptions().dtype(at::kBFloat16));
+  if (out.scalar_type() == at::kBFloat16) {
     kernels::dequantize_4bit_bf16_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
                                       state.blocksize, state.quant_type,
                                       reinterpret_cast<uint16_t*>(out.data_ptr()));
-    return out;
+  } else if (out.scalar_type() == at::kFloat) {
+    kernels::dequantize_4bit_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
+                                 state.blocksize, state.quant_type, out.data_ptr<float>());
+  } else {  // fp16 and others: through fp32, rounded once
+    at::Tensor tmp = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    kernels::dequantize_4bit_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
+                                 state.blocksize, state.quant_type, tmp.data_ptr<float>());
+    out.view({n}).copy_(tmp);
   }
-  at::Tensor out = at::empty(state.shape, at::TensorOptions().dtype(at::kFloat));
-  kernels::dequantize_4bit_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
-                               state.blocksize, state.quant_type, out.data_ptr<float>());
-  return want == at::kFloat ? out : out.to(want);
 }
 
 at::Tensor dequantize_4bit_torch(const at::Tensor& packed, const QuantState& state,

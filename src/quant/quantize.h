@@ -32,6 +32,10 @@ Quantized quantize_4bit(const at::Tensor& weight, const QuantizeOptions& options
 at::Tensor dequantize_4bit(const at::Tensor& packed, const QuantState& state,
                            std::optional<at::ScalarType> dtype = std::nullopt);
 
+// The same into a given contiguous CPU tensor of the state's numel (any shape, dtype fp32, bf16
+// or fp16): lets a caller reuse one buffer instead of paying for fresh pages on every call.
+void dequantize_4bit_into(const at::Tensor& packed, const QuantState& state, const at::Tensor& out);
+
 // The same with libtorch ops only (code-table lookup and scale): works on any device, and is the
 // second opinion that every kernel is tested against.
 at::Tensor dequantize_4bit_torch(const at::Tensor& packed, const QuantState& state,
