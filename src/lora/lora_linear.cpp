@@ -12,18 +12,13 @@
 #include <stdexcept>
 
 #include "lora/qlora_base_matmul.h"
+#include "quant/tensor_io.h"
 
 namespace qlora::lora {
 
 namespace {
 
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << '[';
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << ']';
-  return out.str();
-}
+using quant::shape_str;
 
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;

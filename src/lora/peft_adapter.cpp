@@ -35,13 +35,7 @@ constexpr const char* kSuffixB = ".lora_B.weight";
 // The peft release whose adapter_config.json we mirror key for key (it records its version).
 constexpr const char* kPeftVersion = "0.21.2";
 
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << '[';
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << ']';
-  return out.str();
-}
+using quant::shape_str;
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() &&

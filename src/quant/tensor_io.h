@@ -16,6 +16,9 @@ io::DType dtype_from(at::ScalarType type);
 at::Tensor tensor_from_safetensors(const io::TensorInfo& info, const uint8_t* data);
 at::Tensor tensor_from_weights(const io::ModelWeights& weights, const std::string& name);
 
+// "[2, 3]": how error messages print a shape.
+std::string shape_str(at::IntArrayRef sizes);
+
 // Adds a (CPU, any layout) tensor to a writer under `name`.
 void writer_add(io::SafetensorsWriter& writer, const std::string& name, const at::Tensor& tensor);
 
