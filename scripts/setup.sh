@@ -8,7 +8,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 log() { printf '[setup] %s\n' "$*"; }
 
-apt_packages=(cmake g++ make ccache pkg-config python3 libopenmpi-dev openmpi-bin
+apt_packages=(cmake g++ make ccache pkg-config python3 python3-venv libopenmpi-dev openmpi-bin
   libhdf5-openmpi-dev libboost-program-options-dev libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev)
 missing=()
