@@ -25,13 +25,6 @@
 namespace qlora::model {
 namespace {
 
-// "q_proj" -> "self_attn.q_proj", "gate_proj" -> "mlp.gate_proj".
-std::string linear_module(const std::string& short_name) {
-  const bool attn = short_name == "q_proj" || short_name == "k_proj" || short_name == "v_proj" ||
-                    short_name == "o_proj";
-  return (attn ? "self_attn." : "mlp.") + short_name;
-}
-
 std::string layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
 
 std::string linear_names_list() {
@@ -213,7 +206,7 @@ DecoderModel DecoderModel::load(const std::string& dir, const LoadOptions& optio
     b.input_layernorm = load_float(p + "input_layernorm.weight", norm_dtype);
     b.post_attention_layernorm = load_float(p + "post_attention_layernorm.weight", norm_dtype);
     for (const std::string& short_name : lora::block_linear_names()) {
-      const std::string name = p + linear_module(short_name);  // model.layers.i.self_attn.q_proj
+      const std::string name = block_linear_module(i, short_name);  // model.layers.i.self_attn.q_proj
       const std::string weight_name = name + ".weight";
       quant::Quantized q;
       if (!state_key(weight_name).empty()) {
@@ -234,6 +227,30 @@ DecoderModel DecoderModel::load(const std::string& dir, const LoadOptions& optio
   return m;
 }
 
+DecoderModel DecoderModel::skeleton(const ModelConfig& config, const LoadOptions& options) {
+  const at::ScalarType compute = options.compute_dtype;
+  if (compute != at::kFloat && compute != at::kBFloat16 && compute != at::kHalf)
+    throw std::invalid_argument(std::string("compute dtype ") + c10::toString(compute) +
+                                " is not supported (expected float32, bfloat16 or float16)");
+  if (config.head_dim % 2 != 0)
+    throw std::invalid_argument("head_dim " + std::to_string(config.head_dim) +
+                                " is odd; rotary embeddings need an even head_dim");
+  DecoderModel m;
+  m.config_ = config;
+  m.compute_dtype_ = compute;
+  m.upcast_layernorm_ = options.upcast_layernorm;
+  m.blocks_.resize(static_cast<size_t>(config.num_hidden_layers));
+  m.rope_inv_freq_ = rope_inv_freq(config);
+  return m;
+}
+
+void DecoderModel::set_embedding(at::Tensor embed_tokens) { embed_tokens_ = std::move(embed_tokens); }
+
+void DecoderModel::set_head(at::Tensor norm, at::Tensor lm_head) {
+  norm_ = std::move(norm);
+  lm_head_ = std::move(lm_head);
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward
 
@@ -242,6 +259,8 @@ at::Tensor DecoderModel::embed(const at::Tensor& tokens) const {
     throw std::invalid_argument("embed: tokens must be an integer tensor [batch, seq], not " +
                                 shape_str(tokens.sizes().vec()) + " " +
                                 c10::toString(tokens.scalar_type()));
+  if (!embed_tokens_.defined())
+    throw std::logic_error("embed: the embedding is not bound (DecoderModel::set_embedding)");
   const at::Tensor ids = tokens.to(at::kLong);
   if (ids.numel() > 0) {
     const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
@@ -264,6 +283,8 @@ at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool trai
                                 std::to_string(c.hidden_size) + "], not " +
                                 shape_str(x.sizes().vec()));
   const DecoderBlock& b = blocks_[static_cast<size_t>(i)];
+  if (b.linears.size() != lora::block_linear_names().size() || !b.input_layernorm.defined())
+    throw std::logic_error("block_forward: block " + std::to_string(i) + " has no weights bound");
   const int64_t batch = x.size(0), seq = x.size(1), d = c.head_dim;
   const int64_t n_rep = c.num_attention_heads / c.num_key_value_heads;
 
@@ -307,6 +328,7 @@ at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool trai
 }
 
 at::Tensor DecoderModel::final_norm(const at::Tensor& x) const {
+  if (!norm_.defined()) throw std::logic_error("final_norm: the head is not bound (set_head)");
   return rms_norm(x, norm_, config_.rms_norm_eps);
 }
 

@@ -58,6 +58,13 @@ class DecoderModel {
   // Reads config.json and the weights; throws std::invalid_argument naming the tensor and both
   // shapes on a missing tensor, a wrong shape or a dtype that cannot be used.
   static DecoderModel load(const std::string& dir, const LoadOptions& options);
+  // The configuration and no weights: for a trainer that binds each part's weights only while
+  // it runs (the sharded trainer of src/train binds views into gathered units). Bind with
+  // set_embedding, set_head and block(i) = ...; running an unbound part is std::logic_error.
+  static DecoderModel skeleton(const ModelConfig& config, const LoadOptions& options);
+  void set_embedding(at::Tensor embed_tokens);          // [V, H] compute dtype, or undefined
+  void set_head(at::Tensor norm, at::Tensor lm_head);   // [H] norm_dtype(), [V, H] compute dtype
+  at::ScalarType norm_dtype() const { return upcast_layernorm_ ? at::kFloat : compute_dtype_; }
 
   const ModelConfig& config() const { return config_; }
   at::ScalarType compute_dtype() const { return compute_dtype_; }

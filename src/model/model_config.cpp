@@ -247,6 +247,12 @@ std::map<std::string, std::vector<int64_t>> expected_weight_shapes(const ModelCo
   return m;
 }
 
+std::string block_linear_module(int64_t layer, const std::string& short_name) {
+  const bool attn = short_name == "q_proj" || short_name == "k_proj" || short_name == "v_proj" ||
+                    short_name == "o_proj";
+  return "model.layers." + std::to_string(layer) + (attn ? ".self_attn." : ".mlp.") + short_name;
+}
+
 bool is_block_linear_weight(const std::string& name) {
   static const std::regex re(
       R"(model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight)");

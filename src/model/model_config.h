@@ -69,6 +69,8 @@ ModelConfig model_config_from_json(const nlohmann::json& config, const std::stri
 // model.layers.{i}.self_attn.{q,k,v,o}_proj.weight and
 // model.layers.{i}.mlp.{gate,up,down}_proj.weight
 bool is_block_linear_weight(const std::string& name);
+// "model.layers.3.self_attn.q_proj" for (3, "q_proj"); "mlp." for gate/up/down_proj.
+std::string block_linear_module(int64_t layer, const std::string& short_name);
 
 // Every tensor a checkpoint of this config must hold, with the shape the config implies:
 // embeddings, lm_head (unless tied), per layer the two norms, seven linear weights [out, in] and

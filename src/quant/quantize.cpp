@@ -19,14 +19,19 @@ bool is_storage_dtype(at::ScalarType t) {
   return t == at::kByte || t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
 }
 
-// The format's code table: what the kernels decode with and what checkpoints carry as quant_map.
+}  // namespace
+
 at::Tensor code_table(QuantType type) {
   return at::from_blob(const_cast<float*>(kernels::quant4_traits(type).code), {16},
                        at::TensorOptions().dtype(at::kFloat))
       .clone();
 }
 
-}  // namespace
+at::Tensor nested_code_table() {
+  return at::from_blob(const_cast<float*>(kernels::kDynamicMap8), {256},
+                       at::TensorOptions().dtype(at::kFloat))
+      .clone();
+}
 
 at::ScalarType storage_dtype_from_name(const std::string& name) {
   if (name == "uint8") return at::kByte;
@@ -90,8 +95,7 @@ Quantized quantize_4bit(const at::Tensor& weight, const QuantizeOptions& options
                                          q.data_ptr<uint8_t>(), nested_absmax.data_ptr<float>());
     NestedState nested;
     nested.absmax = nested_absmax;
-    nested.code = at::from_blob(const_cast<float*>(kernels::kDynamicMap8), {256},
-                                at::TensorOptions().dtype(at::kFloat)).clone();
+    nested.code = nested_code_table();
     nested.offset = offset.item<float>();
     st.absmax = q;
     st.nested = nested;

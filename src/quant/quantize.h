@@ -46,6 +46,11 @@ at::Tensor packed_bytes(const at::Tensor& packed);
 // The same bytes viewed as `storage` ([nbytes / itemsize, 1]), zero-padded to a whole element.
 at::Tensor pack_storage(const at::Tensor& bytes, at::ScalarType storage);
 
+// The format's code table [16] fp32 (what the kernels decode with; a checkpoint's quant_map) and
+// bitsandbytes' signed dynamic map [256] fp32 for the nested absmax (nested_quant_map).
+at::Tensor code_table(QuantType type);
+at::Tensor nested_code_table();
+
 // Storage dtypes by name: uint8, bf16/bfloat16, fp16/float16, fp32/float32.
 at::ScalarType storage_dtype_from_name(const std::string& name);
 

@@ -4,6 +4,7 @@
 #include <ATen/core/ScalarType.h>
 #include <boost/program_options.hpp>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -17,6 +18,7 @@
 #include "train/export_command.h"
 #include "train/inspect_command.h"
 #include "train/quantize_command.h"
+#include "train/sharded_model.h"
 
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
@@ -30,9 +32,11 @@ struct UsageError : std::runtime_error {
 const char* const kUsage =
     "usage: qlora_dist <command> [options]\n"
     "commands:\n"
-    "  quantize    --model DIR --out DIR [--quantization_type nf4|fp4] [--quantization_blocksize 64]\n"
-    "              [--double_quantization true|false] [--quant_storage uint8|bf16|fp16|fp32]\n"
-    "              Hugging Face model -> pre-quantized bitsandbytes 4-bit checkpoint\n"
+    "  quantize    --model DIR --out DIR|FILE.h5 [--format safetensors|h5] [--quantization_type nf4|fp4]\n"
+    "              [--quantization_blocksize 64] [--double_quantization true|false]\n"
+    "              [--quant_storage uint8|bf16|fp16|fp32]\n"
+    "              Hugging Face model -> pre-quantized bitsandbytes 4-bit checkpoint, or (h5) one\n"
+    "              HDF5 file of sharded units that each rank reads only its part of\n"
     "  init-model  --preset tiny|small --out DIR [--seed N]\n"
     "              random-initialized LLaMA model in Hugging Face format\n"
     "  export      --model DIR --adapter DIR --out DIR [--dtype bf16|fp16|fp32]\n"
@@ -76,12 +80,13 @@ po::variables_map parse(const po::options_description& desc, int argc, char** ar
 
 int run_quantize(int argc, char** argv) {
   qlora::train::QuantizeCommandOptions opt;
-  std::string type = "nf4", storage = "uint8", dq = "true";
+  std::string type = "nf4", storage = "uint8", dq = "true", format = "safetensors";
   int blocksize = 64;
   po::options_description desc("qlora_dist quantize options");
   desc.add_options()("help", "show this help")
       ("model", po::value(&opt.model_dir)->required(), "Hugging Face model directory (config.json + model.safetensors or a sharded index)")
-      ("out", po::value(&opt.out_dir)->required(), "output directory (must not exist or be empty)")
+      ("out", po::value(&opt.out_dir)->required(), "output directory (must not exist or be empty), or the .h5 file to write (must not exist) with --format h5")
+      ("format", po::value(&format)->default_value("safetensors"), "safetensors (a bitsandbytes checkpoint directory transformers loads) or h5 (our sharded unit file)")
       ("quantization_type", po::value(&type)->default_value("nf4"), "nf4 or fp4")
       ("quantization_blocksize", po::value(&blocksize)->default_value(64), "32, 64, ..., 4096")
       ("double_quantization", po::value(&dq)->default_value("true"), "quantize the absmax again (8-bit, blocks of 256)")
@@ -96,6 +101,22 @@ int run_quantize(int argc, char** argv) {
                      " is not supported (expected 32, 64, 128, ..., 4096)");
   opt.quant.blocksize = blocksize;
   opt.quant.double_quant = parse_bool("double_quantization", dq);
+  if (format == "h5") {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto source = qlora::train::UnitSource::open(opt.model_dir, opt.quant);
+    const size_t written = qlora::train::units_h5_write(*source, opt.out_dir);
+    std::printf("quantized %s -> %s (HDF5 units, %s blocksize %d, double quantization %s)\n"
+                "  %.2f MiB of units in %.2f s; read %.2f MiB\n",
+                opt.model_dir.c_str(), opt.out_dir.c_str(),
+                qlora::quant::quant_type_name(source->spec().quant.quant_type),
+                source->spec().quant.blocksize, source->spec().quant.double_quant ? "on" : "off",
+                written / 1048576.0,
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                source->bytes_read() / 1048576.0);
+    return 0;
+  }
+  if (format != "safetensors")
+    throw UsageError("--format '" + format + "' is not supported (expected safetensors or h5)");
 
   const auto r = qlora::train::quantize_model_dir(opt);
   std::printf(

@@ -28,7 +28,7 @@ SUPPORTED = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"  # [256, 256] in the tiny preset
 
 # Every option of each command, as its --help lists them.
-QUANTIZE_OPTIONS = {"help", "model", "out", "quantization_type", "quantization_blocksize",
+QUANTIZE_OPTIONS = {"help", "model", "out", "format", "quantization_type", "quantization_blocksize",
                     "double_quantization", "quant_storage"}
 INIT_MODEL_OPTIONS = {"help", "preset", "out", "seed"}
 

@@ -1,0 +1,137 @@
+// Backend-independent parts of the communicator: Work handles (done / wait, with the time the
+// caller spends blocked added to the communicator's counter), the argument checks every backend
+// runs before queueing, and, in builds without CUDA, the NCCL entry points that say so.
+#include "dist/communicator.h"
+
+#include <chrono>
+#include <cstdint>
+#include <stdexcept>
+
+#include "quant/tensor_io.h"
+
+namespace qlora::dist {
+namespace {
+
+std::string describe(const at::Tensor& t) {
+  return std::string(c10::toString(t.scalar_type())) + " " + quant::shape_str(t.sizes()) + " on " +
+         t.device().str();
+}
+
+void require_defined_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  if (!t.defined()) throw std::invalid_argument(std::string(op) + ": " + name + " is undefined");
+  if (!t.is_contiguous()) {
+    throw std::invalid_argument(std::string(op) + ": " + name + " (" + describe(t) + ", strides " +
+                                quant::shape_str(t.strides()) + ") must be contiguous");
+  }
+}
+
+// True when a and b share bytes.
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.nbytes() == 0 || b.nbytes() == 0 || a.device() != b.device()) return false;
+  auto a0 = reinterpret_cast<uintptr_t>(a.data_ptr());
+  auto b0 = reinterpret_cast<uintptr_t>(b.data_ptr());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+}  // namespace
+
+bool Work::done() const { return !state_ || state_->done(); }
+
+void Work::wait() {
+  if (!state_) return;
+  auto start = std::chrono::steady_clock::now();
+  auto account = [&] {
+    if (!state_->wait_ns) return;
+    auto blocked = std::chrono::steady_clock::now() - start;
+    state_->wait_ns->fetch_add(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(blocked).count(),
+        std::memory_order_relaxed);
+  };
+  try {
+    state_->block();
+  } catch (...) {
+    account();
+    throw;
+  }
+  account();
+}
+
+double Communicator::wait_seconds() const {
+  return static_cast<double>(wait_ns_->load(std::memory_order_relaxed)) * 1e-9;
+}
+
+void Communicator::wait_seconds_reset() { wait_ns_->store(0, std::memory_order_relaxed); }
+
+bool Communicator::check_all_gather(const at::Tensor& shard, const at::Tensor& out) const {
+  require_defined_contiguous("all_gather", "shard", shard);
+  require_defined_contiguous("all_gather", "out", out);
+  if (shard.scalar_type() != out.scalar_type() || shard.device() != out.device()) {
+    throw std::invalid_argument("all_gather: shard (" + describe(shard) + ") and out (" +
+                                describe(out) + ") must have the same dtype and device");
+  }
+  int64_t expected = world_size() * shard.numel();
+  if (out.numel() != expected) {
+    throw std::invalid_argument("all_gather: out " + describe(out) + " has " +
+                                std::to_string(out.numel()) + " elements, expected world_size " +
+                                std::to_string(world_size()) + " x shard " +
+                                std::to_string(shard.numel()) + " = " + std::to_string(expected));
+  }
+  // In place: the shard is this rank's own slot of out (how a flat sharded buffer gathers).
+  size_t nbytes = shard.nbytes();
+  bool in_place = nbytes > 0 && static_cast<const char*>(shard.data_ptr()) ==
+                                    static_cast<const char*>(out.data_ptr()) + rank() * nbytes;
+  if (!in_place && overlaps(shard, out)) {
+    throw std::invalid_argument("all_gather: shard overlaps out but is not rank " +
+                                std::to_string(rank()) + "'s own slot out[" +
+                                std::to_string(rank()) + "*S : " + std::to_string(rank() + 1) +
+                                "*S]");
+  }
+  return in_place;
+}
+
+void Communicator::check_reduce_scatter(const at::Tensor& in, const at::Tensor& out) const {
+  require_defined_contiguous("reduce_scatter", "in", in);
+  require_defined_contiguous("reduce_scatter", "out", out);
+  if (in.scalar_type() != at::kFloat || out.scalar_type() != at::kFloat ||
+      in.device() != out.device()) {
+    throw std::invalid_argument("reduce_scatter: in (" + describe(in) + ") and out (" +
+                                describe(out) + ") must both be float32 on the same device");
+  }
+  int64_t expected = world_size() * out.numel();
+  if (in.numel() != expected) {
+    throw std::invalid_argument("reduce_scatter: in " + describe(in) + " has " +
+                                std::to_string(in.numel()) + " elements, expected world_size " +
+                                std::to_string(world_size()) + " x out " +
+                                std::to_string(out.numel()) + " = " + std::to_string(expected));
+  }
+  if (overlaps(in, out)) throw std::invalid_argument("reduce_scatter: out must not overlap in");
+}
+
+void Communicator::check_all_reduce(const at::Tensor& t) const {
+  require_defined_contiguous("all_reduce", "t", t);
+  at::ScalarType type = t.scalar_type();
+  if (type != at::kFloat && type != at::kDouble && type != at::kLong) {
+    throw std::invalid_argument("all_reduce: t (" + describe(t) +
+                                ") must be float32, float64 or int64");
+  }
+}
+
+void Communicator::check_broadcast(const at::Tensor& t, int root) const {
+  require_defined_contiguous("broadcast", "t", t);
+  if (root < 0 || root >= world_size()) {
+    throw std::invalid_argument("broadcast: root " + std::to_string(root) +
+                                " is not a rank in [0, " + std::to_string(world_size()) + ")");
+  }
+}
+
+#ifndef QLORA_HAVE_NCCL
+std::unique_ptr<Communicator> communicator_nccl(const RankEnv& env, int device) {
+  (void)env;
+  (void)device;
+  throw std::runtime_error("communicator_nccl: this build has no NCCL; use backend = mpi");
+}
+
+bool communicator_nccl_available() { return false; }
+#endif
+
+}  // namespace qlora::dist

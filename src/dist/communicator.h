@@ -1,0 +1,108 @@
+// Collectives between the ranks of a job, each in a blocking and a non-blocking form: the
+// non-blocking one returns a Work handle at once and the collective progresses while the
+// caller computes. Every rank must start the same collectives in the same order (as with MPI).
+// Between *_start and wait() the caller must not write the inputs nor read the outputs; the
+// started collective keeps its tensors alive.
+//   all_gather:     out[r*S : (r+1)*S] = shard of rank r            (any dtype, bytes copied)
+//   reduce_scatter: out[0:S] = sum over ranks q of in_q[r*S : (r+1)*S]   (fp32)
+//   all_reduce:     t = op over ranks of t (in place; fp32, fp64, int64; sum or max)
+//   broadcast:      t = t of `root` (in place, any dtype)
+// Implementations: MPI (always; a communication thread runs the blocking MPI calls in order, so
+// collectives overlap with compute; device tensors are staged through host memory) and NCCL
+// (compiled when CUDA is built; one communicator stream that waits for the legacy default
+// stream, unique id sent by MPI_Bcast; Work::wait blocks the host on the completion event).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "dist/rank_env.h"
+
+namespace qlora::dist {
+
+enum class ReduceOp { sum, max };
+
+// The completion of one non-blocking collective. wait() blocks until it is done (and rethrows
+// an error it met); done() never blocks. Default-constructed handles are already done.
+class Work {
+ public:
+  struct State;  // defined below; each backend derives its own
+  Work() = default;
+  explicit Work(std::shared_ptr<State> state) : state_(std::move(state)) {}
+  bool done() const;
+  void wait();
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+// What a backend puts behind a Work handle (MPI: completed by the communication thread; NCCL: a
+// CUDA event). Work::wait times block() into the owning communicator's counter.
+struct Work::State {
+  virtual ~State() = default;
+  virtual bool done() = 0;   // never blocks
+  virtual void block() = 0;  // returns once done; rethrows the error the collective met
+  std::shared_ptr<std::atomic<int64_t>> wait_ns;  // the communicator's counter (may be null)
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  virtual std::string backend_name() const = 0;  // "mpi" or "nccl"
+
+  // Shapes: shard [S] (contiguous), out [world_size * S], same dtype and device.
+  virtual Work all_gather_start(const at::Tensor& shard, const at::Tensor& out) = 0;
+  // in [world_size * S] fp32, out [S] fp32 (contiguous, same device).
+  virtual Work reduce_scatter_start(const at::Tensor& in, const at::Tensor& out) = 0;
+  virtual Work all_reduce_start(const at::Tensor& t, ReduceOp op) = 0;
+  virtual Work broadcast_start(const at::Tensor& t, int root) = 0;
+  virtual Work barrier_start() = 0;
+
+  void all_gather(const at::Tensor& shard, const at::Tensor& out) {
+    all_gather_start(shard, out).wait();
+  }
+  void reduce_scatter(const at::Tensor& in, const at::Tensor& out) {
+    reduce_scatter_start(in, out).wait();
+  }
+  void all_reduce(const at::Tensor& t, ReduceOp op) { all_reduce_start(t, op).wait(); }
+  void broadcast(const at::Tensor& t, int root) { broadcast_start(t, root).wait(); }
+  void barrier() { barrier_start().wait(); }
+
+  // Seconds the calling thread has spent blocked in Work::wait() on this communicator's handles.
+  double wait_seconds() const;
+  void wait_seconds_reset();
+
+ protected:
+  // Argument checks shared by the backends, run on the calling thread before anything is queued
+  // (so a bad call leaves the ranks matched): std::invalid_argument saying what is wrong.
+  // check_all_gather returns true when `shard` is this rank's own slot of `out` (in place).
+  bool check_all_gather(const at::Tensor& shard, const at::Tensor& out) const;
+  void check_reduce_scatter(const at::Tensor& in, const at::Tensor& out) const;
+  void check_all_reduce(const at::Tensor& t) const;  // contiguous; fp32, fp64 or int64
+  void check_broadcast(const at::Tensor& t, int root) const;
+
+  // Nanoseconds blocked in Work::wait(); shared with the handles, which may outlive us.
+  std::shared_ptr<std::atomic<int64_t>> wait_ns_ = std::make_shared<std::atomic<int64_t>>(0);
+};
+
+// A duplicate of MPI_COMM_WORLD with its communication thread (stopped and joined on
+// destruction, after the queued collectives finish).
+std::unique_ptr<Communicator> communicator_mpi(const RankEnv& env);
+// The same with MPI messages split at `max_message_nbytes` (MPI counts are int, so a collective
+// over more bytes than that runs in pieces). The default is 1 GiB; tests pass a few bytes to run
+// the split path on small tensors.
+std::unique_ptr<Communicator> communicator_mpi(const RankEnv& env, size_t max_message_nbytes);
+
+// NCCL on `device` (one GPU per local rank: device = local_rank), bootstrapped over MPI. Only in
+// builds with CUDA (QLORA_HAVE_NCCL); elsewhere std::runtime_error saying so.
+std::unique_ptr<Communicator> communicator_nccl(const RankEnv& env, int device);
+bool communicator_nccl_available();
+
+}  // namespace qlora::dist

@@ -1,0 +1,156 @@
+// Sharded units: shard storage, gathers with accounting, typed views, and the prefetching
+// pipeline over a step's schedule.
+#include "dist/sharded_unit.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "quant/tensor_io.h"
+
+namespace qlora::dist {
+
+at::Tensor byte_view(const at::Tensor& buffer, size_t offset, size_t nbytes, at::ScalarType dtype,
+                     const std::vector<int64_t>& shape) {
+  const size_t item = c10::elementSize(dtype);
+  if (!buffer.is_contiguous() || offset % item != 0 || nbytes % item != 0)
+    throw std::invalid_argument("byte_view: offset " + std::to_string(offset) + " / nbytes " +
+                                std::to_string(nbytes) + " not a multiple of the itemsize " +
+                                std::to_string(item));
+  const size_t have = static_cast<size_t>(buffer.numel()) * buffer.element_size();
+  if (offset + nbytes > have)
+    throw std::invalid_argument("byte_view: bytes [" + std::to_string(offset) + ", " +
+                                std::to_string(offset + nbytes) + ") beyond a buffer of " +
+                                std::to_string(have));
+  const at::Tensor bytes = buffer.view({-1}).view(at::kByte);
+  return bytes.narrow(0, static_cast<int64_t>(offset), static_cast<int64_t>(nbytes))
+      .view(dtype)
+      .view(shape);
+}
+
+ShardedUnit::ShardedUnit(UnitLayout layout, at::ScalarType storage, Communicator& comm,
+                         bool sharded, ShardStats* stats, bool is_base)
+    : layout_(std::move(layout)),
+      storage_(storage),
+      comm_(&comm),
+      sharded_(sharded),
+      stats_(stats),
+      is_base_(is_base) {
+  const size_t item = itemsize();
+  const int n = sharded_ ? comm.world_size() : 1;
+  padded_numel_ = layout_.padded_numel(item, n);
+  shard_numel_ = layout_.shard_numel(item, n);
+  shard_ = at::zeros({shard_numel_}, at::TensorOptions().dtype(storage_));
+  if (stats_ && is_base_) stats_->resident_bytes += static_cast<size_t>(shard_numel_) * item;
+}
+
+size_t ShardedUnit::itemsize() const { return c10::elementSize(storage_); }
+
+std::pair<size_t, size_t> ShardedUnit::owned_bytes() const {
+  if (!sharded_) return {0, layout_.nbytes};
+  return layout_.owned_bytes(itemsize(), comm_->rank(), comm_->world_size());
+}
+
+at::Tensor ShardedUnit::shard_bytes() { return shard_.view(at::kByte); }
+
+ShardedUnit::Gathered ShardedUnit::gather_start() {
+  Gathered g;
+  const size_t item = itemsize();
+  if (!sharded_ || comm_->world_size() == 1) {
+    g.buffer = shard_;  // the whole unit is here already
+  } else {
+    g.buffer = at::empty({padded_numel_}, shard_.options());
+    g.work = comm_->all_gather_start(shard_, g.buffer);
+    if (stats_)
+      stats_->bytes_gathered += static_cast<size_t>(padded_numel_ - shard_numel_) * item;
+  }
+  if (stats_) {
+    ++stats_->gathers;
+    if (is_base_) {
+      const size_t gathered = sharded_ ? static_cast<size_t>(padded_numel_) * item : 0;
+      stats_->live_gathered_bytes += gathered;
+      stats_->peak_gathered_bytes =
+          std::max(stats_->peak_gathered_bytes, stats_->live_gathered_bytes);
+    }
+  }
+  return g;
+}
+
+void ShardedUnit::release(Gathered& g) {
+  if (!g.buffer.defined()) return;
+  g.work.wait();
+  if (stats_ && is_base_ && sharded_)
+    stats_->live_gathered_bytes -= static_cast<size_t>(padded_numel_) * itemsize();
+  g.buffer = at::Tensor();
+}
+
+at::Tensor ShardedUnit::segment_view(const at::Tensor& buffer, const Segment& s) const {
+  const at::ScalarType dtype = quant::scalar_type_from(s.dtype);
+  if (s.kind == SegmentKind::packed) {
+    // Packed codes viewed as the storage dtype [ceil(nbytes / itemsize), 1], the bitsandbytes
+    // storage layout; the aligned segment has the zero bytes that round it up.
+    const size_t item = itemsize();
+    const size_t nbytes = (s.nbytes + item - 1) / item * item;
+    return byte_view(buffer, s.offset, nbytes, storage_, {static_cast<int64_t>(nbytes / item), 1});
+  }
+  return byte_view(buffer, s.offset, s.nbytes, dtype, s.shape);
+}
+
+// ------------------------------------------------------------------------------------------
+// UnitPipeline
+
+UnitPipeline::UnitPipeline(std::vector<std::vector<ShardedUnit*>> schedule, int prefetch)
+    : schedule_(std::move(schedule)), prefetch_(prefetch) {
+  if (prefetch_ < 0 || prefetch_ > 2)
+    throw std::invalid_argument("prefetch " + std::to_string(prefetch_) + " must be 0, 1 or 2");
+}
+
+void UnitPipeline::start(size_t k) {
+  Entry e;
+  e.position = k;
+  for (ShardedUnit* u : schedule_[k]) e.gathered.push_back(u->gather_start());
+  in_flight_.push_back(std::move(e));
+}
+
+UnitPipeline::Entry& UnitPipeline::entry(size_t k) {
+  for (Entry& e : in_flight_)
+    if (e.position == k) return e;
+  throw std::logic_error("UnitPipeline: position " + std::to_string(k) + " is not in flight");
+}
+
+const std::vector<at::Tensor>& UnitPipeline::acquire(size_t k) {
+  if (k >= schedule_.size())
+    throw std::logic_error("UnitPipeline: position " + std::to_string(k) + " past the schedule");
+  const size_t last = std::min(schedule_.size() - 1, k + static_cast<size_t>(prefetch_));
+  // Start in schedule order: the communication thread runs collectives in the order started,
+  // and every rank starts them in this same order.
+  while (next_to_start_ <= k) start(next_to_start_++);
+  Entry& e = entry(k);
+  for (ShardedUnit::Gathered& g : e.gathered) g.work.wait();
+  e.waited = true;
+  e.buffers.clear();
+  for (ShardedUnit::Gathered& g : e.gathered) e.buffers.push_back(g.buffer);
+  // The prefetch goes out after the wait, as in DESIGN.md section 2 ("wait gather(i); start
+  // gather(i+1)"), so at most 1 + prefetch positions are alive at once.
+  while (next_to_start_ <= last) start(next_to_start_++);
+  return e.buffers;
+}
+
+void UnitPipeline::release(size_t k) {
+  for (auto it = in_flight_.begin(); it != in_flight_.end(); ++it) {
+    if (it->position != k) continue;
+    it->buffers.clear();
+    for (size_t j = 0; j < it->gathered.size(); ++j) schedule_[k][j]->release(it->gathered[j]);
+    in_flight_.erase(it);
+    return;
+  }
+  throw std::logic_error("UnitPipeline: release of position " + std::to_string(k) +
+                         " that is not in flight");
+}
+
+void UnitPipeline::drain() {
+  while (!in_flight_.empty()) release(in_flight_.front().position);
+}
+
+}  // namespace qlora::dist

@@ -1,0 +1,466 @@
+// Units of the decoder, their sources (Hugging Face directory, HDF5 unit file) and binding.
+#include "train/sharded_model.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+
+#include "io/h5_file.h"
+#include "io/hf_config.h"
+#include "quant/bnb_checkpoint.h"
+#include "quant/tensor_io.h"
+
+namespace fs = std::filesystem;
+
+namespace qlora::train {
+
+namespace {
+
+constexpr const char* kH5Format = "qlora_dist.units";
+constexpr int64_t kH5FormatVersion = 1;
+
+std::string layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
+
+io::DType plain_dtype_from(const model::ModelConfig& c) {
+  if (c.torch_dtype == "bfloat16") return io::DType::BF16;
+  if (c.torch_dtype == "float16") return io::DType::F16;
+  return io::DType::F32;  // "float32" and a config without torch_dtype
+}
+
+// Every quantization method a sharded run cannot take, with the reason users know from the
+// Python tools (DESIGN.md section 5).
+void check_sharded_method(const io::HfConfig& hf) {
+  using io::QuantMethod;
+  const QuantMethod m = hf.quantization.method;
+  const std::string what = hf.path + ": quant_method '" + hf.quantization.quant_method + "'";
+  switch (m) {
+    case QuantMethod::none:
+    case QuantMethod::bnb_4bit: return;
+    case QuantMethod::bnb_8bit:
+      throw std::invalid_argument(what + " (bitsandbytes 8-bit): only 4-bit quantized models can "
+                                  "be sharded; use a 4-bit (or unquantized) model");
+    case QuantMethod::gptq:
+    case QuantMethod::awq:
+    case QuantMethod::aqlm:
+      throw std::invalid_argument(what + ": PTQ-quantized models (GPTQ, AWQ, AQLM) are "
+                                  "incompatible with ZeRO-3/FSDP sharding");
+    case QuantMethod::hqq:
+      throw std::invalid_argument(what + ": HQQ-quantized models are incompatible with "
+                                  "ZeRO-3/FSDP sharding");
+    case QuantMethod::eetq:
+      throw std::invalid_argument(what + ": EETQ-quantized models are incompatible with "
+                                  "ZeRO-3/FSDP sharding");
+    case QuantMethod::fp8:
+    case QuantMethod::mxfp4:
+      throw std::invalid_argument(what + ": dequantizing FP8/MXFP4 checkpoints on load is not "
+                                  "supported yet; convert the model to bf16 first");
+    case QuantMethod::other:
+      throw std::invalid_argument(what + " is not a quantization method qlora_dist knows");
+  }
+  throw std::invalid_argument(what + ": unknown method");
+}
+
+// A tensor's bytes as uint8 (contiguous CPU).
+at::Tensor as_bytes(const at::Tensor& t) {
+  return t.contiguous().view({-1}).view(at::kByte);
+}
+
+// ------------------------------------------------------------------------------------------
+// Hugging Face directory
+
+class HfUnitSource final : public UnitSource {
+ public:
+  HfUnitSource(const std::string& dir, const quant::QuantizeOptions& quant)
+      : weights_(io::ModelWeights::open_dir(dir)) {
+    path_ = dir;
+    const io::HfConfig hf = io::read_hf_config((fs::path(dir) / "config.json").string());
+    check_sharded_method(hf);
+    config_json_ = hf.raw.dump();
+    spec_.config = model::model_config_from_json(hf.raw, hf.path);
+    spec_.plain_dtype = plain_dtype_from(spec_.config);
+    spec_.quant = quant;
+    prequantized_ = hf.quantization.method == io::QuantMethod::bnb_4bit;
+    if (prequantized_) {
+      // The checkpoint decides: read the first linear's state and require every other to match.
+      const std::string first = model::block_linear_module(0, "q_proj") + ".weight";
+      const quant::Quantized q = read_bnb(first);
+      spec_.quant.quant_type = q.state.quant_type;
+      spec_.quant.blocksize = q.state.blocksize;
+      spec_.quant.double_quant = q.state.is_nested();
+    }
+    // Shapes against the config first, before any heavy work.
+    for (const auto& [name, shape] : model::expected_weight_shapes(spec_.config)) {
+      if (prequantized_ && model::is_block_linear_weight(name)) continue;  // checked when read
+      if (!weights_.contains(name))
+        throw std::invalid_argument(dir + ": tensor '" + name + "' is missing (config.json implies " +
+                                    model::shape_str(shape) + ")");
+      if (weights_.info(name).shape != shape)
+        throw std::invalid_argument(dir + ": tensor '" + name + "' has shape " +
+                                    model::shape_str(weights_.info(name).shape) +
+                                    ", config.json implies " + model::shape_str(shape));
+    }
+  }
+
+  void read(const dist::UnitLayout& unit, size_t begin, size_t end, uint8_t* out) override {
+    std::memset(out, 0, end - begin);
+    for (const dist::Segment& s : unit.segments) {
+      const size_t lo = std::max(begin, s.offset), hi = std::min(end, s.offset + s.nbytes);
+      if (lo >= hi) continue;
+      const at::Tensor bytes = segment_bytes(s);
+      if (static_cast<size_t>(bytes.numel()) < s.nbytes)
+        throw std::logic_error("segment '" + s.name + "' produced too few bytes");
+      std::memcpy(out + (lo - begin), bytes.data_ptr<uint8_t>() + (lo - s.offset), hi - lo);
+    }
+  }
+  size_t bytes_read() const override { return bytes_read_; }
+
+ private:
+  quant::Quantized read_bnb(const std::string& weight_name) {
+    const auto lookup = [&](const std::string& n) -> std::optional<at::Tensor> {
+      if (!weights_.contains(n)) return std::nullopt;
+      bytes_read_ += weights_.info(n).nbytes;
+      return quant::tensor_from_weights(weights_, n);
+    };
+    if (quant::bnb_quant_state_key(weight_name,
+                                   [&](const std::string& n) { return weights_.contains(n); })
+            .empty())
+      throw std::invalid_argument(path_ + ": '" + weight_name +
+                                  "' is not 4-bit quantized in this bitsandbytes checkpoint; "
+                                  "sharding needs every block linear quantized");
+    quant::Quantized q;
+    try {
+      q = quant::bnb_read_quantized(weight_name, lookup);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(path_ + ": " + e.what());
+    }
+    if (!at::equal(q.state.code, quant::code_table(q.state.quant_type)) ||
+        (q.state.is_nested() && !at::equal(q.state.nested->code, quant::nested_code_table())))
+      throw std::invalid_argument(path_ + ": '" + weight_name +
+                                  "' has a quant_map or nested_quant_map other than bitsandbytes' "
+                                  "own tables; only those can be sharded");
+    return q;
+  }
+
+  // The quantized weight of `name`, quantized (or read) once for its consecutive segments.
+  const quant::Quantized& quantized(const std::string& name, const std::vector<int64_t>& shape) {
+    if (cached_name_ == name) return cached_;
+    if (prequantized_) {
+      cached_ = read_bnb(name);
+      const quant::QuantState& st = cached_.state;
+      if (st.shape != shape || st.quant_type != spec_.quant.quant_type ||
+          st.blocksize != spec_.quant.blocksize || st.is_nested() != spec_.quant.double_quant)
+        throw std::invalid_argument(
+            path_ + ": '" + name + "' is quantized as " + quant::quant_type_name(st.quant_type) +
+            " blocksize " + std::to_string(st.blocksize) + (st.is_nested() ? " nested" : "") +
+            " with shape " + model::shape_str(st.shape) + "; the model's first linear says " +
+            quant::quant_type_name(spec_.quant.quant_type) + " blocksize " +
+            std::to_string(spec_.quant.blocksize) + (spec_.quant.double_quant ? " nested" : "") +
+            " and config.json implies shape " + model::shape_str(shape));
+    } else {
+      const io::TensorInfo& info = weights_.info(name);
+      bytes_read_ += info.nbytes;
+      const at::Tensor t = quant::tensor_from_weights(weights_, name);
+      const at::ScalarType st = t.scalar_type();
+      if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf)
+        throw std::invalid_argument(path_ + ": tensor '" + name + "' has dtype " +
+                                    io::dtype_name(info.dtype) +
+                                    " (expected F32, BF16 or F16 to quantize)");
+      cached_ = quant::quantize_4bit(t, spec_.quant);
+    }
+    cached_name_ = name;
+    return cached_;
+  }
+
+  at::Tensor segment_bytes(const dist::Segment& s) {
+    using dist::SegmentKind;
+    const std::string base = s.kind == SegmentKind::packed ? s.name
+                                                           : s.name.substr(0, s.name.rfind('.'));
+    switch (s.kind) {
+      case SegmentKind::packed: return quant::packed_bytes(quantized(base, s.shape).packed);
+      case SegmentKind::absmax: return as_bytes(quantized(base, {}).state.absmax);
+      case SegmentKind::nested_absmax:
+        return as_bytes(quantized(base, {}).state.nested->absmax);
+      case SegmentKind::nested_offset: {
+        const float offset = quantized(base, {}).state.nested->offset;
+        return as_bytes(at::full({1}, offset, at::TensorOptions().dtype(at::kFloat)));
+      }
+      case SegmentKind::tensor: {
+        // The head's lm_head of a tied model is the embedding.
+        const std::string name = s.name == "lm_head.weight" && spec_.config.tie_word_embeddings
+                                     ? "model.embed_tokens.weight"
+                                     : s.name;
+        bytes_read_ += weights_.info(name).nbytes;
+        return as_bytes(quant::tensor_from_weights(weights_, name)
+                            .to(quant::scalar_type_from(s.dtype)));
+      }
+    }
+    throw std::invalid_argument("unknown segment kind of '" + s.name + "'");
+  }
+
+  io::ModelWeights weights_;
+  bool prequantized_ = false;
+  std::string cached_name_;
+  quant::Quantized cached_;
+  size_t bytes_read_ = 0;
+};
+
+// ------------------------------------------------------------------------------------------
+// HDF5 unit file
+
+class H5UnitSource final : public UnitSource {
+ public:
+  explicit H5UnitSource(const std::string& path) : file_(io::H5File::open_read(path)) {
+    path_ = path;
+    const auto attr = [&](const char* name) {
+      if (!file_.has_attr("/", name))
+        throw std::invalid_argument(path + ": not a qlora_dist unit file (attribute '" +
+                                    std::string(name) + "' is missing; write one with "
+                                    "qlora_dist quantize --format h5)");
+      return file_.attr_string("/", name);
+    };
+    if (attr("format") != kH5Format)
+      throw std::invalid_argument(path + ": format '" + attr("format") + "', expected '" +
+                                  kH5Format + "'");
+    const int64_t version = file_.attr_int64("/", "format_version");
+    if (version != kH5FormatVersion)
+      throw std::invalid_argument(path + ": format_version " + std::to_string(version) +
+                                  " (this build reads " + std::to_string(kH5FormatVersion) + ")");
+    config_json_ = attr("config_json");
+    nlohmann::json raw;
+    try {
+      raw = nlohmann::json::parse(config_json_);
+    } catch (const nlohmann::json::exception& e) {
+      throw std::invalid_argument(path + ": config_json attribute is not valid JSON: " + e.what());
+    }
+    spec_.config = model::model_config_from_json(raw, path + ":config_json");
+    spec_.quant.quant_type = quant::quant_type_from_name(attr("quant_type"));
+    spec_.quant.blocksize = static_cast<int32_t>(file_.attr_int64("/", "blocksize"));
+    spec_.quant.double_quant = file_.attr_int64("/", "double_quant") != 0;
+    spec_.plain_dtype = io::dtype_from_name(attr("plain_dtype"));
+    // The stored table must be the one this build computes from the config: a file from another
+    // layout version would be read as garbage otherwise.
+    const std::vector<dist::UnitLayout> stored = dist::units_from_json(attr("layout_json"), path);
+    const std::vector<dist::UnitLayout> expected = base_units(spec_);
+    if (stored != expected)
+      throw std::invalid_argument(path + ": its unit layout table differs from the one this build "
+                                  "computes from its config; re-run qlora_dist quantize --format h5");
+    for (const dist::UnitLayout& u : expected)
+      if (file_.nbytes("units/" + u.name) != u.nbytes)
+        throw std::invalid_argument(path + ": dataset units/" + u.name + " has " +
+                                    std::to_string(file_.nbytes("units/" + u.name)) +
+                                    " bytes, the layout says " + std::to_string(u.nbytes));
+  }
+
+  void read(const dist::UnitLayout& unit, size_t begin, size_t end, uint8_t* out) override {
+    if (end > begin) file_.read_bytes("units/" + unit.name, begin, end - begin, out);
+  }
+  size_t bytes_read() const override { return file_.bytes_read(); }
+
+ private:
+  io::H5File file_;
+};
+
+bool is_hdf5_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  char sig[8] = {};
+  f.read(sig, 8);
+  return f.gcount() == 8 && std::memcmp(sig, "\x89HDF\r\n\x1a\n", 8) == 0;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// Units
+
+std::vector<dist::UnitLayout> base_units(const UnitsSpec& spec) {
+  const model::ModelConfig& c = spec.config;
+  const int64_t h = c.hidden_size;
+  const io::DType pd = spec.plain_dtype;
+  std::vector<dist::UnitLayout> units;
+  const auto shapes = model::expected_weight_shapes(c);
+
+  dist::UnitLayout embed;
+  embed.name = "embed";
+  embed.add("model.embed_tokens.weight", dist::SegmentKind::tensor, pd, {c.vocab_size, h});
+  units.push_back(std::move(embed));
+
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    dist::UnitLayout b;
+    b.name = "block." + std::to_string(i);
+    const std::string p = layer_prefix(i);
+    b.add(p + "input_layernorm.weight", dist::SegmentKind::tensor, pd, {h});
+    b.add(p + "post_attention_layernorm.weight", dist::SegmentKind::tensor, pd, {h});
+    for (const std::string& short_name : lora::block_linear_names()) {
+      const std::string module = model::block_linear_module(i, short_name);
+      const std::vector<int64_t>& shape = shapes.at(module + ".weight");
+      dist::unit_add_quantized(b, module + ".weight", shape, spec.quant.blocksize,
+                               spec.quant.double_quant);
+      if (c.linear_has_bias(short_name))
+        b.add(module + ".bias", dist::SegmentKind::tensor, pd, {shape[0]});
+    }
+    units.push_back(std::move(b));
+  }
+
+  dist::UnitLayout head;
+  head.name = "head";
+  head.add("model.norm.weight", dist::SegmentKind::tensor, pd, {h});
+  head.add("lm_head.weight", dist::SegmentKind::tensor, pd, {c.vocab_size, h});
+  units.push_back(std::move(head));
+  return units;
+}
+
+std::vector<dist::UnitLayout> lora_units(const model::ModelConfig& c, int64_t rank,
+                                         const std::vector<std::string>& targets) {
+  const auto shapes = model::expected_weight_shapes(c);
+  std::vector<dist::UnitLayout> units;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    dist::UnitLayout u;
+    u.name = "lora." + std::to_string(i);
+    for (const std::string& short_name : lora::block_linear_names()) {
+      if (std::find(targets.begin(), targets.end(), short_name) == targets.end()) continue;
+      const std::string module = model::block_linear_module(i, short_name);
+      const std::vector<int64_t>& shape = shapes.at(module + ".weight");  // [out, in]
+      u.add(module + ".lora_A.weight", dist::SegmentKind::tensor, io::DType::F32,
+            {rank, shape[1]});
+      u.add(module + ".lora_B.weight", dist::SegmentKind::tensor, io::DType::F32,
+            {shape[0], rank});
+    }
+    units.push_back(std::move(u));
+  }
+  return units;
+}
+
+std::unique_ptr<UnitSource> UnitSource::open(const std::string& path,
+                                             const quant::QuantizeOptions& quant) {
+  if (fs::is_directory(path)) return std::make_unique<HfUnitSource>(path, quant);
+  if (!fs::exists(path))
+    throw std::invalid_argument(path + ": model path does not exist (expected a Hugging Face "
+                                "model directory or an HDF5 unit file)");
+  if (!is_hdf5_file(path))
+    throw std::invalid_argument(path + ": not a directory and not an HDF5 file (expected a "
+                                "Hugging Face model directory or an HDF5 unit file from "
+                                "qlora_dist quantize --format h5)");
+  return std::make_unique<H5UnitSource>(path);
+}
+
+size_t units_h5_write(UnitSource& source, const std::string& out_path) {
+  const fs::path out(out_path);
+  if (fs::exists(out))
+    throw std::invalid_argument(out_path + ": exists; quantize never overwrites (remove it or "
+                                "choose another --out)");
+  if (!out.parent_path().empty() && !fs::is_directory(out.parent_path()))
+    throw std::invalid_argument(out_path + ": directory " + out.parent_path().string() +
+                                " does not exist");
+  const fs::path tmp = out.parent_path() / ("." + out.filename().string() + ".tmp");
+  fs::remove(tmp);
+  const std::vector<dist::UnitLayout> units = base_units(source.spec());
+  size_t written = 0;
+  try {
+    io::H5File f = io::H5File::create(tmp.string());
+    const UnitsSpec& spec = source.spec();
+    f.set_attr_string("/", "format", kH5Format);
+    f.set_attr_int64("/", "format_version", kH5FormatVersion);
+    f.set_attr_string("/", "config_json", source.config_json());
+    f.set_attr_string("/", "quant_type", quant::quant_type_name(spec.quant.quant_type));
+    f.set_attr_int64("/", "blocksize", spec.quant.blocksize);
+    f.set_attr_int64("/", "double_quant", spec.quant.double_quant ? 1 : 0);
+    f.set_attr_string("/", "plain_dtype", io::dtype_name(spec.plain_dtype));
+    f.set_attr_string("/", "layout_json", dist::units_to_json(units));
+    for (const dist::UnitLayout& u : units) {
+      std::vector<uint8_t> bytes(u.nbytes);
+      source.read(u, 0, u.nbytes, bytes.data());
+      f.write_bytes("units/" + u.name, bytes.data(), bytes.size());
+      written += bytes.size();
+    }
+  } catch (...) {
+    fs::remove(tmp);
+    throw;
+  }
+  fs::rename(tmp, out);
+  return written;
+}
+
+// ------------------------------------------------------------------------------------------
+// Binding
+
+void bind_embed(model::DecoderModel& m, const dist::ShardedUnit& unit, const at::Tensor& buffer) {
+  if (!buffer.defined()) {
+    m.set_embedding(at::Tensor());
+    return;
+  }
+  m.set_embedding(
+      unit.segment_view(buffer, "model.embed_tokens.weight").to(m.compute_dtype()));
+}
+
+void bind_head(model::DecoderModel& m, const dist::ShardedUnit& unit, const at::Tensor& buffer) {
+  if (!buffer.defined()) {
+    m.set_head(at::Tensor(), at::Tensor());
+    return;
+  }
+  m.set_head(unit.segment_view(buffer, "model.norm.weight").to(m.norm_dtype()),
+             unit.segment_view(buffer, "lm_head.weight").to(m.compute_dtype()));
+}
+
+at::Tensor lora_view(const dist::UnitLayout& unit, const at::Tensor& buffer,
+                     const std::string& name) {
+  const dist::Segment& s = unit.segment(name);
+  // fp32 elements: narrow + view keep autograd (a dtype view would not).
+  return buffer.narrow(0, static_cast<int64_t>(s.offset / 4), static_cast<int64_t>(s.nbytes / 4))
+      .view(s.shape);
+}
+
+void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
+                const dist::ShardedUnit& unit, const at::Tensor& buffer,
+                const dist::ShardedUnit* lora_unit, const at::Tensor& lora_buffer,
+                const lora::LoraConfig& lora_config) {
+  static const at::Tensor code_nf4 = quant::code_table(quant::QuantType::nf4);
+  static const at::Tensor code_fp4 = quant::code_table(quant::QuantType::fp4);
+  static const at::Tensor nested_code = quant::nested_code_table();
+  const std::string p = layer_prefix(i);
+  model::DecoderBlock b;
+  b.input_layernorm = unit.segment_view(buffer, p + "input_layernorm.weight").to(m.norm_dtype());
+  b.post_attention_layernorm =
+      unit.segment_view(buffer, p + "post_attention_layernorm.weight").to(m.norm_dtype());
+  const dist::UnitLayout& layout = unit.layout();
+  for (const std::string& short_name : lora::block_linear_names()) {
+    const std::string module = model::block_linear_module(i, short_name);
+    const std::string w = module + ".weight";
+    const dist::Segment& packed = layout.segment(w);
+    quant::Quantized q;
+    q.packed = unit.segment_view(buffer, packed);
+    q.state.shape = packed.shape;
+    q.state.blocksize = spec.quant.blocksize;
+    q.state.quant_type = spec.quant.quant_type;
+    q.state.dtype = quant::scalar_type_from(spec.plain_dtype);
+    q.state.absmax = unit.segment_view(buffer, w + ".absmax");
+    q.state.code = spec.quant.quant_type == quant::QuantType::nf4 ? code_nf4 : code_fp4;
+    if (spec.quant.double_quant) {
+      quant::NestedState nested;
+      nested.absmax = unit.segment_view(buffer, w + ".nested_absmax");
+      nested.code = nested_code;
+      nested.offset = unit.segment_view(buffer, w + ".nested_offset").item<float>();
+      q.state.nested = nested;
+    }
+    at::Tensor bias;
+    if (layout.has(module + ".bias"))
+      bias = unit.segment_view(buffer, module + ".bias").to(m.compute_dtype());
+    b.linears.emplace_back(module, std::move(q), std::move(bias));
+    if (lora_unit != nullptr && lora_unit->layout().has(module + ".lora_A.weight")) {
+      const dist::UnitLayout& ll = lora_unit->layout();
+      b.linears.back().adapter_set(lora_config, lora_view(ll, lora_buffer, module + ".lora_A.weight"),
+                                   lora_view(ll, lora_buffer, module + ".lora_B.weight"));
+    }
+  }
+  m.block(i) = std::move(b);
+}
+
+void unbind_block(model::DecoderModel& m, int64_t i) { m.block(i) = model::DecoderBlock(); }
+
+}  // namespace qlora::train

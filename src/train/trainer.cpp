@@ -1,0 +1,307 @@
+// The step loop: gathers, forward with saved block inputs, chunked loss, backward with
+// recompute per block, gradient reduce-scatter as each block finishes, clip, sharded AdamW.
+#include "train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <chrono>
+#include <cmath>
+#include <stdexcept>
+
+namespace qlora::train {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The dropout generator of one block in one micro-step: the forward and the backward recompute
+// draw the same masks from it.
+at::Generator dropout_generator(uint64_t seed, int64_t step, int64_t micro, int rank, int64_t block) {
+  uint64_t x = seed * 0x9e3779b97f4a7c15ULL;
+  for (uint64_t v : {static_cast<uint64_t>(step), static_cast<uint64_t>(micro),
+                     static_cast<uint64_t>(rank), static_cast<uint64_t>(block)})
+    x = (x ^ (v + 0x632be59bd9b4e019ULL + (x << 6) + (x >> 2))) * 0xff51afd7ed558ccdULL;
+  return at::make_generator<at::CPUGeneratorImpl>(x);
+}
+
+size_t received(size_t padded_bytes, int world_size) {
+  return padded_bytes / static_cast<size_t>(world_size) * static_cast<size_t>(world_size - 1);
+}
+
+}  // namespace
+
+Trainer::Trainer(dist::Communicator& comm, const std::string& model_path,
+                 const TrainerOptions& options)
+    : comm_(comm), options_(options), model_path_(model_path) {
+  options_.lora.validate("lora");
+  if (options_.targets.empty()) throw std::invalid_argument("lora_target is empty");
+  std::unique_ptr<UnitSource> source = UnitSource::open(model_path, options_.quant);
+  spec_ = source->spec();
+  model_ = model::DecoderModel::skeleton(spec_.config, options_.load);
+  const at::ScalarType storage = options_.load.compute_dtype;  // quant storage = compute dtype
+
+  for (dist::UnitLayout& layout : base_units(spec_)) {
+    auto unit = std::make_unique<dist::ShardedUnit>(std::move(layout), storage, comm_,
+                                                    options_.sharded, &stats_, /*is_base=*/true);
+    const auto [begin, end] = unit->owned_bytes();
+    source->read(unit->layout(), begin, end, unit->shard_bytes().data_ptr<uint8_t>());
+    base_.push_back(std::move(unit));
+  }
+  load_bytes_read_ = source->bytes_read();
+  for (dist::UnitLayout& layout : lora_units(spec_.config, options_.lora.rank, options_.targets)) {
+    lora_.push_back(std::make_unique<dist::ShardedUnit>(std::move(layout), at::kFloat, comm_,
+                                                        options_.sharded, &stats_,
+                                                        /*is_base=*/false));
+    grad_.push_back(at::zeros({lora_.back()->shard_numel()}, at::kFloat));
+    adam_.push_back(dist::adamw_state_init(lora_.back()->shard_numel()));
+  }
+  lora_init();
+}
+
+void Trainer::lora_init() {
+  // peft's init in DecoderModel::adapters_init's order (block, then linear): A drawn from one
+  // generator, B zeros. Every rank draws everything and keeps its own part.
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options_.seed);
+  for (auto& unit : lora_) {
+    const dist::UnitLayout& layout = unit->layout();
+    at::Tensor full = at::zeros({unit->padded_numel()}, at::kFloat);
+    for (const dist::Segment& s : layout.segments) {
+      if (s.name.size() < 14 || s.name.compare(s.name.size() - 14, 14, ".lora_A.weight") != 0)
+        continue;
+      const double bound = 1.0 / std::sqrt(static_cast<double>(s.shape[1]));
+      lora_view(layout, full, s.name).uniform_(-bound, bound, gen);
+    }
+    const auto [begin, end] = unit->owned_bytes();
+    at::Tensor dst = unit->shard_bytes();
+    dst.narrow(0, 0, static_cast<int64_t>(end - begin))
+        .copy_(full.view(at::kByte).narrow(0, static_cast<int64_t>(begin),
+                                           static_cast<int64_t>(end - begin)));
+  }
+}
+
+size_t Trainer::base_total_bytes() const {
+  size_t total = 0;
+  for (const auto& u : base_) total += u->layout().nbytes;
+  return total;
+}
+
+size_t Trainer::base_max_unit_bytes() const {
+  size_t m = 0;
+  for (const auto& u : base_)
+    m = std::max(m, static_cast<size_t>(u->padded_numel()) * u->itemsize());
+  return m;
+}
+
+size_t Trainer::expected_gathered_per_step(int64_t g) const {
+  const int n = comm_.world_size();
+  if (!options_.sharded || n == 1) return 0;
+  const auto padded = [](const dist::ShardedUnit& u) {
+    return static_cast<size_t>(u.padded_numel()) * u.itemsize();
+  };
+  size_t per_micro = received(padded(*base_.front()), n) + received(padded(*base_.back()), n);
+  for (size_t i = 0; i < lora_.size(); ++i)
+    per_micro += 2 * (received(padded(*base_[i + 1]), n) + received(padded(*lora_[i]), n));
+  return static_cast<size_t>(g) * per_micro;
+}
+
+size_t Trainer::expected_reduced_per_step(int64_t g) const {
+  const int n = comm_.world_size();
+  if (n == 1) return 0;
+  size_t per_micro = 0;
+  for (const auto& u : lora_) {
+    const size_t padded = static_cast<size_t>(u->padded_numel()) * 4;
+    per_micro += options_.sharded ? received(padded, n) : 2 * received(padded, n);
+  }
+  return static_cast<size_t>(g) * per_micro;
+}
+
+StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
+  const auto t0 = Clock::now();
+  StepResult result;
+  const size_t gathered0 = stats_.bytes_gathered, reduced0 = stats_.bytes_reduce_scattered;
+  comm_.wait_seconds_reset();
+  const int n = comm_.world_size();
+  const int64_t layers = model_.num_blocks();
+  const int64_t g = static_cast<int64_t>(micro_batches.size());
+  if (g < 1) throw std::invalid_argument("step: no micro-batches");
+
+  // The global number of target tokens: every rank's loss is divided by it, so the summed
+  // gradients are those of the mean over the whole global batch.
+  at::Tensor count = at::zeros({1}, at::kLong);
+  for (const Batch& b : micro_batches) {
+    if (b.labels.dim() != 2 || b.labels.sizes() != b.input_ids.sizes())
+      throw std::invalid_argument("step: input_ids and labels must both be [batch, seq]");
+    count += (b.labels.narrow(1, 1, b.labels.size(1) - 1) != -100).sum();
+  }
+  comm_.all_reduce(count, dist::ReduceOp::sum);
+  result.num_targets = count.item<int64_t>();
+  const double normalizer = std::max<double>(1.0, static_cast<double>(result.num_targets));
+
+  // The schedule: per micro-batch embed, blocks up, head, blocks down.
+  std::vector<std::vector<dist::ShardedUnit*>> schedule;
+  for (int64_t m = 0; m < g; ++m) {
+    schedule.push_back({base_.front().get()});
+    for (int64_t i = 0; i < layers; ++i) schedule.push_back({base_[i + 1].get(), lora_[i].get()});
+    schedule.push_back({base_.back().get()});
+    for (int64_t i = layers - 1; i >= 0; --i)
+      schedule.push_back({base_[i + 1].get(), lora_[i].get()});
+  }
+  dist::UnitPipeline pipe(std::move(schedule), options_.prefetch);
+
+  struct Pending {
+    dist::Work work;
+    at::Tensor flat;    // [P] fp32: this rank's gradient, all-reduced in place when not sharded
+    at::Tensor shard;   // [S] fp32: the reduce-scatter result
+    size_t unit = 0;
+  };
+  std::vector<Pending> pending;
+  double loss_sum = 0.0;
+  size_t k = 0;
+  for (int64_t m = 0; m < g; ++m) {
+    const at::Tensor tokens = micro_batches[m].input_ids.to(at::kLong);
+    const at::Tensor labels = micro_batches[m].labels.to(at::kLong);
+    std::vector<at::Tensor> xs(static_cast<size_t>(layers + 1));  // block inputs [m, T, H]
+
+    {  // Forward, no autograd graph.
+      at::AutoGradMode no_grad(false);
+      const auto& e = pipe.acquire(k);
+      bind_embed(model_, *base_.front(), e[0]);
+      xs[0] = model_.embed(tokens);
+      bind_embed(model_, *base_.front(), at::Tensor());
+      pipe.release(k++);
+      for (int64_t i = 0; i < layers; ++i) {
+        const auto& bufs = pipe.acquire(k);
+        bind_block(model_, i, spec_, *base_[i + 1], bufs[0], lora_[i].get(), bufs[1],
+                   options_.lora);
+        xs[i + 1] = model_.block_forward(
+            i, xs[i], /*training=*/true, dropout_generator(options_.seed, step_, m, comm_.rank(), i));
+        unbind_block(model_, i);
+        pipe.release(k++);
+      }
+    }
+
+    at::Tensor dy;  // dL/dx of the current block's output
+    {
+      const auto& e = pipe.acquire(k);
+      bind_head(model_, *base_.back(), e[0]);
+      const at::Tensor x_last = xs[layers].detach().requires_grad_(true);
+      const model::LossResult lr_result =
+          model_.loss(model_.final_norm(x_last), labels, options_.chunk_tokens, normalizer);
+      dy = torch::autograd::grad({lr_result.loss}, {x_last})[0];
+      loss_sum += lr_result.loss.item<double>();
+      bind_head(model_, *base_.back(), at::Tensor());
+      pipe.release(k++);
+      xs[layers] = at::Tensor();
+    }
+
+    for (int64_t i = layers - 1; i >= 0; --i) {
+      const auto& bufs = pipe.acquire(k);
+      bind_block(model_, i, spec_, *base_[i + 1], bufs[0], lora_[i].get(), bufs[1], options_.lora);
+      const at::Tensor x = xs[i].detach().requires_grad_(true);
+      const at::Tensor y = model_.block_forward(
+          i, x, /*training=*/true, dropout_generator(options_.seed, step_, m, comm_.rank(), i));
+      std::vector<at::Tensor> inputs = {x};
+      std::vector<std::string> names;
+      model::DecoderBlock& block = model_.block(i);
+      for (lora::QLoraLinear& l : block.linears)
+        if (l.has_adapter()) {
+          inputs.push_back(l.lora_A());
+          inputs.push_back(l.lora_B());
+          names.push_back(l.name());
+        }
+      const std::vector<at::Tensor> grads =
+          torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/false, /*create_graph=*/false,
+                                /*allow_unused=*/true);
+      dy = grads[0];
+      dist::ShardedUnit& lu = *lora_[i];
+      at::Tensor flat = at::zeros({lu.padded_numel()}, at::kFloat);  // [P]
+      for (size_t j = 0; j < names.size(); ++j) {
+        if (grads[1 + 2 * j].defined())
+          lora_view(lu.layout(), flat, names[j] + ".lora_A.weight").copy_(grads[1 + 2 * j]);
+        if (grads[2 + 2 * j].defined())
+          lora_view(lu.layout(), flat, names[j] + ".lora_B.weight").copy_(grads[2 + 2 * j]);
+      }
+      unbind_block(model_, i);
+      pipe.release(k++);
+      xs[i] = at::Tensor();
+
+      Pending p;
+      p.flat = flat;
+      p.unit = static_cast<size_t>(i);
+      const size_t padded = static_cast<size_t>(lu.padded_numel()) * 4;
+      if (options_.sharded) {
+        p.shard = at::empty({lu.shard_numel()}, at::kFloat);
+        p.work = comm_.reduce_scatter_start(flat, p.shard);
+        if (n > 1) stats_.bytes_reduce_scattered += received(padded, n);
+      } else {
+        p.work = comm_.all_reduce_start(flat, dist::ReduceOp::sum);
+        if (n > 1) stats_.bytes_reduce_scattered += 2 * received(padded, n);
+      }
+      pending.push_back(std::move(p));
+    }
+  }
+  pipe.drain();
+  for (Pending& p : pending) {
+    p.work.wait();
+    grad_[p.unit] += options_.sharded ? p.shard : p.flat;
+  }
+
+  // One all-reduce: squared gradient norm of the shards, and the loss.
+  double sumsq = 0.0;
+  for (const at::Tensor& gr : grad_) sumsq += gr.to(at::kDouble).pow(2).sum().item<double>();
+  at::Tensor red = at::zeros({2}, at::kDouble);
+  red[0] = options_.sharded ? sumsq : 0.0;
+  red[1] = loss_sum;
+  comm_.all_reduce(red, dist::ReduceOp::sum);
+  const double norm = std::sqrt(options_.sharded ? red[0].item<double>() : sumsq);
+  result.loss = red[1].item<double>();
+  result.grad_norm = norm;
+  if (options_.max_grad_norm > 0.0) {
+    // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+    const double coef = options_.max_grad_norm / (norm + 1e-6);
+    if (coef < 1.0)
+      for (at::Tensor& gr : grad_) gr.mul_(coef);
+  }
+
+  ++step_;
+  for (size_t u = 0; u < lora_.size(); ++u) {
+    at::Tensor& param = lora_[u]->shard();
+    dist::adamw_step(param, grad_[u], adam_[u], step_, lr, options_.adam);
+    grad_[u].zero_();
+  }
+
+  result.bytes_gathered = stats_.bytes_gathered - gathered0;
+  result.bytes_reduce_scattered = stats_.bytes_reduce_scattered - reduced0;
+  result.comm_wait_seconds = comm_.wait_seconds();
+  result.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return result;
+}
+
+lora::PeftAdapter Trainer::adapter_gather() {
+  lora::PeftAdapter out;
+  out.config = options_.lora;
+  out.base_model_name_or_path = model_path_;
+  for (const std::string& name : lora::block_linear_names())
+    for (const std::string& t : options_.targets)
+      if (t == name) out.target_modules.push_back(name);
+  for (auto& unit : lora_) {
+    dist::ShardedUnit::Gathered gathered = unit->gather_start();
+    gathered.work.wait();
+    const at::Tensor buffer = gathered.buffer;
+    for (const dist::Segment& s : unit->layout().segments) {
+      const std::string suffix = ".lora_A.weight";
+      if (s.name.size() < suffix.size() ||
+          s.name.compare(s.name.size() - suffix.size(), suffix.size(), suffix) != 0)
+        continue;
+      const std::string module = s.name.substr(0, s.name.size() - suffix.size());
+      out.weights[module] = {lora_view(unit->layout(), buffer, s.name).clone(),
+                             lora_view(unit->layout(), buffer, module + ".lora_B.weight").clone()};
+    }
+    unit->release(gathered);
+  }
+  return out;
+}
+
+}  // namespace qlora::train

@@ -1,0 +1,101 @@
+// The sharded trainer: the explicit step loop of DESIGN.md section 2 over the units of
+// sharded_model.h. Per optimizer step with g micro-batches on each of N ranks:
+//   normalizer = all_reduce(sum of target tokens of every micro-batch of every rank)
+//   for each micro-batch:
+//     forward (no grad): embed, block 0..L-1 (keep each block's input), head: loss and dL/dx_L
+//     backward: block L-1..0 recomputed with grad -> dL/dx_i and the block's LoRA gradients,
+//               whose reduce-scatter starts at once (an all-reduce when not sharded)
+//   every unit gathered just before use (prefetch: the next 0-2 gathers in flight) and dropped
+//   after; then one all-reduce (squared gradient norm, loss), clip, AdamW on the local shard.
+// Communication per optimizer step and rank (sharded, N > 1; P_u = padded bytes of unit u):
+//   gathered  = g * (N-1)/N * (P_embed + P_head + 2 * sum_i (P_block_i + P_lora_i))
+//   reduced   = g * (N-1)/N * sum_i P_lora_i       (reduce-scatter; all-reduce when not sharded:
+//               2 (N-1)/N * ... and nothing gathered)
+// plus two small all-reduces (token count; norm and loss).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dist/adamw.h"
+#include "dist/communicator.h"
+#include "dist/sharded_unit.h"
+#include "lora/peft_adapter.h"
+#include "model/decoder.h"
+#include "train/sharded_model.h"
+
+namespace qlora::train {
+
+struct TrainerOptions {
+  bool sharded = true;   // [dist] sharding = full (true) | none
+  int prefetch = 1;      // [dist] prefetch = 0 | 1 | 2
+  int64_t chunk_tokens = 1024;
+  double max_grad_norm = 1.0;  // <= 0: no clipping
+  dist::AdamWOptions adam;
+  uint64_t seed = 42;
+  lora::LoraConfig lora;
+  std::vector<std::string> targets;  // block linear short names
+  model::LoadOptions load;           // compute dtype, upcast_layernorm (storage = compute dtype)
+  quant::QuantizeOptions quant;      // for an unquantized model: how block linears are quantized
+};
+
+struct Batch {
+  at::Tensor input_ids;  // [m, T] integer
+  at::Tensor labels;     // [m, T] integer, -100 where no loss
+};
+
+struct StepResult {
+  double loss = 0.0;       // global mean over target tokens
+  double grad_norm = 0.0;  // before clipping
+  int64_t num_targets = 0;
+  size_t bytes_gathered = 0;          // this rank, this step
+  size_t bytes_reduce_scattered = 0;  // this rank, this step
+  double comm_wait_seconds = 0.0;     // main thread blocked on collectives
+  double seconds = 0.0;
+};
+
+class Trainer {
+ public:
+  // Opens the model (HF directory or HDF5 unit file), loads this rank's shard of every unit and
+  // initializes the LoRA weights (peft's init from `seed`, the same whatever the world size).
+  Trainer(dist::Communicator& comm, const std::string& model_path, const TrainerOptions& options);
+
+  StepResult step(const std::vector<Batch>& micro_batches, double lr);
+  int64_t steps_done() const { return step_; }
+
+  // Gathers the adapter (a collective: every rank calls it; every rank gets it).
+  lora::PeftAdapter adapter_gather();
+
+  const UnitsSpec& spec() const { return spec_; }
+  const dist::ShardStats& stats() const { return stats_; }
+  size_t load_bytes_read() const { return load_bytes_read_; }
+  // The formula of the header: bytes gathered / reduced per optimizer step of g micro-batches.
+  size_t expected_gathered_per_step(int64_t micro_batches) const;
+  size_t expected_reduced_per_step(int64_t micro_batches) const;
+  size_t base_total_bytes() const;        // all base units' payload
+  size_t base_max_unit_bytes() const;     // the largest gathered base unit (padded)
+  const std::vector<std::unique_ptr<dist::ShardedUnit>>& base() const { return base_; }
+  const std::vector<std::unique_ptr<dist::ShardedUnit>>& lora() const { return lora_; }
+
+ private:
+  void lora_init();
+
+  dist::Communicator& comm_;
+  TrainerOptions options_;
+  std::string model_path_;
+  UnitsSpec spec_;
+  model::DecoderModel model_;
+  dist::ShardStats stats_;
+  std::vector<std::unique_ptr<dist::ShardedUnit>> base_;  // embed, block.0.., head
+  std::vector<std::unique_ptr<dist::ShardedUnit>> lora_;  // lora.0..
+  std::vector<at::Tensor> grad_;                          // [S] fp32 per LoRA unit
+  std::vector<dist::AdamWState> adam_;
+  int64_t step_ = 0;
+  size_t load_bytes_read_ = 0;
+};
+
+}  // namespace qlora::train
