@@ -29,14 +29,57 @@ at::Tensor byte_view(const at::Tensor& buffer, size_t offset, size_t nbytes, at:
       .view(shape);
 }
 
+// ------------------------------------------------------------------------------------------
+// BufferPool
+
+at::Tensor BufferPool::acquire(int64_t numel, at::ScalarType dtype) {
+  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  size_t best = free_.size();
+  for (size_t i = 0; i < free_.size(); ++i)
+    if (free_[i].numel() >= nbytes && (best == free_.size() || free_[i].numel() < free_[best].numel()))
+      best = i;
+  at::Tensor bytes;
+  if (best < free_.size()) {
+    bytes = free_[best];
+    free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+  } else {
+    bytes = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
+  }
+  return bytes.narrow(0, 0, nbytes).view(dtype);
+}
+
+void BufferPool::give_back(const at::Tensor& buffer) {
+  // The whole allocation behind the view goes back.
+  const auto& storage = buffer.storage();
+  at::Tensor bytes = at::empty({0}, at::TensorOptions().dtype(at::kByte));
+  bytes.set_(storage, 0, {static_cast<int64_t>(storage.nbytes())}, {1});
+  free_.push_back(bytes);
+  if (free_.size() > max_free_) {
+    auto smallest = std::min_element(free_.begin(), free_.end(), [](const auto& a, const auto& b) {
+      return a.numel() < b.numel();
+    });
+    free_.erase(smallest);
+  }
+}
+
+size_t BufferPool::free_bytes() const {
+  size_t n = 0;
+  for (const at::Tensor& t : free_) n += static_cast<size_t>(t.numel());
+  return n;
+}
+
+// ------------------------------------------------------------------------------------------
+// ShardedUnit
+
 ShardedUnit::ShardedUnit(UnitLayout layout, at::ScalarType storage, Communicator& comm,
-                         bool sharded, ShardStats* stats, bool is_base)
+                         bool sharded, ShardStats* stats, bool is_base, BufferPool* pool)
     : layout_(std::move(layout)),
       storage_(storage),
       comm_(&comm),
       sharded_(sharded),
       stats_(stats),
-      is_base_(is_base) {
+      is_base_(is_base),
+      pool_(pool) {
   const size_t item = itemsize();
   const int n = sharded_ ? comm.world_size() : 1;
   padded_numel_ = layout_.padded_numel(item, n);
@@ -60,7 +103,8 @@ ShardedUnit::Gathered ShardedUnit::gather_start() {
   if (!sharded_ || comm_->world_size() == 1) {
     g.buffer = shard_;  // the whole unit is here already
   } else {
-    g.buffer = at::empty({padded_numel_}, shard_.options());
+    g.buffer = pool_ ? pool_->acquire(padded_numel_, storage_)
+                     : at::empty({padded_numel_}, shard_.options());
     g.work = comm_->all_gather_start(shard_, g.buffer);
     if (stats_)
       stats_->bytes_gathered += static_cast<size_t>(padded_numel_ - shard_numel_) * item;
@@ -80,8 +124,10 @@ ShardedUnit::Gathered ShardedUnit::gather_start() {
 void ShardedUnit::release(Gathered& g) {
   if (!g.buffer.defined()) return;
   g.work.wait();
+  const bool own_buffer = sharded_ && comm_->world_size() > 1;
   if (stats_ && is_base_ && sharded_)
     stats_->live_gathered_bytes -= static_cast<size_t>(padded_numel_) * itemsize();
+  if (pool_ && own_buffer) pool_->give_back(g.buffer);
   g.buffer = at::Tensor();
 }
 

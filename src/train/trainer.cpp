@@ -44,7 +44,8 @@ Trainer::Trainer(dist::Communicator& comm, const std::string& model_path,
 
   for (dist::UnitLayout& layout : base_units(spec_)) {
     auto unit = std::make_unique<dist::ShardedUnit>(std::move(layout), storage, comm_,
-                                                    options_.sharded, &stats_, /*is_base=*/true);
+                                                    options_.sharded, &stats_, /*is_base=*/true,
+                                                    &pool_);
     const auto [begin, end] = unit->owned_bytes();
     source->read(unit->layout(), begin, end, unit->shard_bytes().data_ptr<uint8_t>());
     base_.push_back(std::move(unit));

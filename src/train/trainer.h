@@ -90,6 +90,7 @@ class Trainer {
   UnitsSpec spec_;
   model::DecoderModel model_;
   dist::ShardStats stats_;
+  dist::BufferPool pool_{3};  // gather buffers of base units, reused (1 + prefetch live)
   std::vector<std::unique_ptr<dist::ShardedUnit>> base_;  // embed, block.0.., head
   std::vector<std::unique_ptr<dist::ShardedUnit>> lora_;  // lora.0..
   std::vector<at::Tensor> grad_;                          // [S] fp32 per LoRA unit
