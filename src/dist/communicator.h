@@ -76,8 +76,9 @@ class Communicator {
   void barrier() { barrier_start().wait(); }
 
   // Seconds the calling thread has spent blocked in Work::wait() on this communicator's handles.
-  double wait_seconds() const;
-  void wait_seconds_reset();
+  // Virtual so that a wrapper (e.g. one counting bytes) can report its inner communicator's.
+  virtual double wait_seconds() const;
+  virtual void wait_seconds_reset();
 
  protected:
   // Argument checks shared by the backends, run on the calling thread before anything is queued

@@ -7,9 +7,11 @@
 //                       destroyed during unwinding with its thread inside a collective that
 //                       will never complete
 // Started without mpirun but with WORLD_SIZE=4 RANK=0, rank_env_init itself fails.
+#include <chrono>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "dist/communicator.h"
 #include "dist/rank_env.h"
@@ -29,6 +31,8 @@ void probe_run(const RankEnv& env, const std::string& mode) {
   } else if (mode == "stuck") {
     if (fails) {
       Work never = comm->barrier_start();
+      // Long enough for the communication thread to be inside MPI_Barrier when we unwind.
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
       throw std::runtime_error(failure);
     }
     QLORA_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));

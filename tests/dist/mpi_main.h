@@ -22,11 +22,15 @@ inline dist::RankEnv& mpi_env() {
 class RankFailurePrinter : public ::testing::EmptyTestEventListener {
  public:
   explicit RankFailurePrinter(int rank) : rank_(rank) {}
+  // The name is kept here: UnitTest::current_test_info() would take the lock GoogleTest holds
+  // while it reports a result.
+  void OnTestStart(const ::testing::TestInfo& test) override {
+    test_name_ = std::string(test.test_suite_name()) + "." + test.name() + ": ";
+  }
+  void OnTestEnd(const ::testing::TestInfo&) override { test_name_.clear(); }
   void OnTestPartResult(const ::testing::TestPartResult& result) override {
     if (!result.failed()) return;
-    const ::testing::TestInfo* test = ::testing::UnitTest::GetInstance()->current_test_info();
-    std::string text = "[rank " + std::to_string(rank_) + "] ";
-    if (test != nullptr) text += std::string(test->test_suite_name()) + "." + test->name() + ": ";
+    std::string text = "[rank " + std::to_string(rank_) + "] " + test_name_;
     text += std::string(result.file_name() ? result.file_name() : "?") + ":" +
             std::to_string(result.line_number()) + ": " + result.message() + "\n";
     std::fwrite(text.data(), 1, text.size(), stderr);
@@ -35,6 +39,7 @@ class RankFailurePrinter : public ::testing::EmptyTestEventListener {
 
  private:
   int rank_;
+  std::string test_name_;
 };
 
 inline int mpi_gtest_main(int argc, char** argv) {

@@ -229,7 +229,8 @@ TEST_F(CommunicatorTest, StartedBackToBackWaitedInReverse) {
 TEST_F(CommunicatorTest, AllGatherProgressesWhileCallerComputes) {
   const int64_t total_nbytes = int64_t{64} << 20;
   const int64_t numel = total_nbytes / world();
-  at::Tensor shard = shard_of(rank(), numel, at::kByte);
+  auto fill_of = [](int r) { return static_cast<uint8_t>(r * 37 + 11); };  // per-rank byte
+  at::Tensor shard = at::full({numel}, fill_of(rank()), at::kByte);
   at::Tensor out = at::empty({world() * numel}, at::kByte);
   at::Tensor a = at::rand({64, 64});
 
@@ -248,7 +249,7 @@ TEST_F(CommunicatorTest, AllGatherProgressesWhileCallerComputes) {
   work.wait();
   EXPECT_TRUE(at::isfinite(a).all().item<bool>());
   for (int r = 0; r < world(); ++r) {
-    EXPECT_TRUE(at::equal(out.narrow(0, r * numel, numel), shard_of(r, numel, at::kByte)))
+    EXPECT_TRUE(out.narrow(0, r * numel, numel).eq(fill_of(r)).all().item<bool>())
         << "slot of rank " << r;
   }
 }

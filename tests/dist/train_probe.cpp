@@ -54,8 +54,8 @@ class CountingCommunicator final : public Communicator {
     return inner_.broadcast_start(t, root);
   }
   Work barrier_start() override { return inner_.barrier_start(); }
-  double inner_wait_seconds() const { return inner_.wait_seconds(); }
-  void inner_wait_reset() { inner_.wait_seconds_reset(); }
+  double wait_seconds() const override { return inner_.wait_seconds(); }
+  void wait_seconds_reset() override { inner_.wait_seconds_reset(); }
 
   size_t gathered = 0, reduced = 0, small = 0;
 
