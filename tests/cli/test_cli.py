@@ -499,3 +499,56 @@ def test_export_bad_dtype(tiny_q4, tmp_path, out):
     res = run("export", "--model", tiny_q4, "--adapter", adapter, "--out", out, "--dtype", "int8")
     assert_error(res, "export", 2, "--dtype", "'int8'")
     assert_nothing_written(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize --format h5: the HDF5 unit file of the sharded trainer
+
+def test_quantize_unknown_format(model, out):
+    quantize_error(model, out, 2, "--format 'gguf'", "safetensors or h5", extra=("--format", "gguf"))
+
+
+def test_quantize_h5_out_exists(model, tmp_path):
+    target = tmp_path / "m.h5"
+    target.write_bytes(b"precious")
+    res = run("quantize", "--model", model, "--out", target, "--format", "h5")
+    assert_error(res, "quantize", 1, target, "exists")
+    assert target.read_bytes() == b"precious"
+    assert sorted(os.listdir(tmp_path)) == ["m.h5", "model"]
+
+
+def test_quantize_h5_bad_model_leaves_nothing(model, out):
+    safetensors_rewrite(model / "model.safetensors", lambda h: h.pop(Q_PROJ))
+    quantize_error(model, out, 1, Q_PROJ, "missing", extra=("--format", "h5"))
+
+
+def test_quantize_h5_file_is_what_h5py_reads(tiny, tmp_path):
+    import h5py
+    import numpy as np
+    from safetensors.numpy import load_file
+    target = tmp_path / "tiny.h5"
+    res = run("quantize", "--model", tiny, "--out", target, "--format", "h5",
+              "--double_quantization", "false")
+    assert res.returncode == 0, res.stderr
+    assert "HDF5 units" in res.stdout
+    assert sorted(os.listdir(tmp_path)) == ["tiny.h5"], "a temporary file was left"
+    weights = load_file(str(tiny / "model.safetensors"))
+    with h5py.File(target, "r") as f:
+        assert f.attrs["format"] == "qlora_dist.units"
+        assert f.attrs["quant_type"] == "nf4" and f.attrs["blocksize"] == 64
+        units = json.loads(f.attrs["layout_json"])
+        assert [u["name"] for u in units] == ["embed"] + [f"block.{i}" for i in range(4)] + ["head"]
+        assert json.loads(f.attrs["config_json"])["hidden_size"] == 256
+        for u in units:
+            data = f["units/" + u["name"]][()]
+            assert data.dtype == np.uint8 and data.size == u["nbytes"]
+            for s in u["segments"]:
+                assert s["offset"] % 64 == 0
+                if s["kind"] == "tensor":  # plain tensors: the safetensors bytes as they are
+                    got = data[s["offset"]:s["offset"] + s["nbytes"]].view(np.float32)
+                    np.testing.assert_array_equal(got.reshape(s["shape"]),
+                                                  weights[s["name"]], err_msg=s["name"])
+                elif s["kind"] == "absmax":  # no double quant: fp32 block absmax of the weight
+                    w = weights[s["name"][: -len(".absmax")]].reshape(-1, 64)
+                    got = data[s["offset"]:s["offset"] + s["nbytes"]].view(np.float32)
+                    np.testing.assert_array_equal(got, np.abs(w).max(axis=1), err_msg=s["name"])
