@@ -1,6 +1,6 @@
-// qlora_dist: the one binary. Commands: quantize, init-model, inspect, export (this release);
-// train, eval, synth-data and plot arrive with the trainer. Every error a user can cause ends as one
-// line "qlora_dist: error: ..." and exit status 1; usage errors exit 2.
+// qlora_dist: the one binary. Commands: train (also `qlora_dist config.ini`), eval, quantize,
+// init-model, inspect, export, synth-data; plot arrives with the cluster tools. Every error a user
+// can cause ends as one line "qlora_dist <command>: error: ..." and exit status 1; usage errors exit 2.
 #include <ATen/core/ScalarType.h>
 #include <boost/program_options.hpp>
 
@@ -18,7 +18,9 @@
 #include "train/export_command.h"
 #include "train/inspect_command.h"
 #include "train/quantize_command.h"
+#include "train/dataset.h"
 #include "train/sharded_model.h"
+#include "train/train_command.h"
 
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
@@ -43,7 +45,13 @@ const char* const kUsage =
     "              base model + PEFT LoRA adapter -> merged Hugging Face checkpoint\n"
     "  inspect     --model DIR\n"
     "              what a model directory holds; checks every bitsandbytes 4-bit weight\n"
-    "not yet available (they come with the trainer): train, eval, synth-data, plot\n"
+    "  train       config.ini [--section.key=value ...]   (also: qlora_dist config.ini ...)\n"
+    "              QLoRA fine-tuning across MPI ranks; 'qlora_dist train --help' lists every key\n"
+    "  eval        config.ini [--section.key=value ...]\n"
+    "              eval loss and perplexity of the model (+ adapter) on data.eval_file\n"
+    "  synth-data  --out FILE --vocab V --seq-len T --rows N [--task copy|reverse|sort] [--seed S]\n"
+    "              a synthetic instruction-style token dataset (HDF5)\n"
+    "not yet available: plot\n"
     "run 'qlora_dist <command> --help' for a command's options\n";
 
 bool parse_bool(const std::string& key, const std::string& v) {
@@ -176,6 +184,29 @@ int run_export(int argc, char** argv) {
   return 0;
 }
 
+int run_synth_data(int argc, char** argv) {
+  qlora::train::SynthOptions opt;
+  std::string task = "copy";
+  int64_t seed = 0;
+  po::options_description desc("qlora_dist synth-data options");
+  desc.add_options()("help", "show this help")
+      ("out", po::value(&opt.out)->required(), "HDF5 file to write (must not exist)")
+      ("vocab", po::value(&opt.vocab)->required(), "vocabulary size (token ids < vocab; the model's vocab_size or less)")
+      ("seq-len", po::value(&opt.seq_len)->required(), "tokens per row")
+      ("rows", po::value(&opt.rows)->required(), "number of rows")
+      ("task", po::value(&task)->default_value("copy"), "copy, reverse or sort: what the answer does with the prompt")
+      ("seed", po::value(&seed)->default_value(0), "random seed; the same seed gives the same rows");
+  parse(desc, argc, argv);
+  if (seed < 0) throw UsageError("--seed " + std::to_string(seed) + " is negative (expected 0 or more)");
+  as_usage_error([&] { opt.task = qlora::train::synth_task_from_name(task); }, "task");
+  opt.seed = static_cast<uint64_t>(seed);
+  qlora::train::synth_data_write(opt);
+  std::printf("wrote %s: %lld rows x %lld tokens, task %s, vocab %lld, seed %lld\n", opt.out.c_str(),
+              static_cast<long long>(opt.rows), static_cast<long long>(opt.seq_len), task.c_str(),
+              static_cast<long long>(opt.vocab), static_cast<long long>(seed));
+  return 0;
+}
+
 int run_inspect(int argc, char** argv) {
   std::string model;
   po::options_description desc("qlora_dist inspect options");
@@ -199,11 +230,21 @@ int main(int argc, char** argv) {
     if (command == "init-model") return run_init_model(argc - 1, argv + 1);
     if (command == "inspect") return run_inspect(argc - 1, argv + 1);
     if (command == "export") return run_export(argc - 1, argv + 1);
-    if (command == "train" || command == "eval" ||
-        command == "synth-data" || command == "plot")
+    if (command == "synth-data") return run_synth_data(argc - 1, argv + 1);
+    if (command == "train" || command == "eval") {
+      const std::vector<std::string> args(argv + 2, argv + argc);
+      return qlora::train::train_command_main(command, args, &argc, &argv);
+    }
+    if (command.size() > 4 && command.compare(command.size() - 4, 4, ".ini") == 0) {
+      // `qlora_dist config.ini ...` is `qlora_dist train config.ini ...`.
+      const std::vector<std::string> args(argv + 1, argv + argc);
+      return qlora::train::train_command_main("train", args, &argc, &argv);
+    }
+    if (command == "plot")
       throw std::runtime_error("command '" + command + "' is not available in this release yet");
     throw UsageError("unknown command '" + command +
-                     "' (expected quantize, init-model, inspect or export; see qlora_dist --help)");
+                     "' (expected train, eval, quantize, init-model, inspect, export or synth-data, "
+                     "or a config.ini; see qlora_dist --help)");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), e.what());
     return 2;

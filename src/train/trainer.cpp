@@ -9,6 +9,9 @@
 #include <chrono>
 #include <cmath>
 #include <stdexcept>
+#include <tuple>
+
+#include "quant/tensor_io.h"
 
 namespace qlora::train {
 
@@ -278,6 +281,118 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   result.comm_wait_seconds = comm_.wait_seconds();
   result.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return result;
+}
+
+Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
+  const int64_t layers = model_.num_blocks();
+  std::vector<std::vector<dist::ShardedUnit*>> schedule;
+  for (size_t m = 0; m < micro_batches.size(); ++m) {
+    schedule.push_back({base_.front().get()});
+    for (int64_t i = 0; i < layers; ++i) schedule.push_back({base_[i + 1].get(), lora_[i].get()});
+    schedule.push_back({base_.back().get()});
+  }
+  dist::UnitPipeline pipe(std::move(schedule), options_.prefetch);
+  at::AutoGradMode no_grad(false);
+  double loss_sum = 0.0;
+  int64_t targets = 0;
+  size_t k = 0;
+  for (const Batch& b : micro_batches) {
+    const at::Tensor labels = b.labels.to(at::kLong);
+    const auto& e = pipe.acquire(k);
+    bind_embed(model_, *base_.front(), e[0]);
+    at::Tensor x = model_.embed(b.input_ids.to(at::kLong));
+    bind_embed(model_, *base_.front(), at::Tensor());
+    pipe.release(k++);
+    for (int64_t i = 0; i < layers; ++i) {
+      const auto& bufs = pipe.acquire(k);
+      bind_block(model_, i, spec_, *base_[i + 1], bufs[0], lora_[i].get(), bufs[1], options_.lora);
+      x = model_.block_forward(i, x, /*training=*/false);
+      unbind_block(model_, i);
+      pipe.release(k++);
+    }
+    const auto& h = pipe.acquire(k);
+    bind_head(model_, *base_.back(), h[0]);
+    const model::LossResult r =
+        model_.loss(model_.final_norm(x), labels, options_.chunk_tokens, /*normalizer=*/1.0);
+    bind_head(model_, *base_.back(), at::Tensor());
+    pipe.release(k++);
+    loss_sum += r.loss.item<double>();
+    targets += r.num_targets;
+  }
+  pipe.drain();
+  at::Tensor red = at::zeros({2}, at::kDouble);
+  red[0] = loss_sum;
+  red[1] = static_cast<double>(targets);
+  comm_.all_reduce(red, dist::ReduceOp::sum);
+  return {red[0].item<double>(), static_cast<int64_t>(std::llround(red[1].item<double>()))};
+}
+
+void Trainer::adapter_load(const lora::PeftAdapter& adapter) {
+  // Everything is checked before any shard changes.
+  size_t matched = 0;
+  for (auto& unit : lora_) {
+    for (const dist::Segment& s : unit->layout().segments) {
+      const std::string suffix = s.name.substr(s.name.rfind(".lora_"));  // .lora_A.weight
+      const std::string module = s.name.substr(0, s.name.size() - suffix.size());
+      const auto it = adapter.weights.find(module);
+      if (it == adapter.weights.end())
+        throw std::invalid_argument("adapter: layer '" + module + "' (lora_target " +
+                                    "includes it) is missing from the adapter");
+      const at::Tensor& t = suffix == ".lora_A.weight" ? it->second.first : it->second.second;
+      if (!t.defined() || t.sizes().vec() != s.shape)
+        throw std::invalid_argument("adapter: '" + s.name + "' has shape " +
+                                    quant::shape_str(t.defined() ? t.sizes().vec()
+                                                                 : std::vector<int64_t>{}) +
+                                    ", expected " + quant::shape_str(s.shape) + " (rank " +
+                                    std::to_string(options_.lora.rank) + ")");
+      ++matched;
+    }
+  }
+  if (matched != 2 * adapter.weights.size())
+    throw std::invalid_argument("adapter: it has " + std::to_string(adapter.weights.size()) +
+                                " layers, lora_target selects " + std::to_string(matched / 2) +
+                                "; set finetuning.lora_target to the adapter's target_modules");
+  for (auto& unit : lora_) {
+    at::Tensor full = at::zeros({unit->padded_numel()}, at::kFloat);
+    for (const dist::Segment& s : unit->layout().segments) {
+      const std::string suffix = s.name.substr(s.name.rfind(".lora_"));
+      const auto& ab = adapter.weights.at(s.name.substr(0, s.name.size() - suffix.size()));
+      lora_view(unit->layout(), full, s.name)
+          .copy_(suffix == ".lora_A.weight" ? ab.first : ab.second);
+    }
+    const auto [begin, end] = unit->owned_bytes();
+    unit->shard_bytes()
+        .narrow(0, 0, static_cast<int64_t>(end - begin))
+        .copy_(full.view(at::kByte).narrow(0, static_cast<int64_t>(begin),
+                                           static_cast<int64_t>(end - begin)));
+  }
+}
+
+std::vector<Trainer::OptimizerShard> Trainer::optimizer_shards() {
+  std::vector<OptimizerShard> out;
+  for (size_t u = 0; u < lora_.size(); ++u) {
+    OptimizerShard s;
+    s.unit = lora_[u]->layout().name;
+    std::tie(s.begin, s.end) = lora_[u]->owned_bytes();
+    const int64_t n = static_cast<int64_t>(s.end - s.begin);
+    s.exp_avg = adam_[u].exp_avg.view(at::kByte).narrow(0, 0, n);
+    s.exp_avg_sq = adam_[u].exp_avg_sq.view(at::kByte).narrow(0, 0, n);
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+void Trainer::optimizer_load(const MomentReader& read) {
+  for (size_t u = 0; u < lora_.size(); ++u) {
+    const auto [begin, end] = lora_[u]->owned_bytes();
+    adam_[u].exp_avg.zero_();
+    adam_[u].exp_avg_sq.zero_();
+    if (end == begin) continue;
+    read(lora_[u]->layout().name, "exp_avg", begin, end,
+         adam_[u].exp_avg.view(at::kByte).data_ptr<uint8_t>());
+    read(lora_[u]->layout().name, "exp_avg_sq", begin, end,
+         adam_[u].exp_avg_sq.view(at::kByte).data_ptr<uint8_t>());
+  }
 }
 
 lora::PeftAdapter Trainer::adapter_gather() {

@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -66,6 +67,35 @@ class Trainer {
 
   StepResult step(const std::vector<Batch>& micro_batches, double lr);
   int64_t steps_done() const { return step_; }
+  void set_steps_done(int64_t steps) { step_ = steps; }  // resuming: AdamW's bias correction
+
+  // Forward only (no graph, no dropout): the sum of token losses and the number of target tokens
+  // over every rank's micro-batches (all-reduced). Every rank must pass the same number of
+  // micro-batches (pad with rows whose labels are all -100).
+  struct EvalSums {
+    double loss_sum = 0.0;
+    int64_t num_targets = 0;
+  };
+  EvalSums eval(const std::vector<Batch>& micro_batches);
+
+  // Sets the LoRA weights from a complete adapter (every rank passes the same one and keeps its
+  // part). Throws std::invalid_argument naming the layer when the adapter's layers, rank or
+  // targets do not fit the units.
+  void adapter_load(const lora::PeftAdapter& adapter);
+
+  // AdamW moments of this rank's shards, for checkpoints: per LoRA unit (name, payload byte range
+  // [begin, end) of the unit that the shard holds, exp_avg bytes, exp_avg_sq bytes).
+  struct OptimizerShard {
+    std::string unit;
+    size_t begin = 0, end = 0;
+    at::Tensor exp_avg, exp_avg_sq;  // uint8 views of the first end - begin bytes of the shard
+  };
+  std::vector<OptimizerShard> optimizer_shards();
+  // Fills this rank's moments from a reader of any unit's payload bytes [begin, end) (written by
+  // any world size: the layout does not depend on it).
+  using MomentReader = std::function<void(const std::string& unit, const char* which, size_t begin,
+                                          size_t end, uint8_t* out)>;
+  void optimizer_load(const MomentReader& read);
 
   // Gathers the adapter (a collective: every rank calls it; every rank gets it).
   lora::PeftAdapter adapter_gather();

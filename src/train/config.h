@@ -1,0 +1,113 @@
+// The training configuration: one INI file (sections = [model], [quantization], [finetuning],
+// [data], [train], [dist], [output]) read with Boost.Program_options, every key overridable on
+// the command line as --section.key=value (command line over file over defaults). Unknown keys
+// are errors naming the nearest known key. Key names follow LLaMA-Factory / PEFT / HF Trainer.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace qlora::train {
+
+struct TrainConfig {
+  // [model]
+  std::string model_name_or_path;    // HF directory or HDF5 unit file (required)
+  std::string adapter_name_or_path;  // "" = none; a comma list = several (rejected when quantized)
+  std::string compute_dtype = "auto";  // auto | bf16 | fp16 | fp32 (auto: fp32 on cpu, bf16 on cuda)
+  std::string device = "auto";         // auto | cpu | cuda
+  bool upcast_layernorm = false;
+  bool resize_vocab = false;
+  bool create_new_adapter = false;
+  // [quantization]
+  std::string quantization_bit = "4";  // 4 | 8 | none
+  std::string quantization_method = "bnb";
+  std::string quantization_type = "nf4";  // nf4 | fp4
+  bool double_quantization = true;
+  int64_t quantization_blocksize = 64;
+  std::string quant_storage = "auto";  // auto | uint8 | bf16 | fp16 | fp32
+  std::string quantization_device_map = "none";  // none | auto ("auto" is inference only)
+  // [finetuning]
+  std::string finetuning_type = "lora";  // lora | oft | full | freeze
+  int64_t lora_rank = 8;
+  double lora_alpha = 16.0;
+  double lora_dropout = 0.0;
+  std::string lora_target = "all";
+  bool use_rslora = false;
+  bool pissa_init = false;
+  // [data]
+  std::string train_file;  // HDF5: input_ids, labels int32 [rows, seq]
+  std::string eval_file;   // "" = no evaluation data
+  int64_t cutoff_len = 1024;
+  // [train]
+  int64_t per_device_train_batch_size = 1;
+  int64_t gradient_accumulation_steps = 1;
+  double learning_rate = 1e-4;
+  std::string lr_scheduler_type = "linear";  // constant | linear | cosine
+  double warmup_ratio = 0.0;
+  int64_t warmup_steps = 0;  // > 0 wins over warmup_ratio (as in HF Trainer)
+  double num_train_epochs = 3.0;
+  int64_t max_steps = -1;  // > 0 wins over num_train_epochs
+  double weight_decay = 0.0;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_epsilon = 1e-8;
+  double max_grad_norm = 1.0;
+  int64_t seed = 42;
+  bool gradient_checkpointing = true;  // the step loop always recomputes per block; false is refused
+  bool do_train = true;
+  bool do_eval = false;
+  int64_t eval_steps = 0;  // 0 = only at the end
+  // [dist]
+  std::string backend = "auto";  // auto | mpi | nccl
+  std::string sharding = "full";  // full | none
+  int64_t prefetch = 1;           // 0 | 1 | 2
+  // [output]
+  std::string output_dir;  // required
+  int64_t logging_steps = 10;
+  int64_t save_steps = 0;  // 0 = only at the end
+  int64_t save_total_limit = 0;  // 0 = keep all
+  std::string resume_from_checkpoint = "auto";  // auto | none | PATH
+  std::string report_to = "jsonl";  // comma list of jsonl, tensorboard, none
+  bool overwrite_output_dir = false;
+
+  std::string config_path;  // the INI it was read from ("" when none)
+};
+
+// One key: "section.key", its default as text, and its meaning (for --help and the README).
+struct ConfigKey {
+  std::string name;
+  std::string default_value;
+  std::string help;
+};
+const std::vector<ConfigKey>& config_keys();
+
+// Reads `ini_path` (may be "" for defaults + command line only) and applies `overrides`
+// ("--section.key=value" or "--section.key value" pairs already split by the caller into
+// {"section.key", "value"}). Throws std::invalid_argument with one line naming the file, line
+// or option, the key and what would be right: malformed INI, unknown key ("did you mean
+// 'train.learning_rate'?"), a value of the wrong type, a value out of range (negative sizes,
+// unknown enum value, dropout outside [0, 1), ...), a missing required key.
+TrainConfig config_read(const std::string& ini_path,
+                        const std::vector<std::pair<std::string, std::string>>& overrides);
+
+// The resolved configuration as INI text (every key, sections in order): printed by rank 0 and
+// written to output_dir; reading it back gives the same TrainConfig.
+std::string config_to_ini(const TrainConfig& config);
+
+// --help text: every key with its default and meaning, grouped by section.
+std::string config_help();
+
+// The nearest known key to `key` (edit distance), for "did you mean" messages.
+std::string config_nearest_key(const std::string& key);
+
+// Guards of DESIGN.md section 5 that depend on the configuration alone (the model's own
+// quantization method is checked where it is read). Throws std::invalid_argument with the
+// message the Python tools use, e.g. "Quantization is only compatible with the LoRA or OFT
+// method (finetuning_type = full)". Returns warnings to log (e.g. the 4/8-bit evaluation warning,
+// quant_storage corrected to the compute dtype).
+std::vector<std::string> config_guards(const TrainConfig& config, int world_size);
+
+}  // namespace qlora::train

@@ -1,0 +1,66 @@
+// Token datasets in HDF5: `input_ids` and `labels`, int32 [rows, seq_len] (labels -100 where no
+// loss), attributes `vocab_size` and `pad_token_id`. A rank reads only the rows it trains on
+// (one hyperslab per row). Rows longer than cutoff_len are cut to cutoff_len.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace qlora::io {
+class H5File;
+}
+
+namespace qlora::train {
+
+class TokenDataset {
+ public:
+  // Opens and checks the file: both datasets present, 2-D, the same shape, integer; vocab_size
+  // and pad_token_id attributes present and sane; throws std::invalid_argument naming the file
+  // and what is wrong. `model_vocab`: token ids must be < it (checked per row when read).
+  TokenDataset(const std::string& path, int64_t cutoff_len, int64_t model_vocab);
+  ~TokenDataset();
+  TokenDataset(TokenDataset&&) noexcept;
+
+  int64_t rows() const { return rows_; }
+  int64_t seq_len() const { return seq_len_; }  // after the cutoff
+  int64_t vocab_size() const { return vocab_size_; }
+  int64_t pad_token_id() const { return pad_token_id_; }
+  const std::string& path() const { return path_; }
+
+  // The given rows as int64 tensors [rows.size(), seq_len]: input ids and labels. An id outside
+  // [0, model_vocab) or a label outside it other than -100 is std::invalid_argument naming the
+  // file, the row, the column and the value.
+  void read(const std::vector<int64_t>& rows, at::Tensor& input_ids, at::Tensor& labels) const;
+  size_t bytes_read() const;
+
+ private:
+  std::unique_ptr<io::H5File> file_;
+  std::string path_;
+  int64_t rows_ = 0, file_seq_len_ = 0, seq_len_ = 0, vocab_size_ = 0, pad_token_id_ = 0;
+  int64_t model_vocab_ = 0;
+};
+
+enum class SynthTask { copy, reverse, sort };
+SynthTask synth_task_from_name(const std::string& name);  // throws naming the valid ones
+
+// A synthetic instruction-style dataset a LoRA on a random base measurably learns. Each row:
+//   [prompt: L tokens uniform in [3, vocab)] [separator 2] [answer: L tokens] [end 1] [pad 0 ...]
+// with L = (seq_len - 2) / 2 and the answer the prompt copied, reversed or sorted; labels = the
+// input ids on the answer and the end token, -100 elsewhere (the model shifts them). Attributes
+// vocab_size = vocab, pad_token_id = 0, task, seed. Deterministic by seed. Written beside the
+// target and renamed; an existing file is an error, never overwritten.
+struct SynthOptions {
+  std::string out;
+  int64_t vocab = 0;
+  int64_t seq_len = 0;
+  int64_t rows = 0;
+  SynthTask task = SynthTask::copy;
+  uint64_t seed = 0;
+};
+void synth_data_write(const SynthOptions& options);
+
+}  // namespace qlora::train
