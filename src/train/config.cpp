@@ -609,7 +609,8 @@ std::string config_to_ini(const TrainConfig& config) {
       out += (section.empty() ? "[" : "\n[") + std::string(d.section) + "]\n";
       section = d.section;
     }
-    out += std::string(d.key) + " = " + member_text(config, d.member) + "\n";
+    const std::string value = member_text(config, d.member);
+    out += std::string(d.key) + (value.empty() ? " =\n" : " = " + value + "\n");
   }
   return out;
 }

@@ -53,8 +53,8 @@ std::map<std::string, std::string> ini_values(const std::string& ini) {
       section = line.substr(1, line.size() - 2);
       continue;
     }
-    const size_t eq = line.find(" = ");
-    out[section + "." + line.substr(0, eq)] = line.substr(eq + 3);
+    const size_t eq = line.find(" =");  // "key = value", or "key =" for an empty string
+    out[section + "." + line.substr(0, eq)] = eq + 3 <= line.size() ? line.substr(eq + 3) : "";
   }
   return out;
 }
@@ -189,6 +189,13 @@ TEST_F(ConfigTest, FullIniRoundTrips) {
   EXPECT_EQ(back.learning_rate, c.learning_rate);
   EXPECT_EQ(back.seed, c.seed);
   EXPECT_EQ(back.model_name_or_path, c.model_name_or_path);  // inner blank kept
+}
+
+TEST_F(ConfigTest, EmptyStringsRoundTrip) {
+  TrainConfig c = config_minimal();  // adapter_name_or_path and eval_file empty
+  const std::string ini = config_to_ini(c);
+  EXPECT_TRUE(contains(ini, "\nadapter_name_or_path =\n")) << ini;
+  EXPECT_EQ(config_to_ini(config_read(ini_write(ini), {})), ini);
 }
 
 TEST_F(ConfigTest, OverridesWinOverTheFile) {

@@ -139,6 +139,38 @@ def test_adapter_loads_in_peft(data, run2):
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["peft_type"] == "LORA"
 
 
+def test_eval_loss_matches_transformers_bitsandbytes_peft(data, run2, tmp_path):
+    """Our final eval loss (2 ranks, sharded units) against the reference stack: transformers
+    loading the same base as a bitsandbytes NF4 checkpoint (qlora_dist quantize: the same bytes
+    as the unit file), peft loading our saved adapter, on the same eval rows. fp32 both sides;
+    tolerance 1e-5 relative (the reference tests find logits bit-identical; sums differ in order)."""
+    import sys
+    import h5py
+    import torch
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
+    from conftest import use_generic_bnb_cpu_dequantize
+    use_generic_bnb_cpu_dequantize()
+    res = run("quantize", "--model", data / "tiny", "--out", tmp_path / "q4")
+    assert res.returncode == 0, res.stderr
+    torch.set_num_threads(1)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
+    for mod in m.modules():  # see tests/reference/test_model_reference.py: ref_model
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+    model = PeftModel.from_pretrained(m, run2[0])
+    model.eval()
+    with h5py.File(data / "eval.h5", "r") as f:
+        ids = torch.tensor(f["input_ids"][()], dtype=torch.long)
+        labels = torch.tensor(f["labels"][()], dtype=torch.long)
+    with torch.no_grad():
+        ref = float(model(input_ids=ids, labels=labels).loss)
+    ours = json.load(open(run2[0] / "eval_results.json"))["eval_loss"]
+    assert ours == pytest.approx(ref, rel=1e-5), (ours, ref)
+
+
 def resume_from(data, run2, tmp_path, np_, per_device):
     """A fresh output_dir holding only checkpoint-8 of the reference run, resumed."""
     ref_out, _ = run2
