@@ -61,8 +61,8 @@ const std::vector<KeyDef>& key_defs() {
        "auto | bf16 | fp16 | fp32: the dtype of activations and dequantized weights (auto: fp32 on "
        "cpu, bf16 on cuda). LoRA master weights are always fp32."},
       {"model", "device", &C::device,
-       "auto | cpu | cuda: where each rank computes (auto: cuda when built with CUDA and a GPU is "
-       "visible, else cpu)."},
+       "auto | cpu | cuda: where each rank computes. This release trains on the CPU path only: "
+       "auto means cpu and cuda is refused (the CUDA kernels and NCCL are built, not wired in)."},
       {"model", "upcast_layernorm", &C::upcast_layernorm,
        "true | false: compute RMSNorm in fp32 (more stable with a quantized base)."},
       {"model", "resize_vocab", &C::resize_vocab,
@@ -138,7 +138,7 @@ const std::vector<KeyDef>& key_defs() {
       {"train", "eval_steps", &C::eval_steps,
        "Evaluate every this many steps (>= 0; 0 = only at the end)."},
       {"dist", "backend", &C::backend,
-       "auto | mpi | nccl: collectives between ranks (auto: nccl on cuda, mpi on cpu)."},
+       "auto | mpi | nccl: collectives between ranks (auto: mpi on the CPU path; nccl needs cuda)."},
       {"dist", "sharding", &C::sharding,
        "full | none: full shards base weights, adapters and optimizer state over the ranks "
        "(FSDP-like); none replicates them (data parallel only)."},

@@ -273,7 +273,11 @@ def test_unknown_command():
 
 
 def test_command_not_available_yet():
-    assert_error(run("train"), "train", 1, "'train'", "not available")
+    assert_error(run("plot"), "plot", 1, "'plot'", "not available")
+
+
+def test_train_without_config_is_a_usage_error():
+    assert_error(run("train"), "train", 2, "no configuration", "--help")
 
 
 def test_no_command_prints_usage():
@@ -552,3 +556,16 @@ def test_quantize_h5_file_is_what_h5py_reads(tiny, tmp_path):
                     w = weights[s["name"][: -len(".absmax")]].reshape(-1, 64)
                     got = data[s["offset"]:s["offset"] + s["nbytes"]].view(np.float32)
                     np.testing.assert_array_equal(got, np.abs(w).max(axis=1), err_msg=s["name"])
+
+
+def test_readme_lists_every_config_key():
+    """The README's configuration reference stays true: every key `train --help` lists is in it
+    with the same default."""
+    res = run("train", "--help")
+    assert res.returncode == 0, res.stderr
+    keys = re.findall(r"^  --(\S+) \(default: (.*)\)$", res.stdout, re.M)
+    assert len(keys) > 40
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                               "README.md")).read()
+    for key, default in keys:
+        assert f"| `{key}` | `{default}` |" in readme, f"{key} (default {default}) missing from README"
