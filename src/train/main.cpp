@@ -18,6 +18,7 @@
 #include "train/export_command.h"
 #include "train/inspect_command.h"
 #include "train/quantize_command.h"
+#include "train/config.h"
 #include "train/dataset.h"
 #include "train/sharded_model.h"
 #include "train/train_command.h"
@@ -222,6 +223,9 @@ int run_inspect(int argc, char** argv) {
 int main(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     std::cout << kUsage;
+    if (argc >= 2)  // --help: the training configuration keys too
+      std::cout << "\ntraining configuration (qlora_dist train config.ini; INI [section] key = value):\n"
+                << qlora::train::config_help();
     return argc < 2 ? 2 : 0;
   }
   const std::string command = argv[1];

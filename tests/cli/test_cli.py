@@ -565,6 +565,8 @@ def test_readme_lists_every_config_key():
     assert res.returncode == 0, res.stderr
     keys = re.findall(r"^  --(\S+) \(default: (.*)\)$", res.stdout, re.M)
     assert len(keys) > 40
+    top = run("--help")  # the top-level help lists them too
+    assert all(f"--{k} (default: {d})" in top.stdout for k, d in keys)
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                "README.md")).read()
     for key, default in keys:
