@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <sys/resource.h>
+#include <csignal>
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,6 +28,7 @@
 #include "lora/peft_adapter.h"
 #include "train/dataset.h"
 #include "train/sharded_model.h"
+#include "train/tensorboard.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -36,6 +38,21 @@ namespace qlora::train {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// SIGTERM / SIGUSR1 (SLURM's time limit and preemption) and SIGINT only set this flag; the step
+// loop acts on it at the next step boundary, after every rank has agreed (one all-reduce).
+volatile sig_atomic_t g_stop_signal = 0;
+extern "C" void on_stop_signal(int signo) {
+  if (g_stop_signal == 0) g_stop_signal = signo;  // a second signal (e.g. during the save) is ignored
+}
+
+void stop_signals_install() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  for (int s : {SIGTERM, SIGUSR1, SIGINT}) sigaction(s, &sa, nullptr);
+}
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -159,6 +176,7 @@ void output_dir_prepare(const OutputPlan& plan) {
 void output_dir_wipe(const fs::path& dir) {
   // Only what a run of ours writes.
   for (const auto& [step, path] : checkpoints_in(dir)) fs::remove_all(path);
+  fs::remove_all(dir / "runs");
   for (const char* f : {"trainer_state.json", "metrics.jsonl", "eval_metrics.jsonl", "adapter_config.json",
                         "adapter_model.safetensors", "config.ini", "eval_results.json"})
     fs::remove(dir / f);
@@ -344,6 +362,7 @@ int run(Run& r, const std::string& command) {
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   at::set_num_threads(static_cast<int>(std::max(1u, cores / static_cast<unsigned>(r.env.local_world_size))));
 
+  stop_signals_install();
   std::unique_ptr<dist::Communicator> comm = dist::communicator_mpi(r.env);
   if (main_rank) {
     if (r.plan.wipe) output_dir_wipe(r.plan.dir);
@@ -351,8 +370,6 @@ int run(Run& r, const std::string& command) {
     std::printf("qlora_dist %s: %d rank(s), resolved configuration:\n%s", command.c_str(), world,
                 config_to_ini(c).c_str());
     for (const std::string& w : r.warnings) std::printf("warning: %s\n", w.c_str());
-    if (c.report_to.find("tensorboard") != std::string::npos)
-      std::printf("warning: report_to tensorboard is not written by this release (metrics.jsonl is)\n");
     std::fflush(stdout);
   }
   comm->barrier();
@@ -380,6 +397,19 @@ int run(Run& r, const std::string& command) {
   std::optional<TokenDataset> eval_data;
   if (!c.eval_file.empty()) eval_data.emplace(c.eval_file, c.cutoff_len, vocab);
   const bool jsonl = main_rank && c.report_to.find("jsonl") != std::string::npos;
+  std::optional<TensorBoardWriter> tb;
+  if (main_rank && c.report_to.find("tensorboard") != std::string::npos)
+    tb.emplace((r.plan.dir / "runs").string());
+  auto tb_write = [&](const nlohmann::ordered_json& j) {
+    if (!tb) return;
+    std::vector<std::pair<std::string, double>> values;
+    for (const auto& [key, value] : j.items()) {
+      if (key == "step" || !value.is_number()) continue;
+      const bool is_eval = key.rfind("eval_", 0) == 0;
+      values.emplace_back(is_eval ? "eval/" + key.substr(5) : "train/" + key, value.get<double>());
+    }
+    tb->scalars(j.at("step").get<int64_t>(), values);
+  };
   auto evaluate = [&](int64_t step) {
     const auto t0 = Clock::now();
     const Trainer::EvalSums s =
@@ -399,6 +429,7 @@ int run(Run& r, const std::string& command) {
   if (!c.do_train) {  // qlora_dist eval
     nlohmann::ordered_json j = evaluate(0);
     MetricsLog(r.plan.dir / "eval_metrics.jsonl", jsonl, 0).write(j);
+    tb_write(j);
     if (main_rank) text_write(r.plan.dir / "eval_results.json", j.dump(2) + "\n");
     comm->barrier();
     return 0;
@@ -529,6 +560,7 @@ int run(Run& r, const std::string& command) {
       j["max_rss_bytes"] = static_cast<int64_t>(red[0].item<double>());
       j["epoch"] = static_cast<double>(done) / static_cast<double>(sampler.steps_per_epoch());
       train_metrics.write(j);
+      tb_write(j);
       if (tty) std::fprintf(stderr, "\n");
       log("step " + std::to_string(done) + "/" + std::to_string(total) + " loss " +
           fmt("%.4f", j["loss"].get<double>()) + " lr " + fmt("%.3e", lr) + " grad_norm " +
@@ -540,13 +572,29 @@ int run(Run& r, const std::string& command) {
       window_bytes = 0;
       window_steps = window_tokens = 0;
     }
-    if (c.do_eval && eval_data && c.eval_steps > 0 && done % c.eval_steps == 0 && done != total)
-      train_metrics.write(evaluate(done));
+    if (c.do_eval && eval_data && c.eval_steps > 0 && done % c.eval_steps == 0 && done != total) {
+      const nlohmann::ordered_json j = evaluate(done);
+      train_metrics.write(j);
+      tb_write(j);
+    }
+    // Did any rank get a stop signal? Every rank asks at every step boundary (one all-reduce of
+    // an int), so all of them stop after the same step.
+    at::Tensor stop = at::full({1}, static_cast<int64_t>(g_stop_signal), at::kLong);
+    comm->all_reduce(stop, dist::ReduceOp::max);
+    if (stop.item<int64_t>() != 0 && done != total) {
+      const int signo = static_cast<int>(stop.item<int64_t>());
+      log(std::string("received ") + (signo == SIGTERM ? "SIGTERM" : signo == SIGUSR1 ? "SIGUSR1" : "SIGINT") +
+          ": saving checkpoint-" + std::to_string(done) + " and exiting with status " +
+          std::to_string(kExitPreempted) + " (resume with resume_from_checkpoint = auto)");
+      save(done, false);
+      return kExitPreempted;
+    }
     if (c.save_steps > 0 && done % c.save_steps == 0 && done != total) save(done, false);
   }
   if (c.do_eval && eval_data) {
     nlohmann::ordered_json j = evaluate(total);
     train_metrics.write(j);
+    tb_write(j);
     if (main_rank) text_write(r.plan.dir / "eval_results.json", j.dump(2) + "\n");
   }
   save(total, true);

@@ -25,6 +25,10 @@ namespace qlora::train {
 double lr_at(const TrainConfig& config, int64_t step, int64_t total);
 int64_t warmup_steps_of(const TrainConfig& config, int64_t total);
 
+// Exit status after SIGTERM / SIGUSR1 / SIGINT: every rank finished the current step and a
+// complete checkpoint was written; a batch script requeues on it (EX_TEMPFAIL).
+constexpr int kExitPreempted = 75;
+
 // Runs the command; MPI is initialized inside. Returns the process exit status (0, 1 for errors
 // in what the user handed us, 2 for usage errors). `command` is "train" or "eval".
 int train_command_main(const std::string& command, const std::vector<std::string>& args,

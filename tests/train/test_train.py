@@ -357,3 +357,26 @@ def test_error_on_two_ranks_prints_once(data, out):
     assert res.returncode != 0
     assert res.stderr.count("qlora_dist train: error:") == 1, res.stderr
     assert res.seconds < 60
+
+
+def test_tensorboard_events_match_metrics(data, tmp_path):
+    """report_to = jsonl,tensorboard: the event file opens with the tensorboard package's own
+    reader and holds the metrics.jsonl values (as float32) at the same steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    res = mpirun(2, data / "base.ini", f"--output.output_dir={out}", "--train.max_steps=4",
+                 "--train.eval_steps=2", "--output.report_to=jsonl,tensorboard")
+    assert res.returncode == 0, res.stderr
+    runs = out / "runs"
+    assert len(os.listdir(runs)) == 1
+    acc = EventAccumulator(str(runs))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for t in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second",
+              "train/comm_bytes", "train/comm_wait_share", "train/max_rss_bytes", "eval/loss",
+              "eval/perplexity"):
+        assert t in tags, (t, tags)
+    train, evals = metrics(out)
+    got = {(e.step, e.value) for e in acc.Scalars("train/loss")}
+    assert got == {(m["step"], float(np.float32(m["loss"]))) for m in train}
+    assert [e.step for e in acc.Scalars("eval/loss")] == [m["step"] for m in evals]
