@@ -1,5 +1,5 @@
 // qlora_dist: the one binary. Commands: train (also `qlora_dist config.ini`), eval, quantize,
-// init-model, inspect, export, synth-data; plot arrives with the cluster tools. Every error a user
+// init-model, inspect, export, synth-data, plot. Every error a user
 // can cause ends as one line "qlora_dist <command>: error: ..." and exit status 1; usage errors exit 2.
 #include <ATen/core/ScalarType.h>
 #include <boost/program_options.hpp>
@@ -20,6 +20,7 @@
 #include "train/quantize_command.h"
 #include "train/config.h"
 #include "train/dataset.h"
+#include "train/plot_command.h"
 #include "train/sharded_model.h"
 #include "train/train_command.h"
 
@@ -52,7 +53,8 @@ const char* const kUsage =
     "              eval loss and perplexity of the model (+ adapter) on data.eval_file\n"
     "  synth-data  --out FILE --vocab V --seq-len T --rows N [--task copy|reverse|sort] [--seed S]\n"
     "              a synthetic instruction-style token dataset (HDF5)\n"
-    "not yet available: plot\n"
+    "  plot        OUT_DIR [--out FILE.png]\n"
+    "              loss (train, eval) and learning rate against steps from OUT_DIR/metrics.jsonl\n"
     "run 'qlora_dist <command> --help' for a command's options\n";
 
 bool parse_bool(const std::string& key, const std::string& v) {
@@ -208,6 +210,31 @@ int run_synth_data(int argc, char** argv) {
   return 0;
 }
 
+int run_plot(int argc, char** argv) {
+  std::string dir, png;
+  po::options_description desc("qlora_dist plot options");
+  desc.add_options()("help", "show this help")
+      ("dir", po::value(&dir)->required(), "a training output_dir (reads its metrics.jsonl)")
+      ("out", po::value(&png)->default_value(""), "PNG to write (default: <dir>/metrics.png)");
+  po::positional_options_description pos;
+  pos.add("dir", 1);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(argc, argv).options(desc).positional(pos).run(), vm);
+    if (vm.count("help")) {
+      std::cout << "usage: qlora_dist plot OUT_DIR [--out FILE.png]\n" << desc << "\n";
+      return 0;
+    }
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw UsageError(std::string(e.what()) + " (usage: qlora_dist plot OUT_DIR [--out FILE.png])");
+  }
+  const auto r = qlora::train::plot_metrics(dir, png);
+  std::printf("wrote %s: %d training steps, %d evaluations\n", r.png.c_str(), r.train_points,
+              r.eval_points);
+  return 0;
+}
+
 int run_inspect(int argc, char** argv) {
   std::string model;
   po::options_description desc("qlora_dist inspect options");
@@ -244,8 +271,7 @@ int main(int argc, char** argv) {
       const std::vector<std::string> args(argv + 1, argv + argc);
       return qlora::train::train_command_main("train", args, &argc, &argv);
     }
-    if (command == "plot")
-      throw std::runtime_error("command '" + command + "' is not available in this release yet");
+    if (command == "plot") return run_plot(argc - 1, argv + 1);
     throw UsageError("unknown command '" + command +
                      "' (expected train, eval, quantize, init-model, inspect, export or synth-data, "
                      "or a config.ini; see qlora_dist --help)");

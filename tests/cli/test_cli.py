@@ -272,10 +272,6 @@ def test_unknown_command():
                  "init-model")
 
 
-def test_command_not_available_yet():
-    assert_error(run("plot"), "plot", 1, "'plot'", "not available")
-
-
 def test_train_without_config_is_a_usage_error():
     assert_error(run("train"), "train", 2, "no configuration", "--help")
 

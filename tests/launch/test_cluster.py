@@ -123,8 +123,11 @@ def reference(data, tmp_path_factory):
     return losses(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_stop_signal_checkpoints_and_resumes(data, reference, tmp_path, sig):
+@pytest.mark.parametrize("sig,repeat", [(signal.SIGTERM, 1), (signal.SIGUSR1, 1),
+                                        (signal.SIGINT, 1), (signal.SIGTERM, 5)])
+def test_stop_signal_checkpoints_and_resumes(data, reference, tmp_path, sig, repeat):
+    """repeat 5: more SIGTERMs to every rank while the checkpoint is being written; they are
+    ignored (the first one decided), so the checkpoint is still complete and resumes exactly."""
     out = tmp_path / "o"
     proc = subprocess.Popen(["mpirun", "--oversubscribe", "-np", "2", QLORA, str(data / "base.ini"),
                              f"--output.output_dir={out}"], env=ENV, stdout=subprocess.PIPE,
@@ -134,6 +137,13 @@ def test_stop_signal_checkpoints_and_resumes(data, reference, tmp_path, sig):
         pids = rank_pids(proc.pid)
         assert len(pids) == 2, pids
         os.kill(pids[1], sig)  # one rank only, as a scheduler signalling a node would
+        for _ in range(repeat - 1):
+            time.sleep(0.02)
+            for p in pids:
+                try:
+                    os.kill(p, sig)
+                except ProcessLookupError:
+                    pass
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -380,3 +380,31 @@ def test_tensorboard_events_match_metrics(data, tmp_path):
     got = {(e.step, e.value) for e in acc.Scalars("train/loss")}
     assert got == {(m["step"], float(np.float32(m["loss"]))) for m in train}
     assert [e.step for e in acc.Scalars("eval/loss")] == [m["step"] for m in evals]
+
+
+def test_plot(data, run2, tmp_path):
+    """qlora_dist plot renders a real PNG (PLplot, pngcairo) from a run's metrics.jsonl."""
+    import struct
+    import zlib
+    png = tmp_path / "m.png"
+    res = run("plot", run2[0], "--out", png)
+    assert res.returncode == 0, res.stderr
+    assert "12 training steps, 2 evaluations" in res.stdout
+    raw = png.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", raw[16:24])
+    assert (width, height) == (1200, 900)
+    # Not a blank canvas: the decompressed scanlines hold many distinct byte values.
+    idat, pos = b"", 8
+    while pos < len(raw):
+        n, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        if kind == b"IDAT":
+            idat += raw[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    pixels = zlib.decompress(idat)
+    assert len(set(pixels)) > 50
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    # Bad input: one line, exit 1.
+    res = run("plot", tmp_path / "nothing_here")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert "metrics.jsonl" in res.stderr and res.stderr.startswith("qlora_dist plot: error:")
