@@ -148,6 +148,16 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, data, reference, tmp
     while job_field(slurm, jid, "Restarts") in (None, "0"):
         assert time.monotonic() - t0 < 180, log.read_text()
         time.sleep(0.5)
+    # The requeued job keeps its id, so its new step 0 reuses the PMIx socket name of the old one
+    # (SlurmdSpoolDir/stepd.slurm.pmix.<job>.0): start it only once the old step is gone (SLURM's
+    # own requeue delay guarantees that; we shorten the delay).
+    spool = os.path.join(os.path.dirname(slurm["SLURM_CONF"]), "spool")
+    t1 = time.monotonic()
+    while (os.path.exists(os.path.join(spool, f"stepd.slurm.pmix.{jid}.0")) or
+           subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{jid}\\."]).returncode == 0):
+        assert time.monotonic() - t1 < 60, "the interrupted step did not go away"
+        time.sleep(0.2)
+    time.sleep(1.0)
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm)
     while job_field(slurm, jid, "JobState") != "COMPLETED":
         state = job_field(slurm, jid, "JobState")
