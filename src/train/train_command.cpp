@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <csignal>
 #include <unistd.h>
@@ -359,8 +360,17 @@ int run(Run& r, const std::string& command) {
     std::printf("%s\n", line.c_str());
     std::fflush(stdout);
   };
-  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  at::set_num_threads(static_cast<int>(std::max(1u, cores / static_cast<unsigned>(r.env.local_world_size))));
+  // Intra-op threads: this node's cores shared among its ranks, but never more than the CPUs the
+  // launcher bound this rank to (Open MPI binds each rank to one core when np <= 2).
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int want = std::max(1, cores / std::max(1, r.env.local_world_size));
+  cpu_set_t allowed_set;
+  CPU_ZERO(&allowed_set);
+  const int allowed = sched_getaffinity(0, sizeof allowed_set, &allowed_set) == 0
+                          ? std::max(1, CPU_COUNT(&allowed_set))
+                          : want;
+  const int threads = std::min(want, allowed);
+  at::set_num_threads(threads);
 
   stop_signals_install();
   std::unique_ptr<dist::Communicator> comm = dist::communicator_mpi(r.env);
@@ -370,6 +380,10 @@ int run(Run& r, const std::string& command) {
     std::printf("qlora_dist %s: %d rank(s), resolved configuration:\n%s", command.c_str(), world,
                 config_to_ini(c).c_str());
     for (const std::string& w : r.warnings) std::printf("warning: %s\n", w.c_str());
+    if (allowed < want)
+      std::printf("warning: the launcher bound each rank to %d CPU(s) while %d per rank are free; "
+                  "using %d thread(s) (mpirun --bind-to none, or --map-by slot:PE=%d, gives each "
+                  "rank its share)\n", allowed, want, threads, want);
     std::fflush(stdout);
   }
   comm->barrier();
