@@ -20,16 +20,6 @@
 namespace qlora::dist {
 namespace {
 
-int world_rank_or_unknown() {
-  int initialized = 0;
-  int finalized = 0;
-  MPI_Initialized(&initialized);
-  MPI_Finalized(&finalized);
-  int rank = -1;
-  if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
 [[noreturn]] void gpu_fail(const char* call, const char* file, int line, const char* what) {
   int rank = world_rank_or_unknown();
   throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + call +

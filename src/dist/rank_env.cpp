@@ -24,12 +24,15 @@ bool mpi_usable() {
   return initialized && !finalized;
 }
 
-// -1 when MPI is not (or no longer) running.
+}  // namespace
+
 int world_rank_or_unknown() {
   int rank = -1;
   if (mpi_usable()) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   return rank;
 }
+
+namespace {
 
 int world_size_or_one() {
   int size = 1;

@@ -32,6 +32,10 @@ RankEnv rank_env_init(int* argc, char*** argv);
 // that was found, as "NAME=value".
 std::vector<std::string> rank_env_launcher_vars();
 
+// This process's rank in MPI_COMM_WORLD, or -1 when MPI is not (or no longer) running: for
+// error messages from anywhere.
+int world_rank_or_unknown();
+
 // MPI_Finalize if MPI is initialized and not finalized.
 void rank_env_finalize();
 

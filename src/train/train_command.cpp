@@ -237,6 +237,16 @@ struct Run {
   std::vector<std::string> warnings;
   OutputPlan plan;
   dist::RankEnv env;
+  // Opened and checked in phase 1, used by the run.
+  std::unique_ptr<UnitSource> source;
+  std::optional<TokenDataset> train_data, eval_data;
+  // Before MPI_Finalize: parallel HDF5 shuts itself down there, and a file closed after that
+  // fails with HDF5's diagnostics on stderr.
+  void close_files() {
+    source.reset();
+    train_data.reset();
+    eval_data.reset();
+  }
 };
 
 std::vector<std::pair<std::string, std::string>> parse_overrides(
@@ -399,8 +409,7 @@ int run(Run& r, const std::string& command) {
         ", alpha " + fmt("%g", opts.lora.alpha) + " (its own settings replace finetuning.lora_*)");
   }
   const auto t_load = Clock::now();
-  Trainer trainer(*comm, c.model_name_or_path, opts);
-  const int64_t vocab = trainer.spec().config.vocab_size;
+  Trainer trainer(*comm, std::move(r.source), opts);
   if (have_adapter) trainer.adapter_load(start_adapter);
   log("loaded " + c.model_name_or_path + " in " +
       fmt("%.2f", std::chrono::duration<double>(Clock::now() - t_load).count()) + " s: this rank holds " +
@@ -408,8 +417,7 @@ int run(Run& r, const std::string& command) {
       fmt("%.2f", trainer.base_total_bytes() / 1048576.0) + " MiB of 4-bit base units (read " +
       fmt("%.2f", trainer.load_bytes_read() / 1048576.0) + " MiB)");
 
-  std::optional<TokenDataset> eval_data;
-  if (!c.eval_file.empty()) eval_data.emplace(c.eval_file, c.cutoff_len, vocab);
+  std::optional<TokenDataset>& eval_data = r.eval_data;
   const bool jsonl = main_rank && c.report_to.find("jsonl") != std::string::npos;
   std::optional<TensorBoardWriter> tb;
   if (main_rank && c.report_to.find("tensorboard") != std::string::npos)
@@ -449,7 +457,7 @@ int run(Run& r, const std::string& command) {
     return 0;
   }
 
-  TokenDataset train_data(c.train_file, c.cutoff_len, vocab);
+  const TokenDataset& train_data = *r.train_data;
   const int64_t micro = c.per_device_train_batch_size, accum = c.gradient_accumulation_steps;
   dist::DistributedSampler sampler(train_data.rows(), micro, accum, rank, world,
                                    static_cast<uint64_t>(c.seed));
@@ -687,9 +695,10 @@ int train_command_main(const std::string& command, const std::vector<std::string
                                   "(the CUDA kernels and NCCL are built but not wired in yet)");
     if (r.cfg.backend == "nccl")
       throw std::invalid_argument("dist.backend = nccl needs model.device = cuda; use mpi or auto");
-    (void)UnitSource::open(r.cfg.model_name_or_path, trainer_options(r.cfg).quant);
-    if (r.cfg.do_train) (void)TokenDataset(r.cfg.train_file, r.cfg.cutoff_len, 1LL << 40);
-    if (!r.cfg.eval_file.empty()) (void)TokenDataset(r.cfg.eval_file, r.cfg.cutoff_len, 1LL << 40);
+    r.source = UnitSource::open(r.cfg.model_name_or_path, trainer_options(r.cfg).quant);
+    const int64_t vocab = r.source->spec().config.vocab_size;
+    if (r.cfg.do_train) r.train_data.emplace(r.cfg.train_file, r.cfg.cutoff_len, vocab);
+    if (!r.cfg.eval_file.empty()) r.eval_data.emplace(r.cfg.eval_file, r.cfg.cutoff_len, vocab);
     if (command == "eval" && r.cfg.eval_file.empty())
       throw std::invalid_argument("data.eval_file is required for qlora_dist eval");
     r.plan = output_plan(r.cfg);
@@ -713,6 +722,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
       std::fprintf(stderr, "%s%s%s\n", where.c_str(), prefix.c_str(), error.c_str());
       std::fflush(stderr);
     }
+    r.close_files();
     dist::rank_env_finalize();
     return worst[0];
   }
@@ -720,6 +730,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
   // Phase 2: the run. From here an error on any rank ends the job (MPI_Abort).
   try {
     const int rc = run(r, command);
+    r.close_files();
     dist::rank_env_finalize();
     return rc;
   } catch (const std::exception& e) {

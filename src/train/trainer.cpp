@@ -29,6 +29,28 @@ at::Generator dropout_generator(uint64_t seed, int64_t step, int64_t micro, int 
   return at::make_generator<at::CPUGeneratorImpl>(x);
 }
 
+// "<module>.lora_A.weight" -> {"<module>", true}; "<module>.lora_B.weight" -> {"<module>", false}.
+struct LoraSegmentName {
+  std::string module;
+  bool is_a = false;
+};
+LoraSegmentName lora_segment_name(const std::string& name) {
+  for (const auto& [suffix, is_a] : {std::pair<std::string, bool>{".lora_A.weight", true},
+                                     std::pair<std::string, bool>{".lora_B.weight", false}})
+    if (name.size() > suffix.size() &&
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+      return {name.substr(0, name.size() - suffix.size()), is_a};
+  throw std::logic_error("'" + name + "' is not a LoRA segment");
+}
+
+// Keeps this rank's part of a whole LoRA unit [padded_numel] fp32 as its shard.
+void shard_from_full(dist::ShardedUnit& unit, const at::Tensor& full) {
+  const auto [begin, end] = unit.owned_bytes();
+  const int64_t n = static_cast<int64_t>(end - begin);
+  unit.shard_bytes().narrow(0, 0, n).copy_(
+      full.view(at::kByte).narrow(0, static_cast<int64_t>(begin), n));
+}
+
 size_t received(size_t padded_bytes, int world_size) {
   return padded_bytes / static_cast<size_t>(world_size) * static_cast<size_t>(world_size - 1);
 }
@@ -37,10 +59,13 @@ size_t received(size_t padded_bytes, int world_size) {
 
 Trainer::Trainer(dist::Communicator& comm, const std::string& model_path,
                  const TrainerOptions& options)
-    : comm_(comm), options_(options), model_path_(model_path) {
+    : Trainer(comm, UnitSource::open(model_path, options.quant), options) {}
+
+Trainer::Trainer(dist::Communicator& comm, std::unique_ptr<UnitSource> source,
+                 const TrainerOptions& options)
+    : comm_(comm), options_(options), model_path_(source->path()) {
   options_.lora.validate("lora");
   if (options_.targets.empty()) throw std::invalid_argument("lora_target is empty");
-  std::unique_ptr<UnitSource> source = UnitSource::open(model_path, options_.quant);
   spec_ = source->spec();
   model_ = model::DecoderModel::skeleton(spec_.config, options_.load);
   const at::ScalarType storage = options_.load.compute_dtype;  // quant storage = compute dtype
@@ -72,16 +97,11 @@ void Trainer::lora_init() {
     const dist::UnitLayout& layout = unit->layout();
     at::Tensor full = at::zeros({unit->padded_numel()}, at::kFloat);
     for (const dist::Segment& s : layout.segments) {
-      if (s.name.size() < 14 || s.name.compare(s.name.size() - 14, 14, ".lora_A.weight") != 0)
-        continue;
+      if (!lora_segment_name(s.name).is_a) continue;  // B stays zero
       const double bound = 1.0 / std::sqrt(static_cast<double>(s.shape[1]));
       lora_view(layout, full, s.name).uniform_(-bound, bound, gen);
     }
-    const auto [begin, end] = unit->owned_bytes();
-    at::Tensor dst = unit->shard_bytes();
-    dst.narrow(0, 0, static_cast<int64_t>(end - begin))
-        .copy_(full.view(at::kByte).narrow(0, static_cast<int64_t>(begin),
-                                           static_cast<int64_t>(end - begin)));
+    shard_from_full(*unit, full);
   }
 }
 
@@ -143,16 +163,7 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   result.num_targets = count.item<int64_t>();
   const double normalizer = std::max<double>(1.0, static_cast<double>(result.num_targets));
 
-  // The schedule: per micro-batch embed, blocks up, head, blocks down.
-  std::vector<std::vector<dist::ShardedUnit*>> schedule;
-  for (int64_t m = 0; m < g; ++m) {
-    schedule.push_back({base_.front().get()});
-    for (int64_t i = 0; i < layers; ++i) schedule.push_back({base_[i + 1].get(), lora_[i].get()});
-    schedule.push_back({base_.back().get()});
-    for (int64_t i = layers - 1; i >= 0; --i)
-      schedule.push_back({base_[i + 1].get(), lora_[i].get()});
-  }
-  dist::UnitPipeline pipe(std::move(schedule), options_.prefetch);
+  dist::UnitPipeline pipe(schedule(g, /*backward=*/true), options_.prefetch);
 
   struct Pending {
     dist::Work work;
@@ -166,25 +177,8 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   for (int64_t m = 0; m < g; ++m) {
     const at::Tensor tokens = micro_batches[m].input_ids.to(at::kLong);
     const at::Tensor labels = micro_batches[m].labels.to(at::kLong);
-    std::vector<at::Tensor> xs(static_cast<size_t>(layers + 1));  // block inputs [m, T, H]
-
-    {  // Forward, no autograd graph.
-      at::AutoGradMode no_grad(false);
-      const auto& e = pipe.acquire(k);
-      bind_embed(model_, *base_.front(), e[0]);
-      xs[0] = model_.embed(tokens);
-      bind_embed(model_, *base_.front(), at::Tensor());
-      pipe.release(k++);
-      for (int64_t i = 0; i < layers; ++i) {
-        const auto& bufs = pipe.acquire(k);
-        bind_block(model_, i, spec_, *base_[i + 1], bufs[0], lora_[i].get(), bufs[1],
-                   options_.lora);
-        xs[i + 1] = model_.block_forward(
-            i, xs[i], /*training=*/true, dropout_generator(options_.seed, step_, m, comm_.rank(), i));
-        unbind_block(model_, i);
-        pipe.release(k++);
-      }
-    }
+    std::vector<at::Tensor> xs;  // block inputs [m, T, H], and x_L
+    forward_no_grad(pipe, k, tokens, /*training=*/true, m, &xs);
 
     at::Tensor dy;  // dL/dx of the current block's output
     {
@@ -283,33 +277,55 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   return result;
 }
 
-Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
+std::vector<std::vector<dist::ShardedUnit*>> Trainer::schedule(int64_t micro_batches,
+                                                               bool backward) {
   const int64_t layers = model_.num_blocks();
-  std::vector<std::vector<dist::ShardedUnit*>> schedule;
-  for (size_t m = 0; m < micro_batches.size(); ++m) {
-    schedule.push_back({base_.front().get()});
-    for (int64_t i = 0; i < layers; ++i) schedule.push_back({base_[i + 1].get(), lora_[i].get()});
-    schedule.push_back({base_.back().get()});
+  std::vector<std::vector<dist::ShardedUnit*>> out;
+  for (int64_t m = 0; m < micro_batches; ++m) {
+    out.push_back({base_.front().get()});
+    for (int64_t i = 0; i < layers; ++i) out.push_back({base_[i + 1].get(), lora_[i].get()});
+    out.push_back({base_.back().get()});
+    if (backward)
+      for (int64_t i = layers - 1; i >= 0; --i) out.push_back({base_[i + 1].get(), lora_[i].get()});
   }
-  dist::UnitPipeline pipe(std::move(schedule), options_.prefetch);
+  return out;
+}
+
+at::Tensor Trainer::forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
+                                    bool training, int64_t micro,
+                                    std::vector<at::Tensor>* inputs) {
+  at::AutoGradMode no_grad(false);
+  const auto& e = pipe.acquire(k);
+  bind_embed(model_, *base_.front(), e[0]);
+  at::Tensor x = model_.embed(tokens);
+  bind_embed(model_, *base_.front(), at::Tensor());
+  pipe.release(k++);
+  for (int64_t i = 0; i < model_.num_blocks(); ++i) {
+    if (inputs) inputs->push_back(x);
+    const auto& bufs = pipe.acquire(k);
+    bind_block(model_, i, spec_, *base_[i + 1], bufs[0], lora_[i].get(), bufs[1], options_.lora);
+    // Training draws the dropout masks the backward recompute draws again.
+    x = training ? model_.block_forward(
+                       i, x, true, dropout_generator(options_.seed, step_, micro, comm_.rank(), i))
+                 : model_.block_forward(i, x, false);
+    unbind_block(model_, i);
+    pipe.release(k++);
+  }
+  if (inputs) inputs->push_back(x);
+  return x;
+}
+
+Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
+  dist::UnitPipeline pipe(schedule(static_cast<int64_t>(micro_batches.size()), /*backward=*/false),
+                         options_.prefetch);
   at::AutoGradMode no_grad(false);
   double loss_sum = 0.0;
   int64_t targets = 0;
   size_t k = 0;
   for (const Batch& b : micro_batches) {
     const at::Tensor labels = b.labels.to(at::kLong);
-    const auto& e = pipe.acquire(k);
-    bind_embed(model_, *base_.front(), e[0]);
-    at::Tensor x = model_.embed(b.input_ids.to(at::kLong));
-    bind_embed(model_, *base_.front(), at::Tensor());
-    pipe.release(k++);
-    for (int64_t i = 0; i < layers; ++i) {
-      const auto& bufs = pipe.acquire(k);
-      bind_block(model_, i, spec_, *base_[i + 1], bufs[0], lora_[i].get(), bufs[1], options_.lora);
-      x = model_.block_forward(i, x, /*training=*/false);
-      unbind_block(model_, i);
-      pipe.release(k++);
-    }
+    const at::Tensor x =
+        forward_no_grad(pipe, k, b.input_ids.to(at::kLong), /*training=*/false, 0, nullptr);
     const auto& h = pipe.acquire(k);
     bind_head(model_, *base_.back(), h[0]);
     const model::LossResult r =
@@ -332,13 +348,12 @@ void Trainer::adapter_load(const lora::PeftAdapter& adapter) {
   size_t matched = 0;
   for (auto& unit : lora_) {
     for (const dist::Segment& s : unit->layout().segments) {
-      const std::string suffix = s.name.substr(s.name.rfind(".lora_"));  // .lora_A.weight
-      const std::string module = s.name.substr(0, s.name.size() - suffix.size());
-      const auto it = adapter.weights.find(module);
+      const LoraSegmentName seg = lora_segment_name(s.name);
+      const auto it = adapter.weights.find(seg.module);
       if (it == adapter.weights.end())
-        throw std::invalid_argument("adapter: layer '" + module + "' (lora_target " +
+        throw std::invalid_argument("adapter: layer '" + seg.module + "' (lora_target " +
                                     "includes it) is missing from the adapter");
-      const at::Tensor& t = suffix == ".lora_A.weight" ? it->second.first : it->second.second;
+      const at::Tensor& t = seg.is_a ? it->second.first : it->second.second;
       if (!t.defined() || t.sizes().vec() != s.shape)
         throw std::invalid_argument("adapter: '" + s.name + "' has shape " +
                                     quant::shape_str(t.defined() ? t.sizes().vec()
@@ -355,16 +370,11 @@ void Trainer::adapter_load(const lora::PeftAdapter& adapter) {
   for (auto& unit : lora_) {
     at::Tensor full = at::zeros({unit->padded_numel()}, at::kFloat);
     for (const dist::Segment& s : unit->layout().segments) {
-      const std::string suffix = s.name.substr(s.name.rfind(".lora_"));
-      const auto& ab = adapter.weights.at(s.name.substr(0, s.name.size() - suffix.size()));
-      lora_view(unit->layout(), full, s.name)
-          .copy_(suffix == ".lora_A.weight" ? ab.first : ab.second);
+      const LoraSegmentName seg = lora_segment_name(s.name);
+      const auto& ab = adapter.weights.at(seg.module);
+      lora_view(unit->layout(), full, s.name).copy_(seg.is_a ? ab.first : ab.second);
     }
-    const auto [begin, end] = unit->owned_bytes();
-    unit->shard_bytes()
-        .narrow(0, 0, static_cast<int64_t>(end - begin))
-        .copy_(full.view(at::kByte).narrow(0, static_cast<int64_t>(begin),
-                                           static_cast<int64_t>(end - begin)));
+    shard_from_full(*unit, full);
   }
 }
 
@@ -407,13 +417,9 @@ lora::PeftAdapter Trainer::adapter_gather() {
     gathered.work.wait();
     const at::Tensor buffer = gathered.buffer;
     for (const dist::Segment& s : unit->layout().segments) {
-      const std::string suffix = ".lora_A.weight";
-      if (s.name.size() < suffix.size() ||
-          s.name.compare(s.name.size() - suffix.size(), suffix.size(), suffix) != 0)
-        continue;
-      const std::string module = s.name.substr(0, s.name.size() - suffix.size());
-      out.weights[module] = {lora_view(unit->layout(), buffer, s.name).clone(),
-                             lora_view(unit->layout(), buffer, module + ".lora_B.weight").clone()};
+      const LoraSegmentName seg = lora_segment_name(s.name);
+      auto& ab = out.weights[seg.module];
+      (seg.is_a ? ab.first : ab.second) = lora_view(unit->layout(), buffer, s.name).clone();
     }
     unit->release(gathered);
   }

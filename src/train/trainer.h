@@ -64,6 +64,9 @@ class Trainer {
   // Opens the model (HF directory or HDF5 unit file), loads this rank's shard of every unit and
   // initializes the LoRA weights (peft's init from `seed`, the same whatever the world size).
   Trainer(dist::Communicator& comm, const std::string& model_path, const TrainerOptions& options);
+  // The same from a source already opened (and checked) by the caller.
+  Trainer(dist::Communicator& comm, std::unique_ptr<UnitSource> source,
+          const TrainerOptions& options);
 
   StepResult step(const std::vector<Batch>& micro_batches, double lr);
   int64_t steps_done() const { return step_; }
@@ -113,6 +116,13 @@ class Trainer {
 
  private:
   void lora_init();
+  // The units each position of a step uses: per micro-batch embed, blocks up, head and, with
+  // `backward`, blocks down again.
+  std::vector<std::vector<dist::ShardedUnit*>> schedule(int64_t micro_batches, bool backward);
+  // Embed and blocks 0..L-1 without a graph, using pipeline positions k, k+1, ...; each block's
+  // input (and last x_L) is appended to `inputs` when given. Returns x_L [m, T, H].
+  at::Tensor forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
+                             bool training, int64_t micro, std::vector<at::Tensor>* inputs);
 
   dist::Communicator& comm_;
   TrainerOptions options_;

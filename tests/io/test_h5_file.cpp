@@ -18,6 +18,7 @@
 
 #include "expect_error.h"
 #include "io/h5_file.h"
+#include "h5_raw.h"
 #include "temp_dir.h"
 
 namespace qlora::io {
@@ -85,16 +86,7 @@ std::string long_json() {
 
 // ---- raw HDF5, for what H5File never writes ----
 
-void raw_dataset(hid_t file, const char* name, hid_t file_type, hid_t mem_type,
-                 const std::vector<hsize_t>& dims, const void* data) {
-  const hid_t space = H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr);
-  const hid_t dset =
-      H5Dcreate2(file, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-  ASSERT_GE(dset, 0) << name;
-  ASSERT_GE(H5Dwrite(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), 0) << name;
-  H5Dclose(dset);
-  H5Sclose(space);
-}
+using qlora::io::testing::raw_dataset;
 
 // floats [2, 3] float32; tokens64 [3, 2] int64 in int32 range; big64 [2, 2] int64 with a value
 // past INT32_MAX; tokens16 [2, 3] uint16; vector [4] int32 (1-D); root attributes: fixed (a

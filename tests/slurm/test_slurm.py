@@ -14,9 +14,13 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tiny_job import losses, make_tiny_job  # noqa: E402
 
 ROOT = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(ROOT, "build")
@@ -57,18 +61,7 @@ def slurm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    for args in (["init-model", "--preset", "tiny", "--out", d / "tiny"],
-                 ["quantize", "--model", d / "tiny", "--out", d / "tiny.h5", "--format", "h5"],
-                 ["synth-data", "--out", d / "train.h5", "--vocab", 64, "--seq-len", 32,
-                  "--rows", 480, "--seed", 1]):
-        res = subprocess.run([QLORA, *map(str, args)], capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
-    (d / "base.ini").write_text(f"""[model]
-model_name_or_path = {d / 'tiny.h5'}
-[data]
-train_file = {d / 'train.h5'}
-cutoff_len = 32
-[train]
+    (d / "base.ini").write_text(make_tiny_job(QLORA, d, train_rows=480) + """[train]
 per_device_train_batch_size = 4
 learning_rate = 3e-3
 max_steps = 40
@@ -77,10 +70,6 @@ seed = 3
 logging_steps = 1
 """)
     return d
-
-
-def losses(out):
-    return [json.loads(l)["loss"] for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@
 // writes (float, int64) are made with the raw HDF5 API.
 #include <gtest/gtest.h>
 #include <hdf5.h>
-#include <signal.h>
-#include <sys/resource.h>
 
 #include <ATen/ATen.h>
 
@@ -21,6 +19,7 @@
 
 #include "expect_error.h"
 #include "io/h5_file.h"
+#include "io/h5_raw.h"
 #include "io/temp_dir.h"
 #include "train/dataset.h"
 
@@ -88,16 +87,7 @@ struct TokenFile {
 
 // ---- raw HDF5, for what H5File never writes ----
 
-void raw_dataset(hid_t file, const char* name, hid_t file_type, hid_t mem_type,
-                 const std::vector<hsize_t>& dims, const void* data) {
-  const hid_t space = H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr);
-  const hid_t dset =
-      H5Dcreate2(file, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-  ASSERT_GE(dset, 0) << name;
-  ASSERT_GE(H5Dwrite(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), 0) << name;
-  H5Dclose(dset);
-  H5Sclose(space);
-}
+using qlora::io::testing::raw_dataset;
 
 void raw_attr(hid_t file, const char* name, hid_t file_type, hid_t mem_type, const void* value) {
   const hid_t scalar = H5Screate(H5S_SCALAR);

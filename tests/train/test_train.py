@@ -11,10 +11,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tiny_job import make_tiny_job, metrics  # noqa: E402
 
 BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "build")
@@ -46,24 +50,10 @@ def mpirun(np_, *args, timeout=600):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    for args in (["init-model", "--preset", "tiny", "--out", d / "tiny", "--seed", "0"],
-                 ["quantize", "--model", d / "tiny", "--out", d / "tiny.h5", "--format", "h5"],
-                 ["synth-data", "--out", d / "train.h5", "--vocab", 64, "--seq-len", 32,
-                  "--rows", 480, "--task", "copy", "--seed", 1],
-                 ["synth-data", "--out", d / "eval.h5", "--vocab", 64, "--seq-len", 32,
-                  "--rows", 40, "--task", "copy", "--seed", 2]):
-        res = run(*args)
-        assert res.returncode == 0, res.stderr
     ini = d / "base.ini"
-    ini.write_text(f"""[model]
-model_name_or_path = {d / 'tiny.h5'}
-[finetuning]
+    ini.write_text(make_tiny_job(QLORA, d, train_rows=480, eval_rows=40) + """[finetuning]
 lora_rank = 8
 lora_alpha = 16
-[data]
-train_file = {d / 'train.h5'}
-eval_file = {d / 'eval.h5'}
-cutoff_len = 32
 [train]
 per_device_train_batch_size = 4
 learning_rate = 3e-3
@@ -78,11 +68,6 @@ logging_steps = 1
 save_steps = 4
 """)
     return d
-
-
-def metrics(out):
-    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    return [m for m in lines if "loss" in m], [m for m in lines if "eval_loss" in m]
 
 
 @pytest.fixture(scope="module")
