@@ -29,6 +29,7 @@
 #include "lora/peft_adapter.h"
 #include "train/dataset.h"
 #include "train/sharded_model.h"
+#include "train/lr_schedule.h"
 #include "train/tensorboard.h"
 #include "train/trainer.h"
 
@@ -362,6 +363,7 @@ class MetricsLog {
 
 int run(Run& r, const std::string& command) {
   const TrainConfig& c = r.cfg;
+  const LrSchedule schedule = lr_schedule_of(c);
   const int rank = r.env.rank, world = r.env.world_size;
   const bool main_rank = rank == 0;
   const bool tty = main_rank && isatty(STDERR_FILENO);
@@ -487,7 +489,7 @@ int run(Run& r, const std::string& command) {
   log("training " + std::to_string(total) + " steps (" + std::to_string(sampler.steps_per_epoch()) +
       " per epoch), global batch " + std::to_string(sampler.global_batch()) + " x " +
       std::to_string(train_data.seq_len()) + " tokens, warmup " +
-      std::to_string(warmup_steps_of(c, total)) + ", " + c.lr_scheduler_type + " schedule");
+      std::to_string(lr_warmup_steps(schedule, total)) + ", " + c.lr_scheduler_type + " schedule");
 
   auto save = [&](int64_t step, bool final_save) {
     const fs::path tmp = r.plan.dir / (".checkpoint-" + std::to_string(step) + ".tmp");
@@ -510,7 +512,7 @@ int run(Run& r, const std::string& command) {
       st["world_size"] = world;
       st["global_batch"] = sampler.global_batch();
       st["samples_seen"] = step * sampler.global_batch();
-      st["next_learning_rate"] = lr_at(c, step, total);
+      st["next_learning_rate"] = lr_at(schedule, step, total);
       st["seed"] = c.seed;
       st["rng"] = "stateless: data order and dropout masks are functions of (seed, step, "
                   "micro-step, rank, block)";
@@ -540,7 +542,7 @@ int run(Run& r, const std::string& command) {
   size_t window_bytes = 0;
   int64_t window_steps = 0, window_tokens = 0;
   for (int64_t step = start; step < total; ++step) {
-    const double lr = lr_at(c, step, total);
+    const double lr = lr_at(schedule, step, total);
     std::vector<Batch> batches;
     for (int64_t k = 0; k < accum; ++k) {
       Batch b;
@@ -627,22 +629,13 @@ int run(Run& r, const std::string& command) {
 
 }  // namespace
 
-int64_t warmup_steps_of(const TrainConfig& c, int64_t total) {
-  if (c.warmup_steps > 0) return c.warmup_steps;
-  return static_cast<int64_t>(std::ceil(c.warmup_ratio * static_cast<double>(total)));
-}
-
-double lr_at(const TrainConfig& c, int64_t step, int64_t total) {
-  const int64_t warmup = warmup_steps_of(c, total);
-  if (step < warmup) return c.learning_rate * static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup));
-  if (c.lr_scheduler_type == "constant") return c.learning_rate;
-  const double progress = static_cast<double>(step - warmup) / static_cast<double>(std::max<int64_t>(1, total - warmup));
-  if (c.lr_scheduler_type == "linear")
-    return c.learning_rate * std::max(0.0, static_cast<double>(total - step) / static_cast<double>(std::max<int64_t>(1, total - warmup)));
-  if (c.lr_scheduler_type == "cosine")
-    return c.learning_rate * std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
-  throw std::invalid_argument("lr_scheduler_type '" + c.lr_scheduler_type +
-                              "' (expected constant, linear or cosine)");
+LrSchedule lr_schedule_of(const TrainConfig& c) {
+  LrSchedule s;
+  s.learning_rate = c.learning_rate;
+  s.type = lr_scheduler_from_name(c.lr_scheduler_type);
+  s.warmup_steps = c.warmup_steps;
+  s.warmup_ratio = c.warmup_ratio;
+  return s;
 }
 
 int train_command_main(const std::string& command, const std::vector<std::string>& args, int* argc,

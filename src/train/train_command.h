@@ -14,16 +14,12 @@
 #include <vector>
 
 #include "train/config.h"
+#include "train/lr_schedule.h"
 
 namespace qlora::train {
 
-// HF Trainer's schedules (get_{constant,linear,cosine}_schedule_with_warmup): the learning rate
-// of optimizer step `step` (0-based) out of `total`:
-//   warmup: lr * step / warmup;  then constant: lr;  linear: lr * (total - step) / (total - warmup);
-//   cosine: lr * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))
-// warmup = warmup_steps if > 0 else ceil(warmup_ratio * total).
-double lr_at(const TrainConfig& config, int64_t step, int64_t total);
-int64_t warmup_steps_of(const TrainConfig& config, int64_t total);
+// The schedule of the configuration ([train] learning_rate, lr_scheduler_type, warmup_*).
+LrSchedule lr_schedule_of(const TrainConfig& config);
 
 // Exit status after SIGTERM / SIGUSR1 / SIGINT: every rank finished the current step and a
 // complete checkpoint was written; a batch script requeues on it (EX_TEMPFAIL).
