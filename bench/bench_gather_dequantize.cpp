@@ -55,7 +55,12 @@ int main(int argc, char** argv) {
     auto comm = qlora::dist::communicator_mpi(env);
     qlora::dist::ShardStats stats;
     qlora::dist::BufferPool pool;
-    qlora::dist::ShardedUnit unit(layout, at::kFloat, *comm, true, &stats, true, &pool);
+    qlora::dist::DeviceContext device(qlora::dist::Device::cpu, at::kFloat, *comm);
+    qlora::dist::ShardedUnit unit(layout, at::kFloat, device, true, &stats, true, &pool);
+    const std::vector<float> offsets = qlora::train::block_nested_offsets(
+        spec, layout, [&](size_t b, size_t e, uint8_t* out) {
+          std::memcpy(out, whole.data_ptr<uint8_t>() + b, e - b);
+        });
     const auto [b, e] = unit.owned_bytes();
     std::memcpy(unit.shard_bytes().data_ptr<uint8_t>(), whole.data_ptr<uint8_t>() + b, e - b);
 
@@ -69,7 +74,7 @@ int main(int argc, char** argv) {
       g.work.wait();
       t_gather = std::min(t_gather, since(t0));
       qlora::model::DecoderModel m = qlora::model::DecoderModel::skeleton(c, {});
-      qlora::train::bind_block(m, 0, spec, unit, g.buffer, nullptr, at::Tensor(), {});
+      qlora::train::bind_block(m, 0, spec, unit, g.buffer, offsets, nullptr, at::Tensor(), {});
       t0 = Clock::now();
       deq_bytes = 0;
       for (auto& l : m.block(0).linears) {

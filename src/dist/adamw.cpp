@@ -9,9 +9,9 @@
 
 namespace qlora::dist {
 
-AdamWState adamw_state_init(int64_t numel) {
-  const auto options = at::TensorOptions().dtype(at::kFloat);
-  return {at::zeros({numel}, options), at::zeros({numel}, options)};
+AdamWState adamw_state_init(const at::Tensor& param) {
+  return {at::zeros_like(param, at::MemoryFormat::Contiguous),
+          at::zeros_like(param, at::MemoryFormat::Contiguous)};
 }
 
 void adamw_step(at::Tensor& param, const at::Tensor& grad, AdamWState& state, int64_t step,

@@ -23,7 +23,8 @@ struct AdamWState {
   at::Tensor exp_avg_sq;  // [S] fp32
 };
 
-AdamWState adamw_state_init(int64_t numel);
+// Zero moments shaped, typed and placed like `param` (the fp32 shard they belong to).
+AdamWState adamw_state_init(const at::Tensor& param);
 // One update of `param` (fp32, in place) with `grad` at step `step` (1-based) and rate `lr`.
 void adamw_step(at::Tensor& param, const at::Tensor& grad, AdamWState& state, int64_t step,
                 double lr, const AdamWOptions& options);

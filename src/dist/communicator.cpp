@@ -3,6 +3,8 @@
 // runs before queueing, and, in builds without CUDA, the NCCL entry points that say so.
 #include "dist/communicator.h"
 
+#include <ATen/ops/from_blob.h>
+
 #include <chrono>
 #include <cstdint>
 #include <stdexcept>
@@ -54,6 +56,10 @@ void Work::wait() {
     throw;
   }
   account();
+}
+
+void Communicator::all_reduce_host(double* values, int64_t n, ReduceOp op) {
+  all_reduce(at::from_blob(values, {n}, at::TensorOptions().dtype(at::kDouble)), op);
 }
 
 double Communicator::wait_seconds() const {

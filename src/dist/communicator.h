@@ -74,6 +74,9 @@ class Communicator {
   void all_reduce(const at::Tensor& t, ReduceOp op) { all_reduce_start(t, op).wait(); }
   void broadcast(const at::Tensor& t, int root) { broadcast_start(t, root).wait(); }
   void barrier() { barrier_start().wait(); }
+  // all_reduce of `n` host values in place (scalars of the step loop: norms, counts, flags). The
+  // MPI backend reduces them directly; a device backend may stage them.
+  virtual void all_reduce_host(double* values, int64_t n, ReduceOp op);
 
   // Seconds the calling thread has spent blocked in Work::wait() on this communicator's handles.
   // Virtual so that a wrapper (e.g. one counting bytes) can report its inner communicator's.

@@ -23,6 +23,7 @@
 #include <thread>
 
 #include "dist/communicator.h"
+#include "dist/device_context.h"
 
 namespace qlora::dist {
 namespace {
@@ -177,7 +178,7 @@ MPI_Op mpi_op_of(ReduceOp op) {
 }
 
 at::Tensor host_empty_like(const at::Tensor& t) {
-  return at::empty(t.sizes(), t.options().device(at::kCPU));
+  return at::empty(t.sizes(), DeviceContext::host_options(t.scalar_type()));
 }
 
 class MpiCommunicator final : public Communicator {
@@ -251,7 +252,7 @@ class MpiCommunicator final : public Communicator {
       if (in_place && staged) {
         host_out.view({-1}).narrow(0, rank * shard.numel(), shard.numel()).copy_(shard.view({-1}));
       } else if (!in_place) {
-        host_shard = staged ? shard.to(at::kCPU) : shard;
+        host_shard = staged ? DeviceContext::to_host(shard) : shard;
       }
       all_gather_bytes(comm, in_place ? nullptr : static_cast<const char*>(host_shard.data_ptr()),
                        static_cast<char*>(host_out.data_ptr()), nbytes, max_nbytes);
@@ -266,7 +267,7 @@ class MpiCommunicator final : public Communicator {
     int world_size = world_size_;
     size_t max_nbytes = max_nbytes_;
     return enqueue([=](MPI_Comm comm) {
-      at::Tensor host_in = staged ? in.to(at::kCPU) : in;
+      at::Tensor host_in = staged ? DeviceContext::to_host(in) : in;
       at::Tensor host_out = staged ? host_empty_like(out) : out;
       reduce_scatter_floats(comm, rank, world_size, host_in.data_ptr<float>(),
                             host_out.data_ptr<float>(), out.numel(), max_nbytes);
@@ -281,7 +282,7 @@ class MpiCommunicator final : public Communicator {
     bool staged = !t.device().is_cpu();
     int64_t max_numel = std::max<int64_t>(1, static_cast<int64_t>(max_nbytes_ / t.element_size()));
     return enqueue([=](MPI_Comm comm) {
-      at::Tensor host = staged ? t.to(at::kCPU) : t;
+      at::Tensor host = staged ? DeviceContext::to_host(t) : t;
       auto* data = static_cast<char*>(host.data_ptr());
       int64_t numel = host.numel();
       for (int64_t offset = 0; offset == 0 || offset < numel; offset += max_numel) {
@@ -299,7 +300,7 @@ class MpiCommunicator final : public Communicator {
     bool receives = root != rank_;
     size_t max_nbytes = max_nbytes_;
     return enqueue([=](MPI_Comm comm) {
-      at::Tensor host = staged ? t.to(at::kCPU) : t;
+      at::Tensor host = staged ? DeviceContext::to_host(t) : t;
       auto* data = static_cast<char*>(host.data_ptr());
       size_t nbytes = host.nbytes();
       for (size_t offset = 0; offset == 0 || offset < nbytes; offset += max_nbytes) {

@@ -15,35 +15,19 @@
 #include <utility>
 #include <vector>
 
+#include "cuda_check.h"
 #include "dist/communicator.h"
 
 namespace qlora::dist {
 namespace {
 
-[[noreturn]] void gpu_fail(const char* call, const char* file, int line, const char* what) {
-  int rank = world_rank_or_unknown();
-  throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + call +
-                           " failed on rank " + (rank >= 0 ? std::to_string(rank) : "?") + ": " +
-                           what);
-}
-
-void gpu_check(cudaError_t err, const char* call, const char* file, int line) {
-  if (err != cudaSuccess) gpu_fail(call, file, line, cudaGetErrorString(err));
-}
-
-void gpu_check(ncclResult_t res, const char* call, const char* file, int line) {
-  if (res != ncclSuccess) gpu_fail(call, file, line, ncclGetErrorString(res));
-}
-
-// The one checking macro for the CUDA runtime and NCCL calls of this file (file, line, rank).
-#define QLORA_GPU_CHECK(call) gpu_check((call), #call, __FILE__, __LINE__)
 
 // Selects `device` for the calling thread and restores the previous one.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
-    QLORA_GPU_CHECK(cudaGetDevice(&previous_));
-    QLORA_GPU_CHECK(cudaSetDevice(device));
+    QLORA_CUDA_CHECK(cudaGetDevice(&previous_));
+    QLORA_CUDA_CHECK(cudaSetDevice(device));
   }
   ~DeviceGuard() { cudaSetDevice(previous_); }
   DeviceGuard(const DeviceGuard&) = delete;
@@ -61,10 +45,10 @@ class NcclWork final : public Work::State {
   bool done() override {
     cudaError_t err = cudaEventQuery(event_);
     if (err == cudaErrorNotReady) return false;
-    QLORA_GPU_CHECK(err);
+    QLORA_CUDA_CHECK(err);
     return true;
   }
-  void block() override { QLORA_GPU_CHECK(cudaEventSynchronize(event_)); }
+  void block() override { QLORA_CUDA_CHECK(cudaEventSynchronize(event_)); }
 
  private:
   cudaEvent_t event_;
@@ -100,20 +84,20 @@ class NcclCommunicator final : public Communicator {
   NcclCommunicator(const RankEnv& env, int device)
       : rank_(env.rank), world_size_(env.world_size), device_(device) {
     int device_count = 0;
-    QLORA_GPU_CHECK(cudaGetDeviceCount(&device_count));
+    QLORA_CUDA_CHECK(cudaGetDeviceCount(&device_count));
     if (device < 0 || device >= device_count) {
       throw std::invalid_argument("communicator_nccl: device " + std::to_string(device) +
                                   " does not exist (this node has " +
                                   std::to_string(device_count) + " GPUs)");
     }
     ncclUniqueId id;
-    if (rank_ == 0) QLORA_GPU_CHECK(ncclGetUniqueId(&id));
+    if (rank_ == 0) QLORA_NCCL_CHECK(ncclGetUniqueId(&id));
     QLORA_MPI_CHECK(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD));
     DeviceGuard guard(device_);
-    QLORA_GPU_CHECK(ncclCommInitRank(&comm_, world_size_, id, rank_));
-    QLORA_GPU_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    QLORA_GPU_CHECK(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming));
-    QLORA_GPU_CHECK(cudaMalloc(&barrier_value_, sizeof(int)));
+    QLORA_NCCL_CHECK(ncclCommInitRank(&comm_, world_size_, id, rank_));
+    QLORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming));
+    QLORA_CUDA_CHECK(cudaMalloc(&barrier_value_, sizeof(int)));
   }
 
   ~NcclCommunicator() override {
@@ -201,14 +185,14 @@ class NcclCommunicator final : public Communicator {
   Work launch(std::vector<at::Tensor> keep, Call&& call) {
     DeviceGuard guard(device_);
     // The inputs were written by kernels on the legacy default stream.
-    QLORA_GPU_CHECK(cudaEventRecord(inputs_ready_, cudaStreamLegacy));
-    QLORA_GPU_CHECK(cudaStreamWaitEvent(stream_, inputs_ready_, 0));
-    QLORA_GPU_CHECK(call());
+    QLORA_CUDA_CHECK(cudaEventRecord(inputs_ready_, cudaStreamLegacy));
+    QLORA_CUDA_CHECK(cudaStreamWaitEvent(stream_, inputs_ready_, 0));
+    QLORA_NCCL_CHECK(call());
     cudaEvent_t finished = nullptr;
-    QLORA_GPU_CHECK(
+    QLORA_CUDA_CHECK(
         cudaEventCreateWithFlags(&finished, cudaEventDisableTiming | cudaEventBlockingSync));
     auto work = std::make_shared<NcclWork>(finished, std::move(keep));
-    QLORA_GPU_CHECK(cudaEventRecord(finished, stream_));
+    QLORA_CUDA_CHECK(cudaEventRecord(finished, stream_));
     work->wait_ns = wait_ns_;
     return Work(work);
   }

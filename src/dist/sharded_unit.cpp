@@ -32,18 +32,18 @@ at::Tensor byte_view(const at::Tensor& buffer, size_t offset, size_t nbytes, at:
 // ------------------------------------------------------------------------------------------
 // BufferPool
 
-at::Tensor BufferPool::acquire(int64_t numel, at::ScalarType dtype) {
+at::Tensor BufferPool::acquire(int64_t numel, at::ScalarType dtype, at::Device device) {
   const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
   size_t best = free_.size();
   for (size_t i = 0; i < free_.size(); ++i)
-    if (free_[i].numel() >= nbytes && (best == free_.size() || free_[i].numel() < free_[best].numel()))
+    if (free_[i].device() == device && free_[i].numel() >= nbytes && (best == free_.size() || free_[i].numel() < free_[best].numel()))
       best = i;
   at::Tensor bytes;
   if (best < free_.size()) {
     bytes = free_[best];
     free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
   } else {
-    bytes = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
+    bytes = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(device));
   }
   return bytes.narrow(0, 0, nbytes).view(dtype);
 }
@@ -51,7 +51,7 @@ at::Tensor BufferPool::acquire(int64_t numel, at::ScalarType dtype) {
 void BufferPool::give_back(const at::Tensor& buffer) {
   // The whole allocation behind the view goes back.
   const auto& storage = buffer.storage();
-  at::Tensor bytes = at::empty({0}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor bytes = at::empty({0}, buffer.options().dtype(at::kByte));
   bytes.set_(storage, 0, {static_cast<int64_t>(storage.nbytes())}, {1});
   free_.push_back(bytes);
   if (free_.size() > max_free_) {
@@ -71,20 +71,20 @@ size_t BufferPool::free_bytes() const {
 // ------------------------------------------------------------------------------------------
 // ShardedUnit
 
-ShardedUnit::ShardedUnit(UnitLayout layout, at::ScalarType storage, Communicator& comm,
+ShardedUnit::ShardedUnit(UnitLayout layout, at::ScalarType storage, const DeviceContext& device,
                          bool sharded, ShardStats* stats, bool is_base, BufferPool* pool)
     : layout_(std::move(layout)),
       storage_(storage),
-      comm_(&comm),
+      comm_(&device.comm()),
       sharded_(sharded),
       stats_(stats),
       is_base_(is_base),
       pool_(pool) {
   const size_t item = itemsize();
-  const int n = sharded_ ? comm.world_size() : 1;
+  const int n = sharded_ ? comm_->world_size() : 1;
   padded_numel_ = layout_.padded_numel(item, n);
   shard_numel_ = layout_.shard_numel(item, n);
-  shard_ = at::zeros({shard_numel_}, at::TensorOptions().dtype(storage_));
+  shard_ = device.zeros({shard_numel_}, storage_);
   if (stats_ && is_base_) stats_->resident_bytes += static_cast<size_t>(shard_numel_) * item;
 }
 
@@ -103,7 +103,7 @@ ShardedUnit::Gathered ShardedUnit::gather_start() {
   if (!sharded_ || comm_->world_size() == 1) {
     g.buffer = shard_;  // the whole unit is here already
   } else {
-    g.buffer = pool_ ? pool_->acquire(padded_numel_, storage_)
+    g.buffer = pool_ ? pool_->acquire(padded_numel_, storage_, shard_.device())
                      : at::empty({padded_numel_}, shard_.options());
     g.work = comm_->all_gather_start(shard_, g.buffer);
     if (stats_)

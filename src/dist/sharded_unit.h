@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "dist/communicator.h"
+#include "dist/device_context.h"
 #include "dist/unit_layout.h"
 
 namespace qlora::dist {
@@ -37,7 +38,7 @@ struct ShardStats {
 class BufferPool {
  public:
   explicit BufferPool(size_t max_free = 3) : max_free_(max_free) {}
-  at::Tensor acquire(int64_t numel, at::ScalarType dtype);  // [numel], contents undefined
+  at::Tensor acquire(int64_t numel, at::ScalarType dtype, at::Device device);  // [numel], undefined contents
   void give_back(const at::Tensor& buffer);  // a tensor acquire returned (views into it dropped)
   size_t free_bytes() const;
 
@@ -50,7 +51,8 @@ class ShardedUnit {
  public:
   // `is_base`: counts towards resident / gathered base-weight bytes (LoRA units do not).
   // `pool` (may be null): where gather buffers come from and go back to.
-  ShardedUnit(UnitLayout layout, at::ScalarType storage, Communicator& comm, bool sharded,
+  // The shard lives on `device` and is gathered through its communicator.
+  ShardedUnit(UnitLayout layout, at::ScalarType storage, const DeviceContext& device, bool sharded,
               ShardStats* stats, bool is_base, BufferPool* pool = nullptr);
 
   const UnitLayout& layout() const { return layout_; }

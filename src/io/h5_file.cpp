@@ -2,6 +2,7 @@
 // HDF5 reports failures on its error stack; we switch its printing off once and turn the innermost
 // entry of the stack into the reason in our own one-line messages.
 #include "io/h5_file.h"
+#include "io/shape_str.h"
 
 #include <fcntl.h>
 #include <hdf5.h>
@@ -106,11 +107,6 @@ std::vector<int64_t> space_dims(hid_t space) {
   return std::vector<int64_t>(dims.begin(), dims.end());
 }
 
-std::string dims_text(const std::vector<int64_t>& dims) {
-  std::string text = "[";
-  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
-  return text + "]";
-}
 
 // "a/b/c" -> {"/a", "/a/b", "/a/b/c"}; "/" and "" -> {}.
 std::vector<std::string> path_prefixes(const std::string& name) {
@@ -358,7 +354,7 @@ size_t bytes_dataset_size(hid_t dset, hid_t type, const std::string& where) {
   Handle space(H5Dget_space(dset), H5Sclose);
   const std::vector<int64_t> dims = space_dims(space.get());
   if (H5Tget_class(type) != H5T_INTEGER || H5Tget_size(type) != 1 || dims.size() != 1)
-    throw std::runtime_error(where + " holds " + type_name(type) + " " + dims_text(dims) +
+    throw std::runtime_error(where + " holds " + type_name(type) + " " + shape_str(dims) +
                              " (expected a 1-D uint8 dataset)");
   return static_cast<size_t>(dims[0]);
 }
@@ -447,7 +443,7 @@ void H5File::read_int32_rows(const std::string& dataset, int64_t row0, int64_t n
   const std::vector<int64_t> dims = space_dims(file_space.get());
   if (H5Tget_class(type.get()) != H5T_INTEGER || dims.size() != 2)
     throw std::runtime_error(where(dataset) + " holds " + type_name(type.get()) + " " +
-                             dims_text(dims) + " (expected 2-D integer token ids, e.g. int32)");
+                             shape_str(dims) + " (expected 2-D integer token ids, e.g. int32)");
   const int64_t rows = dims[0];
   const int64_t cols = dims[1];
   if (row0 > rows || nrows > rows - row0) {
@@ -455,7 +451,7 @@ void H5File::read_int32_rows(const std::string& dataset, int64_t row0, int64_t n
                                 ? std::to_string(row0) + " + " + std::to_string(nrows)
                                 : std::to_string(row0 + nrows);
     throw std::invalid_argument(where(dataset) + ": rows [" + std::to_string(row0) + ", " + end +
-                                ") are beyond its end (shape " + dims_text(dims) + ")");
+                                ") are beyond its end (shape " + shape_str(dims) + ")");
   }
   if (nrows == 0 || cols == 0) return;
   if (out == nullptr)
@@ -500,7 +496,7 @@ Handle open_attr(hid_t object_id, const std::string& where, const std::string& n
   Handle space(H5Aget_space(attr.get()), H5Sclose);
   if (H5Sget_simple_extent_npoints(space.get()) != 1)
     throw std::runtime_error(where + ": attribute '" + name + "' has shape " +
-                             dims_text(space_dims(space.get())) + " (expected a single value)");
+                             shape_str(space_dims(space.get())) + " (expected a single value)");
   return attr;
 }
 

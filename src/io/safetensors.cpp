@@ -2,6 +2,7 @@
 // (temp file + rename), and Hugging Face model directories (single file or sharded index).
 // A tensor's bytes are data section [begin, end) with end - begin == prod(shape) * dtype_size.
 #include "io/safetensors.h"
+#include "io/shape_str.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -108,16 +109,6 @@ std::string json_describe(const json& value) {
 
 std::string name_quote(const std::string& name) { return "'" + text_clip(name, 200) + "'"; }
 
-std::string shape_to_string(const std::vector<int64_t>& shape) {
-  constexpr size_t kMaxDims = 8;
-  std::string text = "[";
-  for (size_t i = 0; i < shape.size() && i < kMaxDims; ++i) {
-    if (i > 0) text += ", ";
-    text += std::to_string(shape[i]);
-  }
-  if (shape.size() > kMaxDims) text += ", ... (" + std::to_string(shape.size()) + " dims)";
-  return text + "]";
-}
 
 std::string offsets_to_string(uint64_t begin, uint64_t end) {
   return "[" + std::to_string(begin) + ", " + std::to_string(end) + "]";
@@ -231,7 +222,7 @@ TensorInfo tensor_info_parse(const std::string& path, const std::string& name, c
       __builtin_mul_overflow(static_cast<size_t>(numel), traits->size, &expected_nbytes)) {
     format_error_throw(
         path,
-        tensor + " shape " + shape_to_string(info.shape) + " has more elements than fit in 64 bits",
+        tensor + " shape " + shape_str(info.shape) + " has more elements than fit in 64 bits",
         "expected a shape whose byte size fits in the file");
   }
 
@@ -260,7 +251,7 @@ TensorInfo tensor_info_parse(const std::string& path, const std::string& name, c
     format_error_throw(path,
                        tensor + " data_offsets " + offsets_to_string(begin, end) +
                            " do not match dtype " + traits->name + " shape " +
-                           shape_to_string(info.shape),
+                           shape_str(info.shape),
                        "expected " + std::to_string(expected_nbytes) + " bytes");
   }
   info.offset = static_cast<size_t>(begin);
@@ -387,7 +378,7 @@ DType dtype_from_name(const std::string& name) {
 int64_t TensorInfo::numel() const {
   int64_t numel = 0;
   if (!shape_numel(shape, &numel)) {
-    throw std::overflow_error("tensor " + name_quote(name) + " shape " + shape_to_string(shape) +
+    throw std::overflow_error("tensor " + name_quote(name) + " shape " + shape_str(shape) +
                               " has no valid element count");
   }
   return numel;
@@ -524,14 +515,14 @@ void SafetensorsWriter::add(const std::string& name, DType dtype, const std::vec
   if (!shape_numel(shape, &numel) ||
       __builtin_mul_overflow(static_cast<size_t>(numel), dtype_size(dtype), &expected_nbytes)) {
     throw std::invalid_argument("safetensors: tensor " + name_quote(name) + " shape " +
-                                shape_to_string(shape) +
+                                shape_str(shape) +
                                 " is invalid (expected non-negative "
                                 "dimensions whose product fits in 64 bits)");
   }
   if (nbytes != expected_nbytes) {
     throw std::invalid_argument("safetensors: tensor " + name_quote(name) + " has " +
                                 std::to_string(nbytes) + " bytes for dtype " + dtype_name(dtype) +
-                                " shape " + shape_to_string(shape) + " (expected " +
+                                " shape " + shape_str(shape) + " (expected " +
                                 std::to_string(expected_nbytes) + ")");
   }
   if (data == nullptr && nbytes > 0) {

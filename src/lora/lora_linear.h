@@ -7,6 +7,8 @@
 // the base never receives a gradient. A and B are fp32 master weights with requires_grad.
 #pragma once
 
+#include "lora/lora_target.h"
+
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
@@ -79,9 +81,5 @@ class QLoraLinear {
 };
 
 // The linear module names of a decoder block, as peft's target_modules spells them.
-const std::vector<std::string>& block_linear_names();  // q_proj, k_proj, ..., down_proj
-// "all" or a comma list of those names; an unknown name is std::invalid_argument listing the
-// valid ones.
-std::vector<std::string> lora_target_parse(const std::string& spec);
 
 }  // namespace qlora::lora

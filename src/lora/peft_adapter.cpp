@@ -1,6 +1,7 @@
 // PEFT LoRA adapter files: adapter_config.json with every key peft 0.21.2 writes for a LoRA
 // CAUSAL_LM adapter (json.dumps(indent=2, sort_keys=True), no trailing newline), and
 // adapter_model.safetensors with base_model.model.<layer>.lora_{A,B}.weight in fp32.
+#include "io/atomic_write.h"
 #include "lora/peft_adapter.h"
 
 #include <ATen/ATen.h>
@@ -127,20 +128,6 @@ void weights_check(const std::string& where, const std::string& layer, const at:
                                 ", expected [out_features, r = " + std::to_string(rank) + "]");
 }
 
-// Writes `text` or a safetensors file to `path` through a temporary sibling and a rename.
-std::string temp_path(const std::string& dir, const std::string& file) {
-  return dir + "/." + file + ".tmp." + std::to_string(::getpid());
-}
-
-void rename_into_place(const std::string& from, const std::string& to) {
-  std::error_code ec;
-  fs::rename(from, to, ec);
-  if (ec) {
-    fs::remove(from, ec);
-    throw std::runtime_error("cannot rename " + from + " to " + to + ": " + ec.message());
-  }
-}
-
 json json_file_read(const std::string& path) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec))
@@ -220,24 +207,11 @@ void peft_adapter_write(const std::string& dir, const PeftAdapter& adapter) {
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) throw std::runtime_error("cannot create adapter directory " + dir + ": " + ec.message());
-  const std::string config_tmp = temp_path(dir, kConfigFile);
-  const std::string weights_tmp = temp_path(dir, kWeightsFile);
-  try {
-    {
-      std::ofstream out(config_tmp, std::ios::binary | std::ios::trunc);
-      out << config_json(adapter).dump(2, ' ', /*ensure_ascii=*/true);  // json.dumps escapes too
-      out.close();
-      if (!out) throw std::runtime_error("cannot write " + config_tmp);
-    }
-    writer.write(weights_tmp);
-    // Weights first: a directory with a config always has the weights that go with it.
-    rename_into_place(weights_tmp, dir + "/" + kWeightsFile);
-    rename_into_place(config_tmp, dir + "/" + kConfigFile);
-  } catch (...) {
-    fs::remove(config_tmp, ec);
-    fs::remove(weights_tmp, ec);
-    throw;
-  }
+  // Weights first: a directory with a config always has the weights that go with it.
+  io::commit_atomic(fs::path(dir) / kWeightsFile, /*directory=*/false,
+                    [&](const fs::path& tmp) { writer.write(tmp.string()); });
+  io::file_write_atomic(fs::path(dir) / kConfigFile,
+                        config_json(adapter).dump(2, ' ', /*ensure_ascii=*/true));  // json.dumps escapes too
 }
 
 PeftAdapter peft_adapter_read(const std::string& dir) {

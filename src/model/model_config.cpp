@@ -217,11 +217,6 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
   return c;
 }
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
 
 std::map<std::string, std::vector<int64_t>> expected_weight_shapes(const ModelConfig& c) {
   std::map<std::string, std::vector<int64_t>> m;

@@ -2,6 +2,8 @@
 // of their weights (which of them are the block linears that QLoRA quantizes).
 #pragma once
 
+#include "io/shape_str.h"
+
 #include <cstdint>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -79,6 +81,6 @@ std::string block_linear_module(int64_t layer, const std::string& short_name);
 std::map<std::string, std::vector<int64_t>> expected_weight_shapes(const ModelConfig& config);
 
 // "[4096, 11008]"
-std::string shape_str(const std::vector<int64_t>& shape);
+using io::shape_str;
 
 }  // namespace qlora::model

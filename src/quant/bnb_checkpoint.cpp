@@ -1,5 +1,6 @@
 // Reading and writing bitsandbytes' per-weight tensor set; see bnb_checkpoint.h.
 #include "quant/bnb_checkpoint.h"
+#include "io/shape_str.h"
 
 #include <ATen/ATen.h>
 
@@ -93,10 +94,9 @@ Quantized bnb_read_quantized(const std::string& weight_name, const TensorLookup&
   const int64_t have = q.packed.numel() * static_cast<int64_t>(q.packed.element_size());
   const int64_t item = static_cast<int64_t>(q.packed.element_size());
   if (have < need || have >= need + item) {
-    std::string shape;
-    for (int64_t d : q.state.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
     throw std::invalid_argument("tensor '" + weight_name + "' holds " + std::to_string(have) +
-                                " packed bytes but its quant_state shape [" + shape + "] needs " +
+                                " packed bytes but its quant_state shape " +
+                                io::shape_str(q.state.shape) + " needs " +
                                 std::to_string(need));
   }
   return q;

@@ -1,5 +1,6 @@
 // QuantState fields, its decoding of double-quantized absmax, and the packed JSON form.
 #include "quant/quant_state.h"
+#include "io/shape_str.h"
 
 #include <ATen/ATen.h>
 
@@ -117,10 +118,7 @@ std::string python_float_repr(double value) {
 }
 
 std::string quant_state_json(const QuantState& state) {
-  std::string shape = "[";
-  for (size_t i = 0; i < state.shape.size(); ++i)
-    shape += (i ? ", " : "") + std::to_string(state.shape[i]);
-  shape += "]";
+  const std::string shape = io::shape_str(state.shape);
   std::string s = std::string("{\"quant_type\": \"") + quant_type_name(state.quant_type) +
                   "\", \"blocksize\": " + std::to_string(state.blocksize) + ", \"dtype\": \"" +
                   float_dtype_name(state.dtype) + "\", \"shape\": " + shape;

@@ -10,6 +10,9 @@
 
 #include "dynamic_map.h"
 #include "quant4_cpu.h"
+#ifdef QLORA_HAVE_CUDA
+#include "quant4_cuda.h"
+#endif
 #include "quant4_ref.h"
 
 namespace qlora::quant {
@@ -109,18 +112,25 @@ Quantized quantize_4bit(const at::Tensor& weight, const QuantizeOptions& options
 at::Tensor dequantize_4bit(const at::Tensor& packed, const QuantState& state,
                            std::optional<at::ScalarType> dtype) {
   const at::ScalarType want = dtype.value_or(state.dtype);
-  if (!packed.device().is_cpu()) return dequantize_4bit_torch(packed, state, want);
-  at::Tensor out = at::empty(state.shape, at::TensorOptions().dtype(want));
+  at::Tensor out = at::empty(state.shape, packed.options().dtype(want));
   dequantize_4bit_into(packed, state, out);
   return out;
 }
 
 void dequantize_4bit_into(const at::Tensor& packed, const QuantState& state, const at::Tensor& out) {
   const int64_t n = state.numel();
-  if (!packed.device().is_cpu() || !out.device().is_cpu() || !out.is_contiguous() ||
-      out.numel() != n)
-    throw std::invalid_argument("dequantize_4bit_into: out must be a contiguous CPU tensor of " +
-                                std::to_string(n) + " elements");
+  if (!out.is_contiguous() || out.numel() != n || packed.device() != out.device())
+    throw std::invalid_argument("dequantize_4bit_into: out must be a contiguous tensor of " +
+                                std::to_string(n) + " elements on the packed weight's device (" +
+                                packed.device().str() + "), not " + out.device().str());
+  if (out.device().is_cuda()) {
+    dequantize_4bit_into_cuda(packed, state, out);
+    return;
+  }
+  if (!out.device().is_cpu()) {  // any other device: libtorch ops (bit-identical on the CPU)
+    out.view({n}).copy_(dequantize_4bit_torch(packed, state, out.scalar_type()).reshape({n}));
+    return;
+  }
   const at::Tensor bytes = packed_bytes(packed);
   if (bytes.numel() < kernels::packed_nbytes(n))
     throw std::invalid_argument("packed weight has " + std::to_string(bytes.numel()) +
@@ -142,6 +152,34 @@ void dequantize_4bit_into(const at::Tensor& packed, const QuantState& state, con
                                  state.blocksize, state.quant_type, tmp.data_ptr<float>());
     out.view({n}).copy_(tmp);
   }
+}
+
+void dequantize_4bit_into_cuda(const at::Tensor& packed, const QuantState& state,
+                               const at::Tensor& out) {
+#ifdef QLORA_HAVE_CUDA
+  // The CUDA kernels on the legacy default stream (where libtorch enqueues by default).
+  const int64_t n = state.numel();
+  const at::Tensor bytes = packed_bytes(packed);
+  const at::Tensor absmax = state.absmax_fp32().to(out.device(), at::kFloat).contiguous();
+  if (out.scalar_type() == at::kBFloat16) {
+    kernels::dequantize_4bit_bf16_cuda(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
+                                       state.blocksize, state.quant_type,
+                                       reinterpret_cast<uint16_t*>(out.data_ptr()));
+  } else if (out.scalar_type() == at::kFloat) {
+    kernels::dequantize_4bit_cuda(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
+                                  state.blocksize, state.quant_type, out.data_ptr<float>());
+  } else {  // fp16 and others: through fp32, rounded once
+    at::Tensor tmp = at::empty({n}, out.options().dtype(at::kFloat));
+    kernels::dequantize_4bit_cuda(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
+                                  state.blocksize, state.quant_type, tmp.data_ptr<float>());
+    out.view({n}).copy_(tmp);
+  }
+#else
+  (void)packed;
+  (void)state;
+  throw std::invalid_argument("dequantize_4bit_into: out is on " + out.device().str() +
+                              " but this build has no CUDA kernels (configured without nvcc)");
+#endif
 }
 
 at::Tensor dequantize_4bit_torch(const at::Tensor& packed, const QuantState& state,

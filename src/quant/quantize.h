@@ -27,14 +27,19 @@ struct QuantizeOptions {
 // std::invalid_argument for an unsupported blocksize, dtype or storage dtype.
 Quantized quantize_4bit(const at::Tensor& weight, const QuantizeOptions& options);
 
-// Back to `dtype` (default: the state's dtype) with the shape of the state. On the CPU this runs
-// the AVX2 kernels (scalar where AVX2 is missing); elsewhere dequantize_4bit_torch.
+// Back to `dtype` (default: the state's dtype) with the shape of the state, on the packed
+// weight's device (through dequantize_4bit_into).
 at::Tensor dequantize_4bit(const at::Tensor& packed, const QuantState& state,
                            std::optional<at::ScalarType> dtype = std::nullopt);
 
-// The same into a given contiguous CPU tensor of the state's numel (any shape, dtype fp32, bf16
-// or fp16): lets a caller reuse one buffer instead of paying for fresh pages on every call.
+// The same into a given contiguous tensor of the state's numel (any shape, dtype fp32, bf16 or
+// fp16) on the packed weight's device: lets a caller reuse one buffer instead of paying for fresh
+// pages on every call. Dispatches on out's device: the CPU kernels (AVX2 where the CPU has it),
+// the CUDA kernels (CUDA builds; std::invalid_argument elsewhere), and for any other device
+// dequantize_4bit_torch (bit-identical to the CPU kernels: tests/quant/test_quant.cpp).
 void dequantize_4bit_into(const at::Tensor& packed, const QuantState& state, const at::Tensor& out);
+void dequantize_4bit_into_cuda(const at::Tensor& packed, const QuantState& state,
+                               const at::Tensor& out);
 
 // The same with libtorch ops only (code-table lookup and scale): works on any device, and is the
 // second opinion that every kernel is tested against.

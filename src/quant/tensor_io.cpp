@@ -58,11 +58,6 @@ at::Tensor tensor_from_weights(const io::ModelWeights& weights, const std::strin
   return tensor_from_safetensors(weights.info(name), weights.data(name));
 }
 
-std::string shape_str(at::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
-  return s + "]";
-}
 
 void writer_add(io::SafetensorsWriter& writer, const std::string& name, const at::Tensor& tensor) {
   const at::Tensor t = tensor.detach().to(at::kCPU).contiguous();

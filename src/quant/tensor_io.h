@@ -1,6 +1,8 @@
 // Bridges between safetensors entries (src/io, torch-free) and at::Tensor.
 #pragma once
 
+#include "io/shape_str.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <string>
@@ -17,7 +19,8 @@ at::Tensor tensor_from_safetensors(const io::TensorInfo& info, const uint8_t* da
 at::Tensor tensor_from_weights(const io::ModelWeights& weights, const std::string& name);
 
 // "[2, 3]": how error messages print a shape.
-std::string shape_str(at::IntArrayRef sizes);
+inline std::string shape_str(at::IntArrayRef sizes) { return io::shape_str(sizes.data(), sizes.size()); }
+using io::shape_str;
 
 // Adds a (CPU, any layout) tensor to a writer under `name`.
 void writer_add(io::SafetensorsWriter& writer, const std::string& name, const at::Tensor& tensor);

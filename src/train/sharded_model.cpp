@@ -1,5 +1,6 @@
 // Units of the decoder, their sources (Hugging Face directory, HDF5 unit file) and binding.
 #include "train/sharded_model.h"
+#include "io/atomic_write.h"
 
 #include <ATen/ATen.h>
 
@@ -358,11 +359,9 @@ size_t units_h5_write(UnitSource& source, const std::string& out_path) {
   if (!out.parent_path().empty() && !fs::is_directory(out.parent_path()))
     throw std::invalid_argument(out_path + ": directory " + out.parent_path().string() +
                                 " does not exist");
-  const fs::path tmp = out.parent_path() / ("." + out.filename().string() + ".tmp");
-  fs::remove(tmp);
   const std::vector<dist::UnitLayout> units = base_units(source.spec());
   size_t written = 0;
-  try {
+  io::commit_atomic(out, /*directory=*/false, [&](const fs::path& tmp) {
     io::H5File f = io::H5File::create(tmp.string());
     const UnitsSpec& spec = source.spec();
     f.set_attr_string("/", "format", kH5Format);
@@ -379,11 +378,8 @@ size_t units_h5_write(UnitSource& source, const std::string& out_path) {
       f.write_bytes("units/" + u.name, bytes.data(), bytes.size());
       written += bytes.size();
     }
-  } catch (...) {
-    fs::remove(tmp);
-    throw;
-  }
-  fs::rename(tmp, out);
+    f.close();
+  });
   return written;
 }
 
@@ -416,10 +412,29 @@ at::Tensor lora_view(const dist::UnitLayout& unit, const at::Tensor& buffer,
       .view(s.shape);
 }
 
+std::vector<float> block_nested_offsets(const UnitsSpec& spec, const dist::UnitLayout& block,
+                                        const PayloadReader& read) {
+  std::vector<float> out;
+  if (!spec.quant.double_quant) return out;
+  const int64_t i = std::stoll(block.name.substr(block.name.find('.') + 1));
+  for (const std::string& short_name : lora::block_linear_names()) {
+    const dist::Segment& s =
+        block.segment(model::block_linear_module(i, short_name) + ".weight.nested_offset");
+    float offset = 0.0f;
+    read(s.offset, s.offset + sizeof offset, reinterpret_cast<uint8_t*>(&offset));
+    out.push_back(offset);
+  }
+  return out;
+}
+
 void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
                 const dist::ShardedUnit& unit, const at::Tensor& buffer,
-                const dist::ShardedUnit* lora_unit, const at::Tensor& lora_buffer,
-                const lora::LoraConfig& lora_config) {
+                const std::vector<float>& nested_offsets, const dist::ShardedUnit* lora_unit,
+                const at::Tensor& lora_buffer, const lora::LoraConfig& lora_config) {
+  if (spec.quant.double_quant && nested_offsets.size() != lora::block_linear_names().size())
+    throw std::logic_error("bind_block: " + std::to_string(nested_offsets.size()) +
+                           " nested offsets for block " + std::to_string(i) + ", expected " +
+                           std::to_string(lora::block_linear_names().size()));
   static const at::Tensor code_nf4 = quant::code_table(quant::QuantType::nf4);
   static const at::Tensor code_fp4 = quant::code_table(quant::QuantType::fp4);
   static const at::Tensor nested_code = quant::nested_code_table();
@@ -429,8 +444,9 @@ void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
   b.post_attention_layernorm =
       unit.segment_view(buffer, p + "post_attention_layernorm.weight").to(m.norm_dtype());
   const dist::UnitLayout& layout = unit.layout();
-  for (const std::string& short_name : lora::block_linear_names()) {
-    const std::string module = model::block_linear_module(i, short_name);
+  const std::vector<std::string>& names = lora::block_linear_names();
+  for (size_t k = 0; k < names.size(); ++k) {
+    const std::string module = model::block_linear_module(i, names[k]);
     const std::string w = module + ".weight";
     const dist::Segment& packed = layout.segment(w);
     quant::Quantized q;
@@ -445,7 +461,7 @@ void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
       quant::NestedState nested;
       nested.absmax = unit.segment_view(buffer, w + ".nested_absmax");
       nested.code = nested_code;
-      nested.offset = unit.segment_view(buffer, w + ".nested_offset").item<float>();
+      nested.offset = nested_offsets[k];
       q.state.nested = nested;
     }
     at::Tensor bias;

@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -61,14 +62,23 @@ class UnitSource {
 // the HDF5 file `out_path`, written beside it and renamed at the end. Returns bytes written.
 size_t units_h5_write(UnitSource& source, const std::string& out_path);
 
+// The fp32 nested offset (double quantization) of each linear of block unit `block`, in
+// lora::block_linear_names() order (empty without double quantization), read through `read`
+// from the unit's payload bytes [begin, end).
+using PayloadReader = std::function<void(size_t begin, size_t end, uint8_t* out)>;
+std::vector<float> block_nested_offsets(const UnitsSpec& spec, const dist::UnitLayout& block,
+                                        const PayloadReader& read);
+
 // Binding gathered units into the decoder (views into the buffers, converted to the compute
 // dtype where the stored dtype differs). LoRA weights are bound as leaves that require grad.
 void bind_embed(model::DecoderModel& m, const dist::ShardedUnit& unit, const at::Tensor& buffer);
 void bind_head(model::DecoderModel& m, const dist::ShardedUnit& unit, const at::Tensor& buffer);
+// `nested_offsets`: block_nested_offsets of the unit (read once at load, so that binding never
+// reads device memory on the host).
 void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
                 const dist::ShardedUnit& unit, const at::Tensor& buffer,
-                const dist::ShardedUnit* lora_unit, const at::Tensor& lora_buffer,
-                const lora::LoraConfig& lora_config);
+                const std::vector<float>& nested_offsets, const dist::ShardedUnit* lora_unit,
+                const at::Tensor& lora_buffer, const lora::LoraConfig& lora_config);
 void unbind_block(model::DecoderModel& m, int64_t i);
 
 // The fp32 view of LoRA segment `name` ("<module>.lora_A.weight" / "lora_B") in a LoRA buffer.

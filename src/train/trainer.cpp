@@ -3,7 +3,6 @@
 #include "train/trainer.h"
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <chrono>
@@ -21,12 +20,23 @@ using Clock = std::chrono::steady_clock;
 
 // The dropout generator of one block in one micro-step: the forward and the backward recompute
 // draw the same masks from it.
-at::Generator dropout_generator(uint64_t seed, int64_t step, int64_t micro, int rank, int64_t block) {
-  uint64_t x = seed * 0x9e3779b97f4a7c15ULL;
-  for (uint64_t v : {static_cast<uint64_t>(step), static_cast<uint64_t>(micro),
-                     static_cast<uint64_t>(rank), static_cast<uint64_t>(block)})
-    x = (x ^ (v + 0x632be59bd9b4e019ULL + (x << 6) + (x >> 2))) * 0xff51afd7ed558ccdULL;
-  return at::make_generator<at::CPUGeneratorImpl>(x);
+at::Generator dropout_generator(const dist::DeviceContext& device, uint64_t seed, int64_t step,
+                                int64_t micro, int64_t block) {
+  return device.generator(dist::DeviceContext::seed_mix(
+      seed, {static_cast<uint64_t>(step), static_cast<uint64_t>(micro),
+             static_cast<uint64_t>(device.rank()), static_cast<uint64_t>(block)}));
+}
+
+// Target tokens of a micro-batch (labels shifted by one, -100 = none), counted on the host
+// where the rows were read: no device round trip.
+int64_t targets_of(const at::Tensor& labels) {
+  const at::Tensor l = labels.contiguous().to(at::kLong);
+  const int64_t rows = l.size(0), cols = l.size(1);
+  const int64_t* p = l.data_ptr<int64_t>();
+  int64_t n = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 1; c < cols; ++c) n += p[r * cols + c] != -100;
+  return n;
 }
 
 // "<module>.lora_A.weight" -> {"<module>", true}; "<module>.lora_B.weight" -> {"<module>", false}.
@@ -57,34 +67,43 @@ size_t received(size_t padded_bytes, int world_size) {
 
 }  // namespace
 
-Trainer::Trainer(dist::Communicator& comm, const std::string& model_path,
+Trainer::Trainer(dist::DeviceContext& device, const std::string& model_path,
                  const TrainerOptions& options)
-    : Trainer(comm, UnitSource::open(model_path, options.quant), options) {}
+    : Trainer(device, UnitSource::open(model_path, options.quant), options) {}
 
-Trainer::Trainer(dist::Communicator& comm, std::unique_ptr<UnitSource> source,
+Trainer::Trainer(dist::DeviceContext& device, std::unique_ptr<UnitSource> source,
                  const TrainerOptions& options)
-    : comm_(comm), options_(options), model_path_(source->path()) {
+    : device_(device), comm_(device.comm()), options_(options), model_path_(source->path()) {
   options_.lora.validate("lora");
   if (options_.targets.empty()) throw std::invalid_argument("lora_target is empty");
   spec_ = source->spec();
-  model_ = model::DecoderModel::skeleton(spec_.config, options_.load);
-  const at::ScalarType storage = options_.load.compute_dtype;  // quant storage = compute dtype
+  model::LoadOptions load;
+  load.compute_dtype = device_.compute_dtype();
+  load.upcast_layernorm = options_.upcast_layernorm;
+  model_ = model::DecoderModel::skeleton(spec_.config, load);
+  const at::ScalarType storage = device_.compute_dtype();  // quant storage = compute dtype
 
   for (dist::UnitLayout& layout : base_units(spec_)) {
-    auto unit = std::make_unique<dist::ShardedUnit>(std::move(layout), storage, comm_,
-                                                    options_.sharded, &stats_, /*is_base=*/true,
-                                                    &pool_);
+    auto unit = std::make_unique<dist::ShardedUnit>(std::move(layout), storage, device_,
+                                                    sharded(), &stats_, /*is_base=*/true, &pool_);
     const auto [begin, end] = unit->owned_bytes();
-    source->read(unit->layout(), begin, end, unit->shard_bytes().data_ptr<uint8_t>());
+    // Staged through host memory when the device is not the host (a no-op copy on the CPU).
+    at::Tensor host = dist::DeviceContext::to_host(unit->shard_bytes());
+    source->read(unit->layout(), begin, end, host.data_ptr<uint8_t>());
+    unit->shard_bytes().copy_(host);
+    if (unit->layout().name.rfind("block.", 0) == 0)
+      nested_offsets_.push_back(block_nested_offsets(
+          spec_, unit->layout(), [&](size_t b, size_t e, uint8_t* out) {
+            source->read(unit->layout(), b, e, out);
+          }));
     base_.push_back(std::move(unit));
   }
   load_bytes_read_ = source->bytes_read();
   for (dist::UnitLayout& layout : lora_units(spec_.config, options_.lora.rank, options_.targets)) {
-    lora_.push_back(std::make_unique<dist::ShardedUnit>(std::move(layout), at::kFloat, comm_,
-                                                        options_.sharded, &stats_,
-                                                        /*is_base=*/false));
-    grad_.push_back(at::zeros({lora_.back()->shard_numel()}, at::kFloat));
-    adam_.push_back(dist::adamw_state_init(lora_.back()->shard_numel()));
+    lora_.push_back(std::make_unique<dist::ShardedUnit>(std::move(layout), at::kFloat, device_,
+                                                        sharded(), &stats_, /*is_base=*/false));
+    grad_.push_back(device_.zeros({lora_.back()->shard_numel()}, at::kFloat));
+    adam_.push_back(dist::adamw_state_init(lora_.back()->shard()));
   }
   lora_init();
 }
@@ -92,10 +111,10 @@ Trainer::Trainer(dist::Communicator& comm, std::unique_ptr<UnitSource> source,
 void Trainer::lora_init() {
   // peft's init in DecoderModel::adapters_init's order (block, then linear): A drawn from one
   // generator, B zeros. Every rank draws everything and keeps its own part.
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options_.seed);
+  at::Generator gen = device_.generator(options_.seed);
   for (auto& unit : lora_) {
     const dist::UnitLayout& layout = unit->layout();
-    at::Tensor full = at::zeros({unit->padded_numel()}, at::kFloat);
+    at::Tensor full = device_.zeros({unit->padded_numel()}, at::kFloat);
     for (const dist::Segment& s : layout.segments) {
       if (!lora_segment_name(s.name).is_a) continue;  // B stays zero
       const double bound = 1.0 / std::sqrt(static_cast<double>(s.shape[1]));
@@ -120,7 +139,7 @@ size_t Trainer::base_max_unit_bytes() const {
 
 size_t Trainer::expected_gathered_per_step(int64_t g) const {
   const int n = comm_.world_size();
-  if (!options_.sharded || n == 1) return 0;
+  if (!sharded() || n == 1) return 0;
   const auto padded = [](const dist::ShardedUnit& u) {
     return static_cast<size_t>(u.padded_numel()) * u.itemsize();
   };
@@ -136,7 +155,7 @@ size_t Trainer::expected_reduced_per_step(int64_t g) const {
   size_t per_micro = 0;
   for (const auto& u : lora_) {
     const size_t padded = static_cast<size_t>(u->padded_numel()) * 4;
-    per_micro += options_.sharded ? received(padded, n) : 2 * received(padded, n);
+    per_micro += sharded() ? received(padded, n) : 2 * received(padded, n);
   }
   return static_cast<size_t>(g) * per_micro;
 }
@@ -152,16 +171,16 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   if (g < 1) throw std::invalid_argument("step: no micro-batches");
 
   // The global number of target tokens: every rank's loss is divided by it, so the summed
-  // gradients are those of the mean over the whole global batch.
-  at::Tensor count = at::zeros({1}, at::kLong);
+  // gradients are those of the mean over the whole global batch. Counted on the host rows.
+  double count = 0.0;
   for (const Batch& b : micro_batches) {
     if (b.labels.dim() != 2 || b.labels.sizes() != b.input_ids.sizes())
       throw std::invalid_argument("step: input_ids and labels must both be [batch, seq]");
-    count += (b.labels.narrow(1, 1, b.labels.size(1) - 1) != -100).sum();
+    count += static_cast<double>(targets_of(b.labels));
   }
-  comm_.all_reduce(count, dist::ReduceOp::sum);
-  result.num_targets = count.item<int64_t>();
-  const double normalizer = std::max<double>(1.0, static_cast<double>(result.num_targets));
+  comm_.all_reduce_host(&count, 1, dist::ReduceOp::sum);
+  result.num_targets = static_cast<int64_t>(std::llround(count));
+  const double normalizer = std::max(1.0, count);
 
   dist::UnitPipeline pipe(schedule(g, /*backward=*/true), options_.prefetch);
 
@@ -172,11 +191,11 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
     size_t unit = 0;
   };
   std::vector<Pending> pending;
-  double loss_sum = 0.0;
+  at::Tensor loss_sum = device_.zeros({}, at::kDouble);  // this rank's share of the loss
   size_t k = 0;
   for (int64_t m = 0; m < g; ++m) {
-    const at::Tensor tokens = micro_batches[m].input_ids.to(at::kLong);
-    const at::Tensor labels = micro_batches[m].labels.to(at::kLong);
+    const at::Tensor tokens = device_.to_device(micro_batches[m].input_ids).to(at::kLong);
+    const at::Tensor labels = device_.to_device(micro_batches[m].labels).to(at::kLong);
     std::vector<at::Tensor> xs;  // block inputs [m, T, H], and x_L
     forward_no_grad(pipe, k, tokens, /*training=*/true, m, &xs);
 
@@ -188,7 +207,7 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
       const model::LossResult lr_result =
           model_.loss(model_.final_norm(x_last), labels, options_.chunk_tokens, normalizer);
       dy = torch::autograd::grad({lr_result.loss}, {x_last})[0];
-      loss_sum += lr_result.loss.item<double>();
+      loss_sum += lr_result.loss.detach().to(at::kDouble);
       bind_head(model_, *base_.back(), at::Tensor());
       pipe.release(k++);
       xs[layers] = at::Tensor();
@@ -196,10 +215,11 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
 
     for (int64_t i = layers - 1; i >= 0; --i) {
       const auto& bufs = pipe.acquire(k);
-      bind_block(model_, i, spec_, *base_[i + 1], bufs[0], lora_[i].get(), bufs[1], options_.lora);
+      bind_block(model_, i, spec_, *base_[i + 1], bufs[0], nested_offsets_[i], lora_[i].get(),
+                 bufs[1], options_.lora);
       const at::Tensor x = xs[i].detach().requires_grad_(true);
       const at::Tensor y = model_.block_forward(
-          i, x, /*training=*/true, dropout_generator(options_.seed, step_, m, comm_.rank(), i));
+          i, x, /*training=*/true, dropout_generator(device_, options_.seed, step_, m, i));
       std::vector<at::Tensor> inputs = {x};
       std::vector<std::string> names;
       model::DecoderBlock& block = model_.block(i);
@@ -214,7 +234,7 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
                                 /*allow_unused=*/true);
       dy = grads[0];
       dist::ShardedUnit& lu = *lora_[i];
-      at::Tensor flat = at::zeros({lu.padded_numel()}, at::kFloat);  // [P]
+      at::Tensor flat = device_.zeros({lu.padded_numel()}, at::kFloat);  // [P]
       for (size_t j = 0; j < names.size(); ++j) {
         if (grads[1 + 2 * j].defined())
           lora_view(lu.layout(), flat, names[j] + ".lora_A.weight").copy_(grads[1 + 2 * j]);
@@ -229,8 +249,8 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
       p.flat = flat;
       p.unit = static_cast<size_t>(i);
       const size_t padded = static_cast<size_t>(lu.padded_numel()) * 4;
-      if (options_.sharded) {
-        p.shard = at::empty({lu.shard_numel()}, at::kFloat);
+      if (sharded()) {
+        p.shard = device_.empty({lu.shard_numel()}, at::kFloat);
         p.work = comm_.reduce_scatter_start(flat, p.shard);
         if (n > 1) stats_.bytes_reduce_scattered += received(padded, n);
       } else {
@@ -243,18 +263,20 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   pipe.drain();
   for (Pending& p : pending) {
     p.work.wait();
-    grad_[p.unit] += options_.sharded ? p.shard : p.flat;
+    grad_[p.unit] += sharded() ? p.shard : p.flat;
   }
 
-  // One all-reduce: squared gradient norm of the shards, and the loss.
-  double sumsq = 0.0;
-  for (const at::Tensor& gr : grad_) sumsq += gr.to(at::kDouble).pow(2).sum().item<double>();
-  at::Tensor red = at::zeros({2}, at::kDouble);
-  red[0] = options_.sharded ? sumsq : 0.0;
-  red[1] = loss_sum;
-  comm_.all_reduce(red, dist::ReduceOp::sum);
-  const double norm = std::sqrt(options_.sharded ? red[0].item<double>() : sumsq);
-  result.loss = red[1].item<double>();
+  // The one host transfer of the step: squared gradient norm of this rank's shards and its share
+  // of the loss; then one all-reduce of both (the norm only when sharded: otherwise every rank
+  // holds the whole, already reduced gradient).
+  at::Tensor sumsq = device_.zeros({}, at::kDouble);
+  for (const at::Tensor& gr : grad_) sumsq += gr.to(at::kDouble).pow(2).sum();
+  const at::Tensor host = dist::DeviceContext::to_host(at::stack({sumsq, loss_sum}));
+  const double local_sumsq = host.data_ptr<double>()[0];
+  double red[2] = {sharded() ? local_sumsq : 0.0, host.data_ptr<double>()[1]};
+  comm_.all_reduce_host(red, 2, dist::ReduceOp::sum);
+  const double norm = std::sqrt(sharded() ? red[0] : local_sumsq);
+  result.loss = red[1];
   result.grad_norm = norm;
   if (options_.max_grad_norm > 0.0) {
     // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
@@ -303,10 +325,11 @@ at::Tensor Trainer::forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const a
   for (int64_t i = 0; i < model_.num_blocks(); ++i) {
     if (inputs) inputs->push_back(x);
     const auto& bufs = pipe.acquire(k);
-    bind_block(model_, i, spec_, *base_[i + 1], bufs[0], lora_[i].get(), bufs[1], options_.lora);
+    bind_block(model_, i, spec_, *base_[i + 1], bufs[0], nested_offsets_[i], lora_[i].get(),
+               bufs[1], options_.lora);
     // Training draws the dropout masks the backward recompute draws again.
     x = training ? model_.block_forward(
-                       i, x, true, dropout_generator(options_.seed, step_, micro, comm_.rank(), i))
+                       i, x, true, dropout_generator(device_, options_.seed, step_, micro, i))
                  : model_.block_forward(i, x, false);
     unbind_block(model_, i);
     pipe.release(k++);
@@ -319,28 +342,27 @@ Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
   dist::UnitPipeline pipe(schedule(static_cast<int64_t>(micro_batches.size()), /*backward=*/false),
                          options_.prefetch);
   at::AutoGradMode no_grad(false);
-  double loss_sum = 0.0;
+  at::Tensor loss_sum = device_.zeros({}, at::kDouble);
   int64_t targets = 0;
   size_t k = 0;
   for (const Batch& b : micro_batches) {
-    const at::Tensor labels = b.labels.to(at::kLong);
-    const at::Tensor x =
-        forward_no_grad(pipe, k, b.input_ids.to(at::kLong), /*training=*/false, 0, nullptr);
+    const at::Tensor labels = device_.to_device(b.labels).to(at::kLong);
+    const at::Tensor x = forward_no_grad(pipe, k, device_.to_device(b.input_ids).to(at::kLong),
+                                         /*training=*/false, 0, nullptr);
     const auto& h = pipe.acquire(k);
     bind_head(model_, *base_.back(), h[0]);
     const model::LossResult r =
         model_.loss(model_.final_norm(x), labels, options_.chunk_tokens, /*normalizer=*/1.0);
     bind_head(model_, *base_.back(), at::Tensor());
     pipe.release(k++);
-    loss_sum += r.loss.item<double>();
+    loss_sum += r.loss.detach().to(at::kDouble);
     targets += r.num_targets;
   }
   pipe.drain();
-  at::Tensor red = at::zeros({2}, at::kDouble);
-  red[0] = loss_sum;
-  red[1] = static_cast<double>(targets);
-  comm_.all_reduce(red, dist::ReduceOp::sum);
-  return {red[0].item<double>(), static_cast<int64_t>(std::llround(red[1].item<double>()))};
+  double red[2] = {dist::DeviceContext::to_host(loss_sum).data_ptr<double>()[0],
+                   static_cast<double>(targets)};
+  comm_.all_reduce_host(red, 2, dist::ReduceOp::sum);
+  return {red[0], static_cast<int64_t>(std::llround(red[1]))};
 }
 
 void Trainer::adapter_load(const lora::PeftAdapter& adapter) {
@@ -368,7 +390,7 @@ void Trainer::adapter_load(const lora::PeftAdapter& adapter) {
                                 " layers, lora_target selects " + std::to_string(matched / 2) +
                                 "; set finetuning.lora_target to the adapter's target_modules");
   for (auto& unit : lora_) {
-    at::Tensor full = at::zeros({unit->padded_numel()}, at::kFloat);
+    at::Tensor full = device_.zeros({unit->padded_numel()}, at::kFloat);
     for (const dist::Segment& s : unit->layout().segments) {
       const LoraSegmentName seg = lora_segment_name(s.name);
       const auto& ab = adapter.weights.at(seg.module);
@@ -398,10 +420,12 @@ void Trainer::optimizer_load(const MomentReader& read) {
     adam_[u].exp_avg.zero_();
     adam_[u].exp_avg_sq.zero_();
     if (end == begin) continue;
-    read(lora_[u]->layout().name, "exp_avg", begin, end,
-         adam_[u].exp_avg.view(at::kByte).data_ptr<uint8_t>());
-    read(lora_[u]->layout().name, "exp_avg_sq", begin, end,
-         adam_[u].exp_avg_sq.view(at::kByte).data_ptr<uint8_t>());
+    for (const auto& [which, moment] : {std::pair<const char*, at::Tensor*>{"exp_avg", &adam_[u].exp_avg},
+                                        std::pair<const char*, at::Tensor*>{"exp_avg_sq", &adam_[u].exp_avg_sq}}) {
+      at::Tensor host = dist::DeviceContext::to_host(moment->view(at::kByte));
+      read(lora_[u]->layout().name, which, begin, end, host.data_ptr<uint8_t>());
+      moment->view(at::kByte).copy_(host);
+    }
   }
 }
 

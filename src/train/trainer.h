@@ -24,6 +24,7 @@
 
 #include "dist/adamw.h"
 #include "dist/communicator.h"
+#include "dist/device_context.h"
 #include "dist/sharded_unit.h"
 #include "lora/peft_adapter.h"
 #include "model/decoder.h"
@@ -31,8 +32,12 @@
 
 namespace qlora::train {
 
+// [dist] sharding: full (ZeRO-3 / FSDP FULL_SHARD: base, LoRA weights, gradients and moments
+// sharded) or none (every rank holds everything; gradients all-reduced).
+enum class Sharding { full, none };
+
 struct TrainerOptions {
-  bool sharded = true;   // [dist] sharding = full (true) | none
+  Sharding sharding = Sharding::full;
   int prefetch = 1;      // [dist] prefetch = 0 | 1 | 2
   int64_t chunk_tokens = 1024;
   double max_grad_norm = 1.0;  // <= 0: no clipping
@@ -40,7 +45,7 @@ struct TrainerOptions {
   uint64_t seed = 42;
   lora::LoraConfig lora;
   std::vector<std::string> targets;  // block linear short names
-  model::LoadOptions load;           // compute dtype, upcast_layernorm (storage = compute dtype)
+  bool upcast_layernorm = false;     // norms in fp32 (the compute dtype is the device context's)
   quant::QuantizeOptions quant;      // for an unquantized model: how block linears are quantized
 };
 
@@ -61,11 +66,12 @@ struct StepResult {
 
 class Trainer {
  public:
-  // Opens the model (HF directory or HDF5 unit file), loads this rank's shard of every unit and
-  // initializes the LoRA weights (peft's init from `seed`, the same whatever the world size).
-  Trainer(dist::Communicator& comm, const std::string& model_path, const TrainerOptions& options);
+  // Opens the model (HF directory or HDF5 unit file), loads this rank's shard of every unit onto
+  // the context's device (quant storage = its compute dtype) and initializes the LoRA weights
+  // (peft's init from `seed`, the same whatever the world size).
+  Trainer(dist::DeviceContext& device, const std::string& model_path, const TrainerOptions& options);
   // The same from a source already opened (and checked) by the caller.
-  Trainer(dist::Communicator& comm, std::unique_ptr<UnitSource> source,
+  Trainer(dist::DeviceContext& device, std::unique_ptr<UnitSource> source,
           const TrainerOptions& options);
 
   StepResult step(const std::vector<Batch>& micro_batches, double lr);
@@ -124,6 +130,9 @@ class Trainer {
   at::Tensor forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
                              bool training, int64_t micro, std::vector<at::Tensor>* inputs);
 
+  bool sharded() const { return options_.sharding == Sharding::full; }
+
+  dist::DeviceContext& device_;
   dist::Communicator& comm_;
   TrainerOptions options_;
   std::string model_path_;
@@ -133,6 +142,7 @@ class Trainer {
   dist::BufferPool pool_{3};  // gather buffers of base units, reused (1 + prefetch live)
   std::vector<std::unique_ptr<dist::ShardedUnit>> base_;  // embed, block.0.., head
   std::vector<std::unique_ptr<dist::ShardedUnit>> lora_;  // lora.0..
+  std::vector<std::vector<float>> nested_offsets_;        // per block: block_nested_offsets
   std::vector<at::Tensor> grad_;                          // [S] fp32 per LoRA unit
   std::vector<dist::AdamWState> adam_;
   int64_t step_ = 0;

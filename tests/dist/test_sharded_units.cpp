@@ -48,6 +48,11 @@ std::unique_ptr<qlora::dist::Communicator>& comm() {
   return c;
 }
 
+const qlora::dist::DeviceContext& cpu() {
+  static const qlora::dist::DeviceContext d(qlora::dist::Device::cpu, at::kFloat, *comm());
+  return d;
+}
+
 TEST(ShardedUnits, GatherOfShardsEqualsTheWholeUnit) {
   auto source = qlora::train::UnitSource::open(fixture().h5, {});
   const auto layouts = qlora::train::base_units(source->spec());
@@ -55,7 +60,7 @@ TEST(ShardedUnits, GatherOfShardsEqualsTheWholeUnit) {
     qlora::dist::ShardStats stats;
     auto src = qlora::train::UnitSource::open(fixture().h5, {});
     for (const auto& layout : layouts) {
-      qlora::dist::ShardedUnit unit(layout, storage, *comm(), /*sharded=*/true, &stats, true);
+      qlora::dist::ShardedUnit unit(layout, storage, cpu(), /*sharded=*/true, &stats, true);
       const auto [b, e] = unit.owned_bytes();
       src->read(layout, b, e, unit.shard_bytes().data_ptr<uint8_t>());
       auto g = unit.gather_start();
@@ -87,7 +92,7 @@ TEST(ShardedUnits, PipelinePeakIsOnePlusPrefetchUnits) {
     qlora::dist::ShardStats stats;
     std::vector<std::unique_ptr<qlora::dist::ShardedUnit>> units;
     for (const auto& l : layouts)
-      units.push_back(std::make_unique<qlora::dist::ShardedUnit>(l, at::kFloat, *comm(), true,
+      units.push_back(std::make_unique<qlora::dist::ShardedUnit>(l, at::kFloat, cpu(), true,
                                                                  &stats, true));
     std::vector<std::vector<qlora::dist::ShardedUnit*>> schedule;
     for (auto& u : units) schedule.push_back({u.get()});
@@ -122,13 +127,16 @@ TEST(ShardedUnits, BoundBlockComputesWhatTheWholeModelComputes) {
   at::Tensor x = at::randn({2, 5, 256}, at::TensorOptions().dtype(at::kFloat));
   comm()->broadcast(x, 0);
   for (int64_t i = 0; i < m.num_blocks(); ++i) {
-    qlora::dist::ShardedUnit unit(layouts[static_cast<size_t>(i + 1)], at::kFloat, *comm(), true,
+    qlora::dist::ShardedUnit unit(layouts[static_cast<size_t>(i + 1)], at::kFloat, cpu(), true,
                                   nullptr, true);
     const auto [b, e] = unit.owned_bytes();
     source->read(unit.layout(), b, e, unit.shard_bytes().data_ptr<uint8_t>());
+    const std::vector<float> offsets = qlora::train::block_nested_offsets(
+        source->spec(), unit.layout(),
+        [&](size_t begin, size_t end, uint8_t* out) { source->read(unit.layout(), begin, end, out); });
     auto g = unit.gather_start();
     g.work.wait();
-    qlora::train::bind_block(m, i, source->spec(), unit, g.buffer, nullptr, at::Tensor(), {});
+    qlora::train::bind_block(m, i, source->spec(), unit, g.buffer, offsets, nullptr, at::Tensor(), {});
     at::AutoGradMode no_grad(false);
     EXPECT_TRUE(at::equal(m.block_forward(i, x), whole.block_forward(i, x))) << "block " << i;
     qlora::train::unbind_block(m, i);

@@ -136,8 +136,8 @@ int main(int argc, char** argv) {
     mpi = qlora::dist::communicator_mpi(env);
     CountingCommunicator comm(*mpi);
     qlora::train::TrainerOptions o;
-    o.sharded = a.at("sharding") == "full";
-    if (!o.sharded && a.at("sharding") != "none")
+    o.sharding = a.at("sharding") == "full" ? qlora::train::Sharding::full : qlora::train::Sharding::none;
+    if (a.at("sharding") != "full" && a.at("sharding") != "none")
       throw std::invalid_argument("--sharding must be full or none");
     o.prefetch = std::stoi(a.at("prefetch"));
     o.seed = std::stoull(a.at("seed"));
@@ -148,7 +148,8 @@ int main(int argc, char** argv) {
     o.quant.double_quant = true;
     std::string model_path = a.at("model");
     if (env.rank == fail_rank && !a.at("fail-model").empty()) model_path = a.at("fail-model");
-    qlora::train::Trainer trainer(comm, model_path, o);
+    qlora::dist::DeviceContext device(qlora::dist::Device::cpu, at::kFloat, comm);
+    qlora::train::Trainer trainer(device, model_path, o);
     const int64_t vocab = trainer.spec().config.vocab_size;
     const size_t load_gathered = comm.gathered;
 
@@ -185,10 +186,10 @@ int main(int argc, char** argv) {
     out["expected_bytes_reduced"] = trainer.expected_reduced_per_step(grad_accum);
     std::vector<qlora::dist::UnitLayout> layouts;
     for (const auto& u : trainer.base()) layouts.push_back(u->layout());
-    const size_t item = c10::elementSize(o.load.compute_dtype);
+    const size_t item = c10::elementSize(device.compute_dtype());
     out["load_bytes_read"] = trainer.load_bytes_read();
     out["expected_load_bytes"] =
-        o.sharded ? qlora::dist::units_owned_bytes(layouts, item, env.rank, env.world_size)
+        o.sharding == qlora::train::Sharding::full ? qlora::dist::units_owned_bytes(layouts, item, env.rank, env.world_size)
                   : qlora::dist::units_total_bytes(layouts);
     out["base_total_bytes"] = trainer.base_total_bytes();
     out["base_max_unit_bytes"] = trainer.base_max_unit_bytes();

@@ -1,5 +1,5 @@
 // inspect_model_dir: config + weights summary, validating every bitsandbytes 4-bit weight.
-#include "train/inspect_command.h"
+#include "app/inspect_command.h"
 
 #include <ATen/ATen.h>
 
@@ -16,7 +16,7 @@
 
 namespace fs = std::filesystem;
 
-namespace qlora::train {
+namespace qlora::app {
 
 std::string inspect_model_dir(const std::string& model_dir) {
   if (!fs::is_directory(model_dir))
@@ -71,4 +71,4 @@ std::string inspect_model_dir(const std::string& model_dir) {
   return out.str();
 }
 
-}  // namespace qlora::train
+}  // namespace qlora::app

@@ -8,7 +8,7 @@
 
 #include "quant/quantize.h"
 
-namespace qlora::train {
+namespace qlora::app {
 
 struct QuantizeCommandOptions {
   std::string model_dir;
@@ -29,4 +29,4 @@ struct QuantizeReport {
 // when the whole run succeeded; an existing non-empty out_dir is an error, never overwritten.
 QuantizeReport quantize_model_dir(const QuantizeCommandOptions& options);
 
-}  // namespace qlora::train
+}  // namespace qlora::app

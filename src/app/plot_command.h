@@ -4,7 +4,7 @@
 
 #include <string>
 
-namespace qlora::train {
+namespace qlora::app {
 
 struct PlotReport {
   std::string png;
@@ -16,4 +16,4 @@ struct PlotReport {
 // that is not JSON, or no training points; the PNG is written beside and renamed.
 PlotReport plot_metrics(const std::string& out_dir, const std::string& png_path);
 
-}  // namespace qlora::train
+}  // namespace qlora::app

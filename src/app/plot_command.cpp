@@ -1,5 +1,5 @@
 // The metrics plot: two panels (loss; learning rate) drawn by PLplot's pngcairo device.
-#include "train/plot_command.h"
+#include "app/plot_command.h"
 
 #include <plplot/plplot.h>
 
@@ -13,7 +13,7 @@
 
 namespace fs = std::filesystem;
 
-namespace qlora::train {
+namespace qlora::app {
 
 namespace {
 
@@ -137,4 +137,4 @@ PlotReport plot_metrics(const std::string& out_dir, const std::string& png_path)
   return {png.string(), static_cast<int>(loss.x.size()), static_cast<int>(eval.x.size())};
 }
 
-}  // namespace qlora::train
+}  // namespace qlora::app

@@ -1,6 +1,6 @@
 // quantize_model_dir: read config + weights, check shapes, quantize block linears, write the
 // bitsandbytes tensor set and quantization_config, rename into place.
-#include "train/quantize_command.h"
+#include "app/quantize_command.h"
 
 #include <ATen/ATen.h>
 
@@ -15,11 +15,11 @@
 #include "model/model_config.h"
 #include "quant/bnb_checkpoint.h"
 #include "quant/tensor_io.h"
-#include "train/model_dir_output.h"
+#include "app/model_dir_output.h"
 
 namespace fs = std::filesystem;
 
-namespace qlora::train {
+namespace qlora::app {
 namespace {
 
 std::string storage_name(at::ScalarType t) {
@@ -117,4 +117,4 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
   return report;
 }
 
-}  // namespace qlora::train
+}  // namespace qlora::app

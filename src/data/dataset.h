@@ -14,7 +14,7 @@ namespace qlora::io {
 class H5File;
 }
 
-namespace qlora::train {
+namespace qlora::data {
 
 class TokenDataset {
  public:
@@ -63,4 +63,4 @@ struct SynthOptions {
 };
 void synth_data_write(const SynthOptions& options);
 
-}  // namespace qlora::train
+}  // namespace qlora::data

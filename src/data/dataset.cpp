@@ -1,7 +1,9 @@
 // Token datasets: checks an HDF5 file of input_ids / labels int32 [rows, seq_len] once when opened,
 // then reads the rows a rank asks for one hyperslab each, cut to cutoff_len and range-checked
 // against the model's vocabulary. synth-data writes such a file: prompt, separator, answer, end.
-#include "train/dataset.h"
+#include "io/atomic_write.h"
+#include "data/dataset.h"
+#include "io/shape_str.h"
 
 #include <ATen/ATen.h>
 
@@ -16,7 +18,7 @@
 
 #include "io/h5_file.h"
 
-namespace qlora::train {
+namespace qlora::data {
 namespace {
 
 namespace fs = std::filesystem;
@@ -40,11 +42,6 @@ auto as_user_error(F&& f) -> decltype(f()) {
   }
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string text = "[";
-  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
-  return text + "]";
-}
 
 // splitmix64 (Steele, Lea, Flood 2014): one 64-bit step of a tiny, well-mixed generator.
 uint64_t splitmix64_next(uint64_t& state) {
@@ -147,8 +144,8 @@ TokenDataset::TokenDataset(const std::string& path, int64_t cutoff_len, int64_t 
                                   "' (expected 'input_ids' and 'labels', int32 [rows, seq_len])");
   const std::vector<int64_t> ids_shape = as_user_error([&] { return f.shape("input_ids"); });
   const std::vector<int64_t> labels_shape = as_user_error([&] { return f.shape("labels"); });
-  const std::string both = "'input_ids' " + shape_text(ids_shape) + ", 'labels' " +
-                           shape_text(labels_shape);
+  const std::string both = "'input_ids' " + io::shape_str(ids_shape) + ", 'labels' " +
+                           io::shape_str(labels_shape);
   if (ids_shape.size() != 2 || labels_shape.size() != 2)
     throw std::invalid_argument(path + ": " + both + " (expected both 2-D [rows, seq_len])");
   if (ids_shape != labels_shape)
@@ -258,8 +255,7 @@ void synth_data_write(const SynthOptions& options) {
     synth_row(options, r, ids.data() + r * options.seq_len, labels.data() + r * options.seq_len);
 
   // A hidden sibling, renamed when complete: a reader never sees half a file under `out`.
-  const fs::path tmp = dir / ("." + name + ".tmp");
-  try {
+  io::commit_atomic(out, /*directory=*/false, [&](const fs::path& tmp) {
     io::H5File file = io::H5File::create(tmp.string());
     file.write_int32_2d("input_ids", ids.data(), options.rows, options.seq_len);
     file.write_int32_2d("labels", labels.data(), options.rows, options.seq_len);
@@ -270,13 +266,10 @@ void synth_data_write(const SynthOptions& options) {
     file.set_attr_string("/", "format", "qlora_dist.tokens");
     file.close();
     // Checked again: rename() would replace a file that appeared while we were writing.
+    std::error_code ec;
     if (fs::exists(fs::symlink_status(out, ec)))
       throw std::invalid_argument(options.out + ": exists; synth-data never overwrites");
-    fs::rename(tmp, out);
-  } catch (...) {
-    if (!fs::is_directory(tmp, ec)) fs::remove(tmp, ec);  // a directory there was never ours
-    throw;
-  }
+  });
 }
 
-}  // namespace qlora::train
+}  // namespace qlora::data

@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-namespace qlora::train {
+namespace qlora::app {
 
 struct TrainConfig {
   // [model]
@@ -35,6 +35,7 @@ struct TrainConfig {
   double lora_alpha = 16.0;
   double lora_dropout = 0.0;
   std::string lora_target = "all";
+  std::vector<std::string> lora_targets;  // lora_target parsed (by config_read; not a key)
   bool use_rslora = false;
   bool pissa_init = false;
   // [data]
@@ -100,6 +101,15 @@ std::string config_to_ini(const TrainConfig& config);
 // --help text: every key with its default and meaning, grouped by section.
 std::string config_help();
 
+// The one decision of device and compute dtype: model.device (auto -> cpu in this release) and
+// model.compute_dtype (auto -> fp32 on cpu, bf16 on cuda) as "cpu" | "cuda" and "fp32" | "bf16" |
+// "fp16". The guards, the printed configuration and the engine's options all use these.
+std::string config_device(const TrainConfig& config);
+std::string config_compute_dtype(const TrainConfig& config);
+
+// A comma list ("jsonl, tensorboard") as trimmed items.
+std::vector<std::string> config_split_list(const std::string& list);
+
 // The nearest known key to `key` (edit distance), for "did you mean" messages.
 std::string config_nearest_key(const std::string& key);
 
@@ -110,4 +120,4 @@ std::string config_nearest_key(const std::string& key);
 // quant_storage corrected to the compute dtype).
 std::vector<std::string> config_guards(const TrainConfig& config, int world_size);
 
-}  // namespace qlora::train
+}  // namespace qlora::app

@@ -21,9 +21,9 @@
 #include "io/h5_file.h"
 #include "io/h5_raw.h"
 #include "io/temp_dir.h"
-#include "train/dataset.h"
+#include "data/dataset.h"
 
-namespace qlora::train {
+namespace qlora::data {
 namespace {
 
 namespace fs = std::filesystem;
@@ -564,4 +564,4 @@ TEST(TokenDataset, MissingTruncatedAndNonHdf5Files) {
 }
 
 }  // namespace
-}  // namespace qlora::train
+}  // namespace qlora::data

@@ -3,7 +3,9 @@
 // are all made. Precedence: command line over file over the member initializers in config.h.
 // Errors are one line: where (file, file:line or "command line --section.key"), key, value, and
 // what would be right. Torch-free on purpose (this file is rebuilt often and must stay cheap).
-#include "train/config.h"
+#include "app/config.h"
+
+#include "lora/lora_target.h"
 
 #include <boost/program_options.hpp>
 
@@ -24,13 +26,8 @@
 #include <utility>
 #include <variant>
 
-// Declared in lora/lora_linear.h, which pulls in ATen headers; repeated here so that this file
-// compiles without torch. Throws std::invalid_argument listing the valid names.
-namespace qlora::lora {
-std::vector<std::string> lora_target_parse(const std::string& spec);
-}  // namespace qlora::lora
 
-namespace qlora::train {
+namespace qlora::app {
 namespace {
 
 namespace po = boost::program_options;
@@ -375,7 +372,7 @@ bool power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 // Allowed values of each key and the required keys. `where(name)` says where a key's value came
 // from ("<file>" or "command line --name").
 template <typename Where>
-void config_validate(const TrainConfig& c, const Where& where) {
+void config_validate(TrainConfig& c, const Where& where) {
   auto range = [&](const char* name, bool ok, const std::string& value, const char* expected) {
     if (!ok) fail_value(where(name), name, value, expected);
   };
@@ -419,7 +416,7 @@ void config_validate(const TrainConfig& c, const Where& where) {
   range("finetuning.lora_dropout", c.lora_dropout >= 0 && c.lora_dropout < 1,
         dtext(c.lora_dropout), "0 <= lora_dropout < 1");
   try {
-    lora::lora_target_parse(c.lora_target);
+    c.lora_targets = lora::lora_target_parse(c.lora_target);
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(where("finetuning.lora_target") + ": finetuning.lora_target = '" +
                                 c.lora_target + "': " + e.what());
@@ -497,20 +494,19 @@ void config_validate(const TrainConfig& c, const Where& where) {
   }
 }
 
-// The compute dtype that "auto" resolves to, where the configuration alone decides it ("" when
-// it depends on the machine: device = auto in a CUDA build).
-std::string compute_dtype_resolved(const TrainConfig& c) {
-  if (c.compute_dtype != "auto") return c.compute_dtype;
-  if (c.device == "cpu") return "fp32";
-  if (c.device == "cuda") return "bf16";
-#ifdef QLORA_HAVE_NCCL
-  return "";
-#else
-  return "fp32";
-#endif
+}  // namespace
+
+std::string config_device(const TrainConfig& c) {
+  // auto: the CPU in this release (the trainer has no CUDA path yet; the guards refuse cuda).
+  return c.device == "cuda" ? "cuda" : "cpu";
 }
 
-}  // namespace
+std::string config_compute_dtype(const TrainConfig& c) {
+  if (c.compute_dtype != "auto") return c.compute_dtype;
+  return config_device(c) == "cuda" ? "bf16" : "fp32";
+}
+
+std::vector<std::string> config_split_list(const std::string& list) { return split_commas(list); }
 
 const std::vector<ConfigKey>& config_keys() {
   static const std::vector<ConfigKey> keys = [] {
@@ -744,7 +740,7 @@ std::vector<std::string> config_guards(const TrainConfig& c, int world_size) {
         "quantization.quantization_bit = none is not supported yet: qlora_dist always trains "
         "LoRA on a 4-bit base; use quantization.quantization_bit = 4");
 
-  // Devices and backends this build can run.
+  // Devices and backends this release can run (config_device: auto is the CPU).
 #ifdef QLORA_HAVE_NCCL
   constexpr bool kHaveCuda = true;
 #else
@@ -762,17 +758,19 @@ std::vector<std::string> config_guards(const TrainConfig& c, int world_size) {
         "model.device = cuda: this build has no CUDA (configured without nvcc); use model.device "
         "= cpu or auto");
   if (c.device == "cuda")
-    warnings.push_back(
-        "model.device = cuda: the CUDA path is built but has not been run on a GPU yet; compare a "
-        "few steps against model.device = cpu");
+    throw std::invalid_argument("model.device = cuda: this release trains on the CPU path only "
+                                "(the CUDA kernels and NCCL are built but not wired in yet)");
+  if (c.backend == "nccl")
+    throw std::invalid_argument("dist.backend = nccl needs GPUs (model.device = " + c.device +
+                                ": the CPU in this release); use dist.backend = mpi or auto");
 
   // Warnings.
   if (c.do_eval && !c.do_train && quantized)
     warnings.push_back("Evaluating model in 4/8-bit mode may cause lower scores.");
-  const std::string compute = compute_dtype_resolved(c);
+  const std::string compute = config_compute_dtype(c);
   if (quantized && c.quant_storage != "auto" && c.quant_storage != compute)
     warnings.push_back("quantization.quant_storage " + c.quant_storage + " -> " +
-                       (compute.empty() ? "the compute dtype" : compute) +
+                       compute +
                        ": in distributed mode the 4-bit storage dtype must equal the compute "
                        "dtype (FSDP+QLoRA); corrected");
   if (c.lora_dropout > 0 && world_size > 1)
@@ -783,4 +781,4 @@ std::vector<std::string> config_guards(const TrainConfig& c, int world_size) {
   return warnings;
 }
 
-}  // namespace qlora::train
+}  // namespace qlora::app

@@ -7,7 +7,7 @@
 #include <functional>
 #include <string>
 
-namespace qlora::train {
+namespace qlora::app {
 
 // The normalized output path ("q/" names q); throws std::invalid_argument when out_dir exists
 // and is not an empty directory.
@@ -22,4 +22,4 @@ void output_dir_commit(const std::filesystem::path& out,
 // every regular file except config.json, *.safetensors*, and hidden files.
 void copy_side_files(const std::filesystem::path& from, const std::filesystem::path& to);
 
-}  // namespace qlora::train
+}  // namespace qlora::app

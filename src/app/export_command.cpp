@@ -1,6 +1,6 @@
 // export_merged: dequantize each block linear, add the adapter's s * B @ A, write the merged
 // checkpoint without quantization_config.
-#include "train/export_command.h"
+#include "app/export_command.h"
 
 #include <ATen/ATen.h>
 
@@ -16,11 +16,11 @@
 #include "quant/bnb_checkpoint.h"
 #include "quant/quant_state.h"
 #include "quant/tensor_io.h"
-#include "train/model_dir_output.h"
+#include "app/model_dir_output.h"
 
 namespace fs = std::filesystem;
 
-namespace qlora::train {
+namespace qlora::app {
 
 ExportReport export_merged(const ExportOptions& opt) {
   if (!fs::is_directory(opt.model_dir))
@@ -90,4 +90,4 @@ ExportReport export_merged(const ExportOptions& opt) {
   return report;
 }
 
-}  // namespace qlora::train
+}  // namespace qlora::app

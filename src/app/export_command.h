@@ -8,7 +8,7 @@
 
 #include <string>
 
-namespace qlora::train {
+namespace qlora::app {
 
 struct ExportOptions {
   std::string model_dir;
@@ -27,4 +27,4 @@ struct ExportReport {
 // non-empty out_dir is an error.
 ExportReport export_merged(const ExportOptions& options);
 
-}  // namespace qlora::train
+}  // namespace qlora::app

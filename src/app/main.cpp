@@ -15,23 +15,22 @@
 #include "quant4_format.h"
 #include "model/init_model.h"
 #include "quant/quant_state.h"
-#include "train/export_command.h"
-#include "train/inspect_command.h"
-#include "train/quantize_command.h"
-#include "train/config.h"
-#include "train/dataset.h"
-#include "train/plot_command.h"
+#include "app/export_command.h"
+#include "app/inspect_command.h"
+#include "app/quantize_command.h"
+#include "app/config.h"
+#include "data/dataset.h"
+#include "app/plot_command.h"
 #include "train/sharded_model.h"
-#include "train/train_command.h"
+#include "app/train_command.h"
+#include "app/usage_error.h"
 
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using qlora::app::UsageError;
 
 const char* const kUsage =
     "usage: qlora_dist <command> [options]\n"
@@ -90,7 +89,7 @@ po::variables_map parse(const po::options_description& desc, int argc, char** ar
 }
 
 int run_quantize(int argc, char** argv) {
-  qlora::train::QuantizeCommandOptions opt;
+  qlora::app::QuantizeCommandOptions opt;
   std::string type = "nf4", storage = "uint8", dq = "true", format = "safetensors";
   int blocksize = 64;
   po::options_description desc("qlora_dist quantize options");
@@ -129,7 +128,7 @@ int run_quantize(int argc, char** argv) {
   if (format != "safetensors")
     throw UsageError("--format '" + format + "' is not supported (expected safetensors or h5)");
 
-  const auto r = qlora::train::quantize_model_dir(opt);
+  const auto r = qlora::app::quantize_model_dir(opt);
   std::printf(
       "quantized %s -> %s\n"
       "  %lld linear weights to %s (blocksize %d, double quantization %s, storage %s): %lld params\n"
@@ -166,7 +165,7 @@ int run_init_model(int argc, char** argv) {
 }
 
 int run_export(int argc, char** argv) {
-  qlora::train::ExportOptions opt;
+  qlora::app::ExportOptions opt;
   std::string dtype = "bf16";
   po::options_description desc("qlora_dist export options");
   desc.add_options()("help", "show this help")
@@ -179,7 +178,7 @@ int run_export(int argc, char** argv) {
   else if (dtype == "fp16") opt.dtype = at::kHalf;
   else if (dtype == "fp32") opt.dtype = at::kFloat;
   else throw UsageError("--dtype '" + dtype + "' is not supported (expected bf16, fp16 or fp32)");
-  const auto r = qlora::train::export_merged(opt);
+  const auto r = qlora::app::export_merged(opt);
   std::printf("merged %s + %s -> %s\n  %lld layers merged (W + s * B @ A), %lld tensors, %.2f MiB (%s)\n",
               opt.model_dir.c_str(), opt.adapter_dir.c_str(), opt.out_dir.c_str(),
               static_cast<long long>(r.layers_merged), static_cast<long long>(r.tensors_written),
@@ -188,7 +187,7 @@ int run_export(int argc, char** argv) {
 }
 
 int run_synth_data(int argc, char** argv) {
-  qlora::train::SynthOptions opt;
+  qlora::data::SynthOptions opt;
   std::string task = "copy";
   int64_t seed = 0;
   po::options_description desc("qlora_dist synth-data options");
@@ -201,9 +200,9 @@ int run_synth_data(int argc, char** argv) {
       ("seed", po::value(&seed)->default_value(0), "random seed; the same seed gives the same rows");
   parse(desc, argc, argv);
   if (seed < 0) throw UsageError("--seed " + std::to_string(seed) + " is negative (expected 0 or more)");
-  as_usage_error([&] { opt.task = qlora::train::synth_task_from_name(task); }, "task");
+  as_usage_error([&] { opt.task = qlora::data::synth_task_from_name(task); }, "task");
   opt.seed = static_cast<uint64_t>(seed);
-  qlora::train::synth_data_write(opt);
+  qlora::data::synth_data_write(opt);
   std::printf("wrote %s: %lld rows x %lld tokens, task %s, vocab %lld, seed %lld\n", opt.out.c_str(),
               static_cast<long long>(opt.rows), static_cast<long long>(opt.seq_len), task.c_str(),
               static_cast<long long>(opt.vocab), static_cast<long long>(seed));
@@ -229,7 +228,7 @@ int run_plot(int argc, char** argv) {
   } catch (const po::error& e) {
     throw UsageError(std::string(e.what()) + " (usage: qlora_dist plot OUT_DIR [--out FILE.png])");
   }
-  const auto r = qlora::train::plot_metrics(dir, png);
+  const auto r = qlora::app::plot_metrics(dir, png);
   std::printf("wrote %s: %d training steps, %d evaluations\n", r.png.c_str(), r.train_points,
               r.eval_points);
   return 0;
@@ -241,7 +240,7 @@ int run_inspect(int argc, char** argv) {
   desc.add_options()("help", "show this help")
       ("model", po::value(&model)->required(), "Hugging Face model directory");
   parse(desc, argc, argv);
-  std::cout << qlora::train::inspect_model_dir(model);
+  std::cout << qlora::app::inspect_model_dir(model);
   return 0;
 }
 
@@ -252,7 +251,7 @@ int main(int argc, char** argv) {
     std::cout << kUsage;
     if (argc >= 2)  // --help: the training configuration keys too
       std::cout << "\ntraining configuration (qlora_dist train config.ini; INI [section] key = value):\n"
-                << qlora::train::config_help();
+                << qlora::app::config_help();
     return argc < 2 ? 2 : 0;
   }
   const std::string command = argv[1];
@@ -264,12 +263,12 @@ int main(int argc, char** argv) {
     if (command == "synth-data") return run_synth_data(argc - 1, argv + 1);
     if (command == "train" || command == "eval") {
       const std::vector<std::string> args(argv + 2, argv + argc);
-      return qlora::train::train_command_main(command, args, &argc, &argv);
+      return qlora::app::train_command_main(command, args, &argc, &argv);
     }
     if (command.size() > 4 && command.compare(command.size() - 4, 4, ".ini") == 0) {
       // `qlora_dist config.ini ...` is `qlora_dist train config.ini ...`.
       const std::vector<std::string> args(argv + 1, argv + argc);
-      return qlora::train::train_command_main("train", args, &argc, &argv);
+      return qlora::app::train_command_main("train", args, &argc, &argv);
     }
     if (command == "plot") return run_plot(argc - 1, argv + 1);
     throw UsageError("unknown command '" + command +

@@ -1,5 +1,6 @@
 // See model_dir_output.h.
-#include "train/model_dir_output.h"
+#include "app/model_dir_output.h"
+#include "io/atomic_write.h"
 
 #include <stdexcept>
 #include <system_error>
@@ -7,7 +8,7 @@
 
 namespace fs = std::filesystem;
 
-namespace qlora::train {
+namespace qlora::app {
 
 fs::path output_dir_check(const std::string& out_dir) {
   // With the trailing separator kept, q itself would be taken for the parent of "q/".
@@ -20,20 +21,9 @@ fs::path output_dir_check(const std::string& out_dir) {
 }
 
 void output_dir_commit(const fs::path& out, const std::function<void(const fs::path&)>& fill) {
-  const fs::path parent = out.parent_path();
-  fs::create_directories(parent);
-  const fs::path tmp = parent / ("." + out.filename().string() + ".tmp-" + std::to_string(getpid()));
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  try {
-    fill(tmp);
-    if (fs::exists(out)) fs::remove(out);  // only ever an empty directory (output_dir_check)
-    fs::rename(tmp, out);
-  } catch (...) {
-    std::error_code ec;
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  fs::create_directories(out.parent_path());
+  // Replaces only ever an empty directory (output_dir_check).
+  io::commit_atomic(out, /*directory=*/true, fill);
 }
 
 void copy_side_files(const fs::path& from, const fs::path& to) {
@@ -46,4 +36,4 @@ void copy_side_files(const fs::path& from, const fs::path& to) {
   }
 }
 
-}  // namespace qlora::train
+}  // namespace qlora::app

@@ -6,9 +6,9 @@
 
 #include <string>
 
-namespace qlora::train {
+namespace qlora::app {
 
 // Returns the report text; throws with a one-line message on the first inconsistency.
 std::string inspect_model_dir(const std::string& model_dir);
 
-}  // namespace qlora::train
+}  // namespace qlora::app

@@ -1,0 +1,220 @@
+// The training application: see train_command.h.
+#include "app/train_command.h"
+
+#include <ATen/Parallel.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <stdexcept>
+#include <thread>
+
+#include "app/config.h"
+#include "app/job_options.h"
+#include "app/usage_error.h"
+#include "dist/communicator.h"
+#include "dist/rank_env.h"
+#include "io/atomic_write.h"
+#include "train/job.h"
+
+namespace fs = std::filesystem;
+
+namespace qlora::app {
+
+namespace {
+
+// SIGTERM / SIGUSR1 (SLURM's time limit and preemption) and SIGINT only set this flag; the job
+// acts on it at the next step boundary, after every rank has agreed (one all-reduce).
+volatile sig_atomic_t g_stop_signal = 0;
+extern "C" void on_stop_signal(int signo) {
+  if (g_stop_signal == 0) g_stop_signal = signo;  // a second signal (e.g. during the save) is ignored
+}
+
+void stop_signals_install() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  for (int s : {SIGTERM, SIGUSR1, SIGINT}) sigaction(s, &sa, nullptr);
+}
+
+std::vector<std::pair<std::string, std::string>> parse_overrides(
+    const std::vector<std::string>& args, std::string& ini, bool& help) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") {
+      help = true;
+    } else if (a.rfind("--", 0) == 0) {
+      const size_t eq = a.find('=');
+      std::string key = a.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+      if (eq != std::string::npos) {
+        out.emplace_back(key, a.substr(eq + 1));
+      } else {
+        if (i + 1 >= args.size())
+          throw UsageError("option " + a + " needs a value (--section.key=value)");
+        out.emplace_back(key, args[++i]);
+      }
+    } else if (ini.empty()) {
+      ini = a;
+    } else {
+      throw UsageError("unexpected argument '" + a + "' (one config file, then --section.key=value)");
+    }
+  }
+  return out;
+}
+
+// Intra-op threads: this node's cores shared among its ranks, but never more than the CPUs the
+// launcher bound this rank to (Open MPI binds each rank to one core when np <= 2). Returns a
+// warning when the binding holds the rank back ("" otherwise).
+std::string threads_set(const dist::RankEnv& env) {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int want = std::max(1, cores / std::max(1, env.local_world_size));
+  cpu_set_t allowed_set;
+  CPU_ZERO(&allowed_set);
+  const int allowed = sched_getaffinity(0, sizeof allowed_set, &allowed_set) == 0
+                          ? std::max(1, CPU_COUNT(&allowed_set))
+                          : want;
+  const int threads = std::min(want, allowed);
+  at::set_num_threads(threads);
+  if (allowed >= want) return "";
+  return "the launcher bound each rank to " + std::to_string(allowed) + " CPU(s) while " +
+         std::to_string(want) + " per rank are free; using " + std::to_string(threads) +
+         " thread(s) (mpirun --bind-to none, or --map-by slot:PE=" + std::to_string(want) +
+         ", gives each rank its share)";
+}
+
+struct Checked {
+  TrainConfig config;
+  std::vector<std::string> warnings;
+  train::JobOptions options;
+  train::JobInputs inputs;
+};
+
+// Phase 1 on this rank; throws what the user must fix.
+void phase1(Checked& r, const std::string& command, const std::string& ini,
+            std::vector<std::pair<std::string, std::string>> overrides, const dist::RankEnv& env) {
+  if (ini.empty() && overrides.empty())
+    throw UsageError("no configuration (usage: qlora_dist " + command +
+                     " config.ini [--section.key=value ...]; see --help)");
+  if (!ini.empty() && !fs::is_regular_file(ini))
+    throw std::invalid_argument(ini + ": configuration file does not exist");
+  if (command == "eval") {
+    overrides.emplace_back("train.do_train", "false");
+    overrides.emplace_back("train.do_eval", "true");
+  }
+  r.config = config_read(ini, overrides);
+  r.warnings = config_guards(r.config, env.world_size);
+  r.options = job_options(r.config);
+  const TrainConfig& c = r.config;
+  r.inputs.source = train::UnitSource::open(c.model_name_or_path, r.options.trainer.quant);
+  const int64_t vocab = r.inputs.source->spec().config.vocab_size;
+  if (c.do_train) r.inputs.train_data.emplace(c.train_file, c.cutoff_len, vocab);
+  if (!c.eval_file.empty()) r.inputs.eval_data.emplace(c.eval_file, c.cutoff_len, vocab);
+  if (command == "eval" && c.eval_file.empty())
+    throw std::invalid_argument("data.eval_file is required for qlora_dist eval");
+  r.inputs.plan = train::output_plan(r.options.output);
+  if (env.rank == 0) train::output_dir_prepare(r.inputs.plan);
+}
+
+// Phase 2: the run. Reads top to bottom: threads, communicator and device, the resolved
+// configuration on rank 0, the job.
+int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
+  const std::string thread_warning = threads_set(env);
+  stop_signals_install();
+  std::unique_ptr<dist::Communicator> comm = dist::communicator_mpi(env);
+  dist::DeviceContext device(device_of(r.config), compute_dtype_of(r.config), *comm,
+                             env.local_rank);
+  if (env.rank == 0) {
+    if (r.inputs.plan.wipe) train::output_dir_wipe(r.inputs.plan.dir);
+    io::file_write_atomic(r.inputs.plan.dir / "config.ini", r.options.config_ini);
+    std::printf("qlora_dist %s: %d rank(s), resolved configuration:\n%s", command.c_str(),
+                env.world_size, r.options.config_ini.c_str());
+    for (const std::string& w : r.warnings) std::printf("warning: %s\n", w.c_str());
+    if (!thread_warning.empty()) std::printf("warning: %s\n", thread_warning.c_str());
+    std::fflush(stdout);
+  }
+  comm->barrier();
+  train::JobHooks hooks;
+  hooks.log = [](const std::string& line) {
+    std::printf("%s\n", line.c_str());
+    std::fflush(stdout);
+  };
+  hooks.stop_signal = [] { return static_cast<int>(g_stop_signal); };
+  return train::job_run(r.options, r.inputs, device, hooks);
+}
+
+}  // namespace
+
+int train_command_main(const std::string& command, const std::vector<std::string>& args, int* argc,
+                       char*** argv) {
+  const std::string prefix = "qlora_dist " + command + ": error: ";
+  // Usage first, without MPI: --help and a command line that does not parse.
+  std::string ini;
+  bool help = false;
+  std::vector<std::pair<std::string, std::string>> overrides;
+  try {
+    overrides = parse_overrides(args, ini, help);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "%s%s\n", prefix.c_str(), e.what());
+    return 2;
+  }
+  if (help) {
+    std::cout << "usage: qlora_dist " << command
+              << " config.ini [--section.key=value ...]\n\nkeys (INI [section] key = value):\n"
+              << config_help();
+    return 0;
+  }
+
+  dist::RankEnv env;
+  try {
+    env = dist::rank_env_init(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s%s\n", prefix.c_str(), e.what());
+    return 1;
+  }
+  // Phase 1 on every rank; the message is printed once (by rank 0, or by the lowest failing rank
+  // when rank 0 passed).
+  Checked r;
+  std::string error;
+  int status = 0;
+  try {
+    phase1(r, command, ini, overrides, env);
+  } catch (const UsageError& e) {
+    error = e.what();
+    status = 2;
+  } catch (const std::exception& e) {
+    error = e.what();
+    status = 1;
+  }
+  int mine[2] = {status, status != 0 ? env.rank : env.world_size};
+  int worst = 0, first_failing = 0;
+  QLORA_MPI_CHECK(MPI_Allreduce(&mine[0], &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+  QLORA_MPI_CHECK(MPI_Allreduce(&mine[1], &first_failing, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  if (worst != 0) {
+    if (status != 0 && env.rank == first_failing) {
+      const std::string where =
+          env.world_size > 1 && env.rank != 0 ? "[rank " + std::to_string(env.rank) + "] " : "";
+      std::fprintf(stderr, "%s%s%s\n", where.c_str(), prefix.c_str(), error.c_str());
+      std::fflush(stderr);
+    }
+    r.inputs.close();
+    dist::rank_env_finalize();
+    return worst;
+  }
+
+  // Phase 2: from here an error on any rank ends the job (MPI_Abort).
+  try {
+    const int rc = phase2(r, command, env);
+    r.inputs.close();
+    dist::rank_env_finalize();
+    return rc;
+  } catch (const std::exception& e) {
+    dist::job_abort(prefix + e.what(), 1);
+  }
+}
+
+}  // namespace qlora::app

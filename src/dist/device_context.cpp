@@ -1,0 +1,76 @@
+// The device seam: see device_context.h.
+#include "dist/device_context.h"
+
+#include <ATen/Context.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <mutex>
+#include <stdexcept>
+
+namespace qlora::dist {
+
+const char* device_name(Device device) {
+  switch (device) {
+    case Device::cpu: return "cpu";
+    case Device::cuda: return "cuda";
+  }
+  throw std::invalid_argument("device_name: unknown Device " + std::to_string(static_cast<int>(device)));
+}
+
+DeviceContext::DeviceContext(Device device, at::ScalarType compute_dtype, Communicator& comm,
+                             int index)
+    : device_(device), compute_dtype_(compute_dtype), comm_(&comm), index_(index) {}
+
+at::Device DeviceContext::torch_device() const {
+  switch (device_) {
+    case Device::cpu: return at::Device(at::kCPU);
+    case Device::cuda: return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index_));
+  }
+  throw std::invalid_argument("DeviceContext: unknown Device " + std::to_string(static_cast<int>(device_)));
+}
+
+at::TensorOptions DeviceContext::options(at::ScalarType dtype) const {
+  return at::TensorOptions().dtype(dtype).device(torch_device());
+}
+
+at::Tensor DeviceContext::empty(at::IntArrayRef sizes, at::ScalarType dtype) const {
+  return at::empty(sizes, options(dtype));
+}
+
+at::Tensor DeviceContext::zeros(at::IntArrayRef sizes, at::ScalarType dtype) const {
+  return at::zeros(sizes, options(dtype));
+}
+
+at::Tensor DeviceContext::to_device(const at::Tensor& t) const {
+  return t.device() == torch_device() ? t : t.to(torch_device());
+}
+
+at::Generator DeviceContext::generator(uint64_t seed) const {
+  // A clone of the device's default generator, reseeded: on the CPU this is exactly
+  // at::make_generator<CPUGeneratorImpl>(seed) (set_current_seed resets the cached normals).
+  at::Generator base = at::globalContext().defaultGenerator(torch_device());
+  at::Generator gen;
+  {
+    std::lock_guard<std::mutex> lock(base.mutex());
+    gen = base.clone();
+  }
+  gen.set_current_seed(seed);
+  return gen;
+}
+
+uint64_t DeviceContext::seed_mix(uint64_t seed, std::initializer_list<uint64_t> parts) {
+  uint64_t x = seed * 0x9e3779b97f4a7c15ULL;
+  for (uint64_t v : parts) x = (x ^ (v + 0x632be59bd9b4e019ULL + (x << 6) + (x >> 2))) * 0xff51afd7ed558ccdULL;
+  return x;
+}
+
+at::Tensor DeviceContext::to_host(const at::Tensor& t) {
+  return t.device().is_cpu() ? t : t.to(at::kCPU);
+}
+
+at::TensorOptions DeviceContext::host_options(at::ScalarType dtype) {
+  return at::TensorOptions().dtype(dtype).device(at::kCPU);
+}
+
+}  // namespace qlora::dist

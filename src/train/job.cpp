@@ -1,0 +1,306 @@
+// The training job: see job.h. run order: build the trainer, resume, loop (step, log, evaluate,
+// stop or save), evaluate, save the final checkpoint.
+#include "train/job.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <stdexcept>
+
+#include "dist/sampler.h"
+#include "io/atomic_write.h"
+#include "lora/peft_adapter.h"
+
+namespace fs = std::filesystem;
+
+namespace qlora::train {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+std::string hms(double seconds) {
+  const int64_t s = static_cast<int64_t>(std::max(0.0, seconds));
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", static_cast<long long>(s / 3600),
+                static_cast<long long>(s / 60 % 60), static_cast<long long>(s % 60));
+  return buf;
+}
+
+const char* signal_name(int signo) {
+  return signo == SIGTERM ? "SIGTERM" : signo == SIGUSR1 ? "SIGUSR1" : "SIGINT";
+}
+
+// Eval micro-batches of this rank: rows split evenly, every rank the same number of
+// micro-batches (rows past the end repeat row 0 with no targets).
+std::vector<Batch> eval_batches(const data::TokenDataset& data, int64_t micro, int rank, int world) {
+  const int64_t per_rank = (data.rows() + world - 1) / world;
+  const int64_t n_micro = (per_rank + micro - 1) / micro;
+  std::vector<Batch> out;
+  for (int64_t k = 0; k < n_micro; ++k) {
+    std::vector<int64_t> rows;
+    std::vector<bool> real;
+    for (int64_t j = 0; j < micro; ++j) {
+      const int64_t local = k * micro + j;
+      const int64_t row = rank * per_rank + local;
+      const bool ok = local < per_rank && row < data.rows();
+      rows.push_back(ok ? row : 0);
+      real.push_back(ok);
+    }
+    Batch b;
+    data.read(rows, b.input_ids, b.labels);
+    for (int64_t j = 0; j < micro; ++j)
+      if (!real[static_cast<size_t>(j)]) b.labels[j].fill_(-100);
+    out.push_back(std::move(b));
+  }
+  return out;
+}
+
+// Sums of the steps since the last metrics line.
+struct MetricWindow {
+  double loss = 0.0, grad_norm = 0.0, seconds = 0.0, wait = 0.0;
+  size_t comm_bytes = 0;
+  int64_t steps = 0, tokens = 0;
+  void add(const StepResult& r, int64_t tokens_per_step) {
+    loss += r.loss;
+    grad_norm += r.grad_norm;
+    seconds += r.seconds;
+    wait += r.comm_wait_seconds;
+    comm_bytes += r.bytes_gathered + r.bytes_reduce_scattered;
+    tokens += tokens_per_step;
+    ++steps;
+  }
+};
+
+class Job {
+ public:
+  Job(const JobOptions& o, JobInputs& in, dist::DeviceContext& device, const JobHooks& hooks)
+      : o_(o), in_(in), device_(device), comm_(device.comm()), hooks_(hooks),
+        main_rank_(comm_.rank() == 0), tty_(main_rank_ && isatty(STDERR_FILENO)) {}
+
+  int run();
+
+ private:
+  void log(const std::string& line) const {
+    if (main_rank_ && hooks_.log) hooks_.log(line);
+  }
+  void trainer_build();
+  nlohmann::ordered_json evaluate(int64_t step);
+  int64_t resume(const dist::DistributedSampler& sampler);
+  nlohmann::ordered_json metrics_line(MetricWindow& w, int64_t done, double lr,
+                                      const dist::DistributedSampler& sampler);
+  void save(int64_t step, bool final, const dist::DistributedSampler& sampler);
+  int stop_signal_agreed();
+
+  const JobOptions& o_;
+  JobInputs& in_;
+  dist::DeviceContext& device_;
+  dist::Communicator& comm_;
+  const JobHooks& hooks_;
+  const bool main_rank_, tty_;
+  std::unique_ptr<Trainer> trainer_;
+  int64_t total_ = 0;
+};
+
+void Job::trainer_build() {
+  TrainerOptions opts = o_.trainer;
+  lora::PeftAdapter start_adapter;
+  if (!o_.adapter_path.empty()) {
+    start_adapter = lora::peft_adapter_read(o_.adapter_path);
+    opts.lora = start_adapter.config;
+    opts.targets = start_adapter.target_modules;
+    log("adapter " + o_.adapter_path + ": rank " + std::to_string(opts.lora.rank) + ", alpha " +
+        fmt("%g", opts.lora.alpha) + " (its own settings replace finetuning.lora_*)");
+  }
+  const auto t_load = Clock::now();
+  trainer_ = std::make_unique<Trainer>(device_, std::move(in_.source), opts);
+  if (!o_.adapter_path.empty()) trainer_->adapter_load(start_adapter);
+  log("loaded " + o_.model_path + " in " + fmt("%.2f", seconds_since(t_load)) +
+      " s: this rank holds " + fmt("%.2f", trainer_->stats().resident_bytes / 1048576.0) +
+      " MiB of " + fmt("%.2f", trainer_->base_total_bytes() / 1048576.0) +
+      " MiB of 4-bit base units (read " + fmt("%.2f", trainer_->load_bytes_read() / 1048576.0) +
+      " MiB)");
+}
+
+nlohmann::ordered_json Job::evaluate(int64_t step) {
+  const auto t0 = Clock::now();
+  const Trainer::EvalSums s = trainer_->eval(
+      eval_batches(*in_.eval_data, o_.loop.per_device_batch, comm_.rank(), comm_.world_size()));
+  const double loss = s.num_targets > 0 ? s.loss_sum / static_cast<double>(s.num_targets) : 0.0;
+  nlohmann::ordered_json j;
+  j["step"] = step;
+  j["eval_loss"] = loss;
+  j["eval_perplexity"] = std::exp(loss);
+  j["eval_tokens"] = s.num_targets;
+  log("eval step " + std::to_string(step) + ": eval_loss " + fmt("%.4f", loss) + " perplexity " +
+      fmt("%.3f", std::exp(loss)) + " (" + std::to_string(s.num_targets) + " tokens, " +
+      fmt("%.1f", seconds_since(t0)) + " s)");
+  return j;
+}
+
+int64_t Job::resume(const dist::DistributedSampler& sampler) {
+  const fs::path& dir = in_.plan.resume;
+  if (dir.empty()) return 0;
+  const TrainerState st = trainer_state_read(dir);
+  if (st.global_batch != sampler.global_batch())
+    throw std::invalid_argument(
+        "resume from " + dir.string() + ": it trained with a global batch of " +
+        std::to_string(st.global_batch) + " rows, this run has " +
+        std::to_string(sampler.global_batch()) + " (per_device_train_batch_size " +
+        std::to_string(o_.loop.per_device_batch) + " x gradient_accumulation_steps " +
+        std::to_string(o_.loop.accumulation) + " x " + std::to_string(comm_.world_size()) +
+        " ranks); keep the global batch to resume");
+  checkpoint_load(*trainer_, dir, st);
+  log("resumed from " + dir.string() + " at step " + std::to_string(st.step) +
+      (st.world_size != comm_.world_size()
+           ? " (written by " + std::to_string(st.world_size) + " ranks; optimizer state re-sharded)"
+           : ""));
+  return st.step;
+}
+
+void Job::save(int64_t step, bool final, const dist::DistributedSampler& sampler) {
+  TrainerState st;
+  st.step = step;
+  st.total_steps = total_;
+  st.epoch = static_cast<double>(step) / static_cast<double>(sampler.steps_per_epoch());
+  st.world_size = comm_.world_size();
+  st.global_batch = sampler.global_batch();
+  st.next_learning_rate = lr_at(o_.schedule, step, total_);
+  st.seed = static_cast<int64_t>(o_.trainer.seed);
+  checkpoint_save(*trainer_, comm_, o_.output, st, o_.model_path, o_.config_ini, final);
+}
+
+// One all-reduce (max over ranks) of memory and wait share: every rank logs at these steps.
+nlohmann::ordered_json Job::metrics_line(MetricWindow& w, int64_t done, double lr,
+                                         const dist::DistributedSampler& sampler) {
+  double red[2] = {static_cast<double>(max_rss_bytes()), w.wait / std::max(1e-12, w.seconds)};
+  comm_.all_reduce_host(red, 2, dist::ReduceOp::max);
+  nlohmann::ordered_json j;
+  const double steps = static_cast<double>(w.steps);
+  j["step"] = done;
+  j["loss"] = w.loss / steps;
+  j["learning_rate"] = lr;
+  j["grad_norm"] = w.grad_norm / steps;
+  j["tokens_per_second"] = static_cast<double>(w.tokens) / w.seconds;
+  j["comm_bytes"] = static_cast<double>(w.comm_bytes) / steps;
+  j["comm_wait_share"] = red[1];
+  j["max_rss_bytes"] = static_cast<int64_t>(red[0]);
+  j["epoch"] = static_cast<double>(done) / static_cast<double>(sampler.steps_per_epoch());
+  w = MetricWindow();
+  return j;
+}
+
+// Did any rank get a stop signal? Every rank asks at every step boundary (one all-reduce of an
+// int), so all of them stop after the same step.
+int Job::stop_signal_agreed() {
+  double signo = hooks_.stop_signal ? static_cast<double>(hooks_.stop_signal()) : 0.0;
+  comm_.all_reduce_host(&signo, 1, dist::ReduceOp::max);
+  return static_cast<int>(signo);
+}
+
+int Job::run() {
+  trainer_build();
+  if (!o_.loop.do_train) {  // qlora_dist eval
+    MetricSinks sinks(o_.output.dir, o_.output.report_to, main_rank_, "eval_metrics.jsonl", 0);
+    const nlohmann::ordered_json j = evaluate(0);
+    sinks.write(j);
+    if (main_rank_) io::file_write_atomic(o_.output.dir / "eval_results.json", j.dump(2) + "\n");
+    comm_.barrier();
+    return 0;
+  }
+
+  const data::TokenDataset& train_data = *in_.train_data;
+  const LoopOptions& loop = o_.loop;
+  dist::DistributedSampler sampler(train_data.rows(), loop.per_device_batch, loop.accumulation,
+                                   comm_.rank(), comm_.world_size(), o_.trainer.seed);
+  total_ = loop.max_steps > 0
+               ? loop.max_steps
+               : static_cast<int64_t>(std::ceil(loop.num_train_epochs *
+                                                static_cast<double>(sampler.steps_per_epoch())));
+  const int64_t start = resume(sampler);
+  MetricSinks sinks(o_.output.dir, o_.output.report_to, main_rank_, "metrics.jsonl", start);
+  const int64_t tokens_per_step = sampler.global_batch() * train_data.seq_len();
+  log("training " + std::to_string(total_) + " steps (" + std::to_string(sampler.steps_per_epoch()) +
+      " per epoch), global batch " + std::to_string(sampler.global_batch()) + " x " +
+      std::to_string(train_data.seq_len()) + " tokens, warmup " +
+      std::to_string(lr_warmup_steps(o_.schedule, total_)) + ", " +
+      lr_scheduler_name(o_.schedule.type) + " schedule");
+
+  const auto t_train = Clock::now();
+  const bool evaluating = loop.do_eval && in_.eval_data;
+  MetricWindow window;
+  for (int64_t step = start; step < total_; ++step) {
+    const double lr = lr_at(o_.schedule, step, total_);
+    std::vector<Batch> batches(static_cast<size_t>(loop.accumulation));
+    for (int64_t k = 0; k < loop.accumulation; ++k)
+      train_data.read(sampler.rows(step, k), batches[k].input_ids, batches[k].labels);
+    const StepResult res = trainer_->step(batches, lr);
+    window.add(res, tokens_per_step);
+
+    const int64_t done = step + 1;
+    const double eta = seconds_since(t_train) / static_cast<double>(done - start) *
+                       static_cast<double>(total_ - done);
+    if (tty_) {
+      std::fprintf(stderr, "\rstep %lld/%lld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s | peak %.0f MiB   ",
+                   static_cast<long long>(done), static_cast<long long>(total_), res.loss, lr,
+                   static_cast<double>(tokens_per_step) / res.seconds, hms(eta).c_str(),
+                   max_rss_bytes() / 1048576.0);
+      std::fflush(stderr);
+    }
+    if (done % o_.output.logging_steps == 0 || done == total_) {
+      const nlohmann::ordered_json j = metrics_line(window, done, lr, sampler);
+      sinks.write(j);
+      if (tty_) std::fprintf(stderr, "\n");
+      log("step " + std::to_string(done) + "/" + std::to_string(total_) + " loss " +
+          fmt("%.4f", j["loss"].get<double>()) + " lr " + fmt("%.3e", lr) + " grad_norm " +
+          fmt("%.3f", j["grad_norm"].get<double>()) + " tok/s " +
+          fmt("%.0f", j["tokens_per_second"].get<double>()) + " comm_wait " +
+          fmt("%.1f%%", 100 * j["comm_wait_share"].get<double>()) + " ETA " + hms(eta) +
+          " max_rss " + fmt("%.0f MiB", j["max_rss_bytes"].get<int64_t>() / 1048576.0));
+    }
+    if (evaluating && loop.eval_steps > 0 && done % loop.eval_steps == 0 && done != total_)
+      sinks.write(evaluate(done));
+    const int signo = stop_signal_agreed();
+    if (signo != 0 && done != total_) {
+      log(std::string("received ") + signal_name(signo) + ": saving checkpoint-" +
+          std::to_string(done) + " and exiting with status " + std::to_string(kExitPreempted) +
+          " (resume with resume_from_checkpoint = auto)");
+      save(done, /*final=*/false, sampler);
+      return kExitPreempted;
+    }
+    if (o_.output.save_steps > 0 && done % o_.output.save_steps == 0 && done != total_)
+      save(done, /*final=*/false, sampler);
+  }
+  if (evaluating) {
+    const nlohmann::ordered_json j = evaluate(total_);
+    sinks.write(j);
+    if (main_rank_) io::file_write_atomic(o_.output.dir / "eval_results.json", j.dump(2) + "\n");
+  }
+  save(total_, /*final=*/true, sampler);
+  log("done: adapter in " + o_.output.dir.string() + " (PEFT: adapter_config.json, "
+      "adapter_model.safetensors), checkpoints checkpoint-<step>, metrics.jsonl");
+  return 0;
+}
+
+}  // namespace
+
+int job_run(const JobOptions& options, JobInputs& inputs, dist::DeviceContext& device,
+            const JobHooks& hooks) {
+  return Job(options, inputs, device, hooks).run();
+}
+
+}  // namespace qlora::train

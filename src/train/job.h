@@ -1,0 +1,73 @@
+// The training job of the engine: given typed options and the inputs the application opened and
+// checked (model source, token datasets, output plan), it builds the trainer, resumes, runs the
+// step loop with evaluation, metrics and checkpoints, and saves the final adapter. It never sees
+// argv, INI text or configuration strings; the application (src/app) makes these options.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "data/dataset.h"
+#include "dist/device_context.h"
+#include "train/checkpoint.h"
+#include "train/lr_schedule.h"
+#include "train/metrics.h"
+#include "train/sharded_model.h"
+#include "train/trainer.h"
+
+namespace qlora::train {
+
+struct LoopOptions {
+  int64_t per_device_batch = 1;        // rows per micro-batch and rank
+  int64_t accumulation = 1;            // micro-batches per optimizer step
+  int64_t max_steps = -1;              // > 0 wins over num_train_epochs
+  double num_train_epochs = 3.0;
+  bool do_train = true;
+  bool do_eval = false;
+  int64_t eval_steps = 0;              // 0: only at the end
+};
+
+struct JobOptions {
+  std::string model_path;    // recorded as the adapter's base_model_name_or_path
+  std::string adapter_path;  // "" = a fresh LoRA; else its weights (and its settings) to start from
+  TrainerOptions trainer;
+  LrSchedule schedule;
+  LoopOptions loop;
+  OutputOptions output;
+  std::string config_ini;    // the resolved configuration: written to output_dir and checkpoints
+};
+
+// Opened and checked by the application before any heavy work (phase 1, on every rank).
+struct JobInputs {
+  std::unique_ptr<UnitSource> source;
+  std::optional<data::TokenDataset> train_data, eval_data;
+  OutputPlan plan;
+  // Before MPI_Finalize: parallel HDF5 shuts itself down there, and a file closed after that
+  // fails with HDF5's diagnostics on stderr.
+  void close() {
+    source.reset();
+    train_data.reset();
+    eval_data.reset();
+  }
+};
+
+// What the job asks of its caller: a line for rank 0's log, and the stop signal received so far
+// (0: none), asked once per step on every rank.
+struct JobHooks {
+  std::function<void(const std::string&)> log;
+  std::function<int()> stop_signal;
+};
+
+// Exit status after SIGTERM / SIGUSR1 / SIGINT: every rank finished the current step and a
+// complete checkpoint was written; a batch script requeues on it (EX_TEMPFAIL).
+constexpr int kExitPreempted = 75;
+
+// Trains (or, with loop.do_train = false, evaluates) and returns the exit status (0, or
+// kExitPreempted). Throws on errors; the caller ends the job then.
+int job_run(const JobOptions& options, JobInputs& inputs, dist::DeviceContext& device,
+            const JobHooks& hooks);
+
+}  // namespace qlora::train
