@@ -34,7 +34,10 @@ void commit_atomic(const fs::path& target, bool directory,
                    const std::function<void(const fs::path&)>& fill) {
   const fs::path tmp = temp_sibling(target);
   std::error_code ec;
-  fs::remove_all(tmp, ec);
+  // Something already there is not ours (or a crashed run's of the same pid): left alone.
+  if (fs::exists(fs::symlink_status(tmp, ec)))
+    throw std::runtime_error(tmp.string() + ": temporary path exists; remove it to write " +
+                             target.string());
   try {
     if (directory) fs::create_directories(tmp);
     fill(tmp);

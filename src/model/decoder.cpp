@@ -262,7 +262,9 @@ at::Tensor DecoderModel::embed(const at::Tensor& tokens) const {
   if (!embed_tokens_.defined())
     throw std::logic_error("embed: the embedding is not bound (DecoderModel::set_embedding)");
   const at::Tensor ids = tokens.to(at::kLong);
-  if (ids.numel() > 0) {
+  // Checked where the ids are host memory; on a device this would stall the stream every
+  // forward, and the trainer's rows were checked on the host when read (data::TokenDataset).
+  if (ids.numel() > 0 && ids.device().is_cpu()) {
     const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
     if (lo < 0 || hi >= config_.vocab_size)
       throw std::invalid_argument("token id " + std::to_string(lo < 0 ? lo : hi) +

@@ -94,7 +94,7 @@ LossResult DecoderModel::loss(const at::Tensor& normed, const at::Tensor& labels
   const at::Tensor keep = (targets != -100).nonzero().squeeze(1);
   targets = targets.index_select(0, keep);
   hidden = hidden.index_select(0, keep);  // [N, H]
-  if (targets.numel() > 0) {
+  if (targets.numel() > 0 && targets.device().is_cpu()) {  // device: checked on the host rows
     const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
     if (lo < 0 || hi >= v)
       throw std::invalid_argument("loss: label " + std::to_string(lo < 0 ? lo : hi) +

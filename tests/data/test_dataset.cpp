@@ -22,6 +22,7 @@
 #include "io/h5_raw.h"
 #include "io/temp_dir.h"
 #include "data/dataset.h"
+#include "io/atomic_write.h"
 
 namespace qlora::data {
 namespace {
@@ -296,9 +297,10 @@ TEST(SynthData, FailedWriteLeavesNoTemporaryFile) {
   TempDir dir;
   const std::string out = dir.file("big.h5");
   // A directory in the temporary file's place is not ours: the write fails and leaves it.
-  fs::create_directory(dir.file(".big.h5.tmp"));
+  const fs::path tmp = qlora::io::temp_sibling(out);
+  fs::create_directory(tmp);
   EXPECT_ANY_THROW(synth_data_write(synth_options(out, SynthTask::copy, 10, 8, 2, 0)));
-  EXPECT_TRUE(fs::is_directory(dir.file(".big.h5.tmp")));
+  EXPECT_TRUE(fs::is_directory(tmp));
   EXPECT_FALSE(fs::exists(out));
 }
 
