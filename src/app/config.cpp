@@ -111,7 +111,8 @@ const std::vector<KeyDef>& key_defs() {
        "Micro-batches per optimizer step (>= 1)."},
       {"train", "learning_rate", &C::learning_rate, "Peak AdamW learning rate (>= 0)."},
       {"train", "lr_scheduler_type", &C::lr_scheduler_type,
-       "constant | linear | cosine: decay after warmup (as in HF Trainer)."},
+       "constant | linear | cosine, after a linear warmup, as transformers.get_scheduler "
+       "(constant = its constant_with_warmup)."},
       {"train", "warmup_ratio", &C::warmup_ratio,
        "Fraction of the steps spent warming up linearly, in [0, 1]."},
       {"train", "warmup_steps", &C::warmup_steps,

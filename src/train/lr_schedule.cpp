@@ -31,8 +31,10 @@ int64_t lr_warmup_steps(const LrSchedule& s, int64_t total) {
 
 double lr_at(const LrSchedule& s, int64_t step, int64_t total) {
   const int64_t warmup = lr_warmup_steps(s, total);
+  // lr * (step / warmup), in transformers' order (its LambdaLR multiplies lr by the factor).
   if (step < warmup)
-    return s.learning_rate * static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup));
+    return s.learning_rate *
+           (static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup)));
   const double decay_steps = static_cast<double>(std::max<int64_t>(1, total - warmup));
   switch (s.type) {
     case LrSchedulerType::constant:
