@@ -12,8 +12,10 @@ gradient sums, so results differ in the last bits):
   - final adapter: max |difference| <= 0.1 x lr = 2e-4. AdamW normalizes each gradient element by
     its running RMS, so an element whose gradient sits at rounding level can move by a different
     fraction of lr per step; observed max 4.7e-5 with weights up to ~0.1.
-Communication and load accounting are exact counts, compared with the formulas in
-src/train/trainer.h (gathered / reduced) and src/dist/unit_layout.h (bytes read per rank).
+Communication and load accounting: the bytes each rank read at load and gathered / reduced per
+step (counted at the communicator) are asserted within 1% of the formulas in src/train/trainer.h
+(gathered / reduced) and src/dist/unit_layout.h (bytes read per rank); observed equal to the
+byte at np 1-4. The trainer's own count of gathered bytes must equal the communicator's exactly.
 """
 import json
 import os

@@ -56,15 +56,32 @@ def use_generic_bnb_cpu_dequantize():
     """Routes bitsandbytes' CPU dequantize_4bit through its own generic torch implementation
     (see bnb_dequantize for why: its native CPU kernel is wrong for weights whose rows are not
     block-aligned, e.g. in_features 96 at blocksize 64). transformers' and peft's Linear4bit
-    forward then computes with the weights bitsandbytes' format actually holds."""
+    forward then computes with the weights bitsandbytes' format actually holds.
+    bitsandbytes wraps that function in torch.compile (one compilation per weight shape, about a
+    minute for a model on a cold cache); its eager original (`__wrapped__`) is called instead,
+    which computes every value as the same single product code[q] * absmax."""
     import torch
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
     from bitsandbytes.backends.utils import _get_4bit_code
+    dequantize = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
 
     def generic(A, absmax, blocksize, quant_type, shape, dtype):
         if A.dtype != torch.uint8:
             A = A.view(torch.uint8)
-        return _dequantize_4bit_compute(A.reshape(-1), absmax.float(),
-                                        _get_4bit_code(quant_type, A.device), blocksize, shape,
-                                        dtype)
+        return dequantize(A.reshape(-1), absmax.float(), _get_4bit_code(quant_type, A.device),
+                          blocksize, shape, dtype)
     torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", generic)
+
+
+def bnb_reference_model(path):
+    """transformers' model from a bitsandbytes 4-bit checkpoint directory, on the CPU, computing
+    as in training (dequantize + matmul) with and without grad. bitsandbytes' Linear4bit, on CPUs
+    with AVX512-BF16 and without grad, repacks its weight for a bf16 inference kernel that needs
+    out % 32 == 0 and in % blocksize == 0 and is not the path training takes: switched off."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+    for mod in m.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+    return m

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import binary, run, use_generic_bnb_cpu_dequantize
+from conftest import binary, bnb_reference_model, run, use_generic_bnb_cpu_dequantize
 
 use_generic_bnb_cpu_dequantize()
 
@@ -96,16 +96,8 @@ def setup(request, tmp_path_factory):
 
 
 def ref_model(setup, checkpoint="q4"):
-    import bitsandbytes as bnb
-    m = AutoModelForCausalLM.from_pretrained(setup["dir"] / checkpoint, device_map="cpu")
+    m = bnb_reference_model(setup["dir"] / checkpoint)
     m.eval()
-    # On CPUs with AVX512-BF16 (this one), bitsandbytes' Linear4bit repacks its weight for a
-    # bf16 inference kernel when called without grad; that path needs out % 32 == 0 and
-    # in % blocksize == 0 and is not the one training uses. Keep the dequantize + matmul path
-    # (MatMul4Bit), the same math with and without grad.
-    for mod in m.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            mod.support_avx512bf16_for_cpu = False
     return m
 
 

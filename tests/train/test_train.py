@@ -132,20 +132,14 @@ def test_eval_loss_matches_transformers_bitsandbytes_peft(data, run2, tmp_path):
     import sys
     import h5py
     import torch
-    import bitsandbytes as bnb
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
-    from conftest import use_generic_bnb_cpu_dequantize
+    from conftest import bnb_reference_model, use_generic_bnb_cpu_dequantize
     use_generic_bnb_cpu_dequantize()
     res = run("quantize", "--model", data / "tiny", "--out", tmp_path / "q4")
     assert res.returncode == 0, res.stderr
     torch.set_num_threads(1)
-    m = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
-    for mod in m.modules():  # see tests/reference/test_model_reference.py: ref_model
-        if isinstance(mod, bnb.nn.Linear4bit):
-            mod.support_avx512bf16_for_cpu = False
-    model = PeftModel.from_pretrained(m, run2[0])
+    model = PeftModel.from_pretrained(bnb_reference_model(tmp_path / "q4"), run2[0])
     model.eval()
     with h5py.File(data / "eval.h5", "r") as f:
         ids = torch.tensor(f["input_ids"][()], dtype=torch.long)
