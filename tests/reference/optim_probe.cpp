@@ -59,7 +59,7 @@ int run_adamw(const std::string& in_path, const std::string& out_path) {
     const int64_t piece = shard_numel > 0 ? shard_numel : std::max<int64_t>(1, param.numel());
     std::vector<at::Tensor> shards = param.split(piece);  // views into param
     std::vector<dist::AdamWState> states;
-    for (const at::Tensor& s : shards) states.push_back(dist::adamw_state_init(s.numel()));
+    for (const at::Tensor& s : shards) states.push_back(dist::adamw_state_init(s));
     for (size_t t = 1; t <= lrs.size(); ++t) {
       const at::Tensor grad = get("grad/" + id + "/" + std::to_string(t));  // [n] fp32
       const std::vector<at::Tensor> grads = grad.split(piece);

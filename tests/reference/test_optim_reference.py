@@ -24,9 +24,8 @@ scheduler.step(). Our "constant" is constant after a linear warmup: transformers
 "constant_with_warmup". transformers' own "constant" (what HF Trainer and LLaMA-Factory's HF
 path build for lr_scheduler_type = constant) ignores the warmup; it matches ours only when the
 warmup is 0, which is checked too. Both sides compute in double (LambdaLR multiplies Python
-floats), with the same formulas except during warmup: ours is (lr * k) / warmup, transformers'
-lr * (k / warmup), two roundings each, so they may differ by up to 2 ulp (relative 2^-51);
-decay and constant phases use the same operations in the same order and must be equal.
+floats) with the same operations in the same order (warmup: lr * (k / warmup), as LambdaLR
+multiplies the base rate by the factor), so every rate must be equal to the bit.
 """
 import json
 
@@ -148,7 +147,6 @@ TOTALS = [1, 2, 3, 10, 97]
 WARMUP_STEPS = [0, 1, 2, 3, 10, 150]
 WARMUP_RATIOS = [0.01, 0.03, 0.1, 0.3, 0.5, 0.9, 0.999]
 LR = 3e-4
-WARMUP_ULPS = 2  # (lr * k) / w against lr * (k / w): see the module docstring
 
 
 def lr_cases():
@@ -206,10 +204,9 @@ def test_lr_schedules_match_transformers(lr_results):
                 d = abs(a - b) / np.spacing(b) if b != 0 else abs(a) / np.spacing(0.0)
                 if k < warmup:
                     worst_warmup = max(worst_warmup, d)
-                    assert d <= WARMUP_ULPS, f"{where} vs {name}: step {k}: {a!r} vs {b!r}"
                 else:
                     worst_decay = max(worst_decay, d)
-                    assert a == b, f"{where} vs {name}: step {k}: {a!r} vs {b!r}"
+                assert a == b, f"{where} vs {name}: step {k}: {a!r} vs {b!r}"
     print(f"{len(cases)} schedules: max {worst_warmup:g} ulp during warmup, "
           f"{worst_decay:g} after")
 
