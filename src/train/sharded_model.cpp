@@ -125,22 +125,22 @@ class HfUnitSource final : public UnitSource {
                                   "own tables; only those can be sharded");
   }
 
-  // The quantized weight of `name`, quantized (or read) once for its consecutive segments.
-  const quant::Quantized& quantized(const std::string& name, const std::vector<int64_t>& shape) {
+  // The quantized weight of `name`, quantized (or read) once for its consecutive segments. Its
+  // shape was checked against the config when the reader opened the weights.
+  const quant::Quantized& quantized(const std::string& name) {
     if (cached_name_ == name) return cached_;
     cached_ = reader_.linear(name, spec_.quant);
     if (reader_.prequantized()) {
       tables_check(name, cached_);
       const quant::QuantState& st = cached_.state;
-      if (st.shape != shape || st.quant_type != spec_.quant.quant_type ||
-          st.blocksize != spec_.quant.blocksize || st.is_nested() != spec_.quant.double_quant)
+      if (st.quant_type != spec_.quant.quant_type || st.blocksize != spec_.quant.blocksize ||
+          st.is_nested() != spec_.quant.double_quant)
         throw std::invalid_argument(
             path_ + ": '" + name + "' is quantized as " + quant::quant_type_name(st.quant_type) +
             " blocksize " + std::to_string(st.blocksize) + (st.is_nested() ? " nested" : "") +
-            " with shape " + model::shape_str(st.shape) + "; the model's first linear says " +
-            quant::quant_type_name(spec_.quant.quant_type) + " blocksize " +
-            std::to_string(spec_.quant.blocksize) + (spec_.quant.double_quant ? " nested" : "") +
-            " and config.json implies shape " + model::shape_str(shape));
+            "; the model's first linear says " + quant::quant_type_name(spec_.quant.quant_type) +
+            " blocksize " + std::to_string(spec_.quant.blocksize) +
+            (spec_.quant.double_quant ? " nested" : "") + " (sharding needs one setting for all)");
     }
     cached_name_ = name;
     return cached_;
@@ -151,12 +151,11 @@ class HfUnitSource final : public UnitSource {
     const std::string base = s.kind == SegmentKind::packed ? s.name
                                                            : s.name.substr(0, s.name.rfind('.'));
     switch (s.kind) {
-      case SegmentKind::packed: return quant::packed_bytes(quantized(base, s.shape).packed);
-      case SegmentKind::absmax: return as_bytes(quantized(base, {}).state.absmax);
-      case SegmentKind::nested_absmax:
-        return as_bytes(quantized(base, {}).state.nested->absmax);
+      case SegmentKind::packed: return quant::packed_bytes(quantized(base).packed);
+      case SegmentKind::absmax: return as_bytes(quantized(base).state.absmax);
+      case SegmentKind::nested_absmax: return as_bytes(quantized(base).state.nested->absmax);
       case SegmentKind::nested_offset: {
-        const float offset = quantized(base, {}).state.nested->offset;
+        const float offset = quantized(base).state.nested->offset;
         return as_bytes(at::full({1}, offset, at::TensorOptions().dtype(at::kFloat)));
       }
       case SegmentKind::tensor:  // the head's lm_head of a tied model is the embedding
