@@ -1,5 +1,5 @@
-// export_merged: dequantize each block linear, add the adapter's s * B @ A, write the merged
-// checkpoint without quantization_config.
+// export_merged: dequantize each block linear, add the adapter's s * B @ A (lora::lora_merge),
+// write the merged checkpoint without quantization_config.
 #include "app/export_command.h"
 
 #include <ATen/ATen.h>
@@ -11,6 +11,7 @@
 
 #include "io/hf_config.h"
 #include "io/safetensors.h"
+#include "lora/lora_linear.h"
 #include "lora/peft_adapter.h"
 #include "model/model_config.h"
 #include "quant/bnb_checkpoint.h"
@@ -66,7 +67,7 @@ ExportReport export_merged(const ExportOptions& opt) {
         throw std::invalid_argument(opt.adapter_dir + ": adapter layer '" + layer + "' has A " +
                                     c10::str(a.sizes()) + " and B " + c10::str(b.sizes()) +
                                     ", the model's weight is " + c10::str(w.sizes()));
-      w = w.to(at::kFloat) + at::matmul(b.to(at::kFloat), a.to(at::kFloat)) * scale;
+      w = lora::lora_merge(w, a, b, scale);
       unmerged.erase(layer);
       ++report.layers_merged;
     }

@@ -171,19 +171,6 @@ QLoraLinear::QLoraLinear(std::string name, quant::Quantized base, at::Tensor bia
                                 ", expected [" + std::to_string(out_features_) + "]");
 }
 
-void QLoraLinear::adapter_init(const LoraConfig& config, at::Generator gen) {
-  config.validate(name_);
-  // kaiming_uniform_(a = sqrt 5) on a [r, in] weight: gain sqrt(2 / (1 + 5)), bound
-  // gain * sqrt(3 / fan_in) = 1 / sqrt(in).
-  const double bound = 1.0 / std::sqrt(static_cast<double>(in_features_));
-  const auto options = at::TensorOptions().dtype(at::kFloat).device(base_.packed.device());
-  at::Tensor a = at::empty({config.rank, in_features_}, options);  // [r, in]
-  a.uniform_(-bound, bound, gen);
-  config_ = config;
-  lora_A_ = a.requires_grad_(true);
-  lora_B_ = at::zeros({out_features_, config.rank}, options).requires_grad_(true);  // [out, r]
-}
-
 void QLoraLinear::adapter_set(const LoraConfig& config, const at::Tensor& lora_A,
                               const at::Tensor& lora_B) {
   config.validate(name_);
@@ -243,13 +230,16 @@ at::Tensor QLoraLinear::forward(const at::Tensor& x, bool training,
 }
 
 at::Tensor QLoraLinear::merged_weight(at::ScalarType dtype) const {
-  at::NoGradGuard no_grad;
   at::Tensor w = quant::dequantize_4bit(base_.packed, base_.state, at::kFloat);  // [out, in]
-  if (has_adapter()) w = w + at::matmul(lora_B_, lora_A_) * config_.scale();     // peft's order
+  if (has_adapter()) w = lora_merge(w, lora_A_, lora_B_, config_.scale());
   return w.to(dtype);
 }
 
-// ------------------------------------------------------------------------------------------
-// Targets
+at::Tensor lora_merge(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                      double scale) {
+  at::NoGradGuard no_grad;
+  return weight.to(at::kFloat) +
+         at::matmul(lora_B.to(at::kFloat), lora_A.to(at::kFloat)) * scale;  // peft's order
+}
 
 }  // namespace qlora::lora

@@ -32,6 +32,11 @@ struct LoraConfig {
   void validate(const std::string& where) const;
 };
 
+// W' = W + s * B @ A in fp32, peft's merge: weight [out, in] (any float dtype), A [r, in],
+// B [out, r]; no autograd. The one merge, of QLoraLinear::merged_weight and `qlora_dist export`.
+at::Tensor lora_merge(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                      double scale);
+
 // x @ W^T for a packed 4-bit W, in x's dtype, through the custom autograd function described
 // above (gradient for x only). `weight` must hold a 2-D state [out, in].
 at::Tensor qlora_base_matmul(const at::Tensor& x, const quant::Quantized& weight);
@@ -47,9 +52,6 @@ class QLoraLinear {
   const quant::Quantized& base() const { return base_; }
   const at::Tensor& bias() const { return bias_; }
 
-  // Adds a LoRA adapter initialized as peft does: A ~ kaiming_uniform(a = sqrt 5), i.e.
-  // U(-1/sqrt(in), 1/sqrt(in)), drawn from `gen`; B = 0. fp32, requires_grad.
-  void adapter_init(const LoraConfig& config, at::Generator gen);
   // Sets the adapter from given tensors (A [r, in], B [out, r]); throws std::invalid_argument
   // naming this layer and both shapes when they do not fit. fp32 tensors on the base's device
   // are kept as given (detached, sharing storage: e.g. views into a flat master-weight buffer);
@@ -59,6 +61,8 @@ class QLoraLinear {
   const LoraConfig& adapter_config() const { return config_; }
   at::Tensor& lora_A() { return lora_A_; }  // [r, in] fp32
   at::Tensor& lora_B() { return lora_B_; }  // [out, r] fp32
+  const at::Tensor& lora_A() const { return lora_A_; }
+  const at::Tensor& lora_B() const { return lora_B_; }
 
   // x [..., in] in the compute dtype -> [..., out] in the same dtype. Dropout on the adapter
   // input only when `training` (mask from `dropout_gen`, which may be null for p = 0; with
@@ -66,7 +70,7 @@ class QLoraLinear {
   at::Tensor forward(const at::Tensor& x, bool training = false,
                      std::optional<at::Generator> dropout_gen = std::nullopt) const;
 
-  // W (dequantized) + s * B A, in `dtype`: the merged weight for export.
+  // lora_merge(dequantize(W), A, B, s) in `dtype` (W itself without an adapter).
   at::Tensor merged_weight(at::ScalarType dtype) const;
 
  private:
@@ -79,7 +83,5 @@ class QLoraLinear {
   at::Tensor lora_A_;
   at::Tensor lora_B_;
 };
-
-// The linear module names of a decoder block, as peft's target_modules spells them.
 
 }  // namespace qlora::lora

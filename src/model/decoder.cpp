@@ -18,9 +18,8 @@
 #include <utility>
 
 #include "io/hf_config.h"
-#include "io/safetensors.h"
-#include "quant/bnb_checkpoint.h"
-#include "quant/tensor_io.h"
+#include "lora/adapter_slots.h"
+#include "model/model_reader.h"
 
 namespace qlora::model {
 namespace {
@@ -31,6 +30,13 @@ std::string linear_names_list() {
   std::string s;
   for (const std::string& n : lora::block_linear_names()) s += (s.empty() ? "" : ", ") + n;
   return s;
+}
+
+// A zero A [r, in] and B [out, r] for linear `l`, fp32 on its device.
+lora::AdapterSlot adapter_slot_zeros(const lora::QLoraLinear& l, int64_t rank) {
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(l.base().packed.device());
+  return {l.name(), at::zeros({rank, l.in_features()}, options),
+          at::zeros({l.out_features(), rank}, options)};
 }
 
 // transformers' LlamaRMSNorm. With upcast_layernorm the weight is fp32 and the product stays in
@@ -121,9 +127,10 @@ lora::QLoraLinear& DecoderBlock::linear(const std::string& short_name) {
 // Loading
 
 DecoderModel DecoderModel::load(const std::string& dir, const LoadOptions& options) {
-  const io::HfConfig hf = io::read_hf_config((std::filesystem::path(dir) / "config.json").string());
+  ModelReader reader(dir);
+  const io::HfConfig& hf = reader.hf_config();
   DecoderModel m;
-  m.config_ = model_config_from_json(hf.raw, hf.path);
+  m.config_ = reader.config();
   const ModelConfig& c = m.config_;
   const at::ScalarType compute = options.compute_dtype;
   if (compute != at::kFloat && compute != at::kBFloat16 && compute != at::kHalf)
@@ -132,67 +139,18 @@ DecoderModel DecoderModel::load(const std::string& dir, const LoadOptions& optio
   if (c.head_dim % 2 != 0)
     throw std::invalid_argument(hf.path + ": head_dim " + std::to_string(c.head_dim) +
                                 " is odd; rotary embeddings need an even head_dim");
-  bool prequantized = false;
-  if (hf.quantization.method == io::QuantMethod::bnb_4bit) {
-    prequantized = true;
-  } else if (hf.quantization.method != io::QuantMethod::none) {
+  if (!reader.prequantized() && hf.quantization.method != io::QuantMethod::none)
     throw std::invalid_argument(
         hf.path + ": quantization method '" + io::quant_method_name(hf.quantization.method) +
         "' (quant_method '" + hf.quantization.quant_method +
         "') cannot be loaded; supported: an unquantized (fp32/bf16/fp16) model or a bitsandbytes "
         "4-bit one");
-  }
   m.compute_dtype_ = compute;
   m.upcast_layernorm_ = options.upcast_layernorm;
 
-  const io::ModelWeights weights = io::ModelWeights::open_dir(dir);
-  const auto contains = [&](const std::string& name) { return weights.contains(name); };
-  // A block linear of a bitsandbytes checkpoint: the key of its quant_state ("" when the
-  // checkpoint keeps this one unquantized, as llm_int8_skip_modules does).
-  const auto state_key = [&](const std::string& name) {
-    return prequantized && is_block_linear_weight(name) ? quant::bnb_quant_state_key(name, contains)
-                                                        : std::string();
-  };
-
-  // Every tensor and its shape first, before any heavy work.
-  for (const auto& [name, shape] : expected_weight_shapes(c)) {
-    std::vector<int64_t> have;
-    const std::string key = state_key(name);
-    if (!key.empty()) {
-      const at::Tensor bytes = quant::tensor_from_weights(weights, key).contiguous();
-      if (bytes.scalar_type() != at::kByte)
-        throw std::invalid_argument(dir + ": tensor '" + key + "' must be uint8 JSON bytes");
-      const std::string json(reinterpret_cast<const char*>(bytes.data_ptr()),
-                             static_cast<size_t>(bytes.numel()));
-      have = quant::quant_state_from_json(json, dir + ": " + key).shape;
-    } else {
-      if (!weights.contains(name))
-        throw std::invalid_argument(
-            dir + ": tensor '" + name + "' is missing (config.json implies " + shape_str(shape) +
-            "; the config has " + std::to_string(c.num_hidden_layers) + " layers)");
-      const io::TensorInfo& info = weights.info(name);
-      const bool linear = is_block_linear_weight(name);
-      const io::DType dt = info.dtype;
-      const bool ok = dt == io::DType::F32 || dt == io::DType::BF16 || dt == io::DType::F16 ||
-                      (!linear && dt == io::DType::F64);
-      if (!ok)
-        throw std::invalid_argument(dir + ": tensor '" + name + "' has dtype " +
-                                    io::dtype_name(dt) +
-                                    (linear ? " (expected F32, BF16 or F16 to quantize)"
-                                            : " (expected F32, BF16, F16 or F64)"));
-      have = info.shape;
-    }
-    if (have != shape)
-      throw std::invalid_argument(dir + ": tensor '" + name + "' has shape " + shape_str(have) +
-                                  ", config.json implies " + shape_str(shape));
-  }
-
+  reader.weights_open();  // every tensor and its shape first, before any heavy work
   const auto load_float = [&](const std::string& name, at::ScalarType dtype) {
-    return quant::tensor_from_weights(weights, name).to(dtype).contiguous();
-  };
-  const auto lookup = [&](const std::string& name) -> std::optional<at::Tensor> {
-    if (!weights.contains(name)) return std::nullopt;
-    return quant::tensor_from_weights(weights, name);
+    return reader.tensor(name).to(dtype).contiguous();
   };
   const at::ScalarType norm_dtype = options.upcast_layernorm ? at::kFloat : compute;
 
@@ -207,17 +165,8 @@ DecoderModel DecoderModel::load(const std::string& dir, const LoadOptions& optio
     b.post_attention_layernorm = load_float(p + "post_attention_layernorm.weight", norm_dtype);
     for (const std::string& short_name : lora::block_linear_names()) {
       const std::string name = block_linear_module(i, short_name);  // model.layers.i.self_attn.q_proj
-      const std::string weight_name = name + ".weight";
-      quant::Quantized q;
-      if (!state_key(weight_name).empty()) {
-        try {
-          q = quant::bnb_read_quantized(weight_name, lookup);
-        } catch (const std::invalid_argument& e) {
-          throw std::invalid_argument(dir + ": " + e.what());
-        }
-      } else {
-        q = quant::quantize_4bit(quant::tensor_from_weights(weights, weight_name), options.quant);
-      }
+      // A pre-quantized checkpoint's 4-bit linears as they are; any other quantized on load.
+      quant::Quantized q = reader.linear(name + ".weight", options.quant);
       at::Tensor bias;
       if (c.linear_has_bias(short_name)) bias = load_float(name + ".bias", compute);
       b.linears.emplace_back(name, std::move(q), std::move(bias));
@@ -354,19 +303,27 @@ void DecoderModel::adapters_init(const lora::LoraConfig& config,
     if (std::find(names.begin(), names.end(), t) == names.end())
       throw std::invalid_argument("LoRA target '" + t + "' is not a linear of the model (valid: " +
                                   linear_names_list() + ")");
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  std::vector<lora::AdapterSlot> slots;  // block order, then linear order: peft's
   for (DecoderBlock& b : blocks_)
-    for (const std::string& name : names)  // block order, then linear order
-      if (std::find(targets.begin(), targets.end(), name) != targets.end())
-        b.linear(name).adapter_init(config, gen);
+    for (const std::string& name : names)
+      if (std::find(targets.begin(), targets.end(), name) != targets.end()) {
+        lora::QLoraLinear& l = b.linear(name);
+        config.validate(l.name());  // before its rank sizes the tensors below
+        const lora::AdapterSlot zeros = adapter_slot_zeros(l, config.rank);
+        l.adapter_set(config, zeros.lora_A, zeros.lora_B);  // kept as given: fp32 on its device
+        slots.push_back({l.name(), l.lora_A(), l.lora_B()});
+      }
+  lora::adapter_init(slots, at::make_generator<at::CPUGeneratorImpl>(seed));
 }
 
 void DecoderModel::adapters_load(const lora::PeftAdapter& adapter) {
   std::map<std::string, lora::QLoraLinear*> by_name;
   for (DecoderBlock& b : blocks_)
     for (lora::QLoraLinear& l : b.linears) by_name[l.name()] = &l;
-  // Everything is checked before any layer changes.
+  // Any linear of the model may take an adapter layer; everything is checked before any changes.
   const int64_t r = adapter.config.rank;
+  adapter.config.validate("adapter");
+  std::vector<lora::AdapterSlot> slots;
   for (const auto& [name, ab] : adapter.weights) {
     const auto it = by_name.find(name);
     if (it == by_name.end())
@@ -374,45 +331,28 @@ void DecoderModel::adapters_load(const lora::PeftAdapter& adapter) {
                                   std::to_string(num_blocks()) + " layers model.layers.{0.." +
                                   std::to_string(num_blocks() - 1) + "}.self_attn/mlp.{" +
                                   linear_names_list() + "})");
-    const lora::QLoraLinear& l = *it->second;
-    const std::vector<int64_t> want_a = {r, l.in_features()}, want_b = {l.out_features(), r};
-    const auto sizes = [](const at::Tensor& t) {
-      return t.defined() ? t.sizes().vec() : std::vector<int64_t>{};
-    };
-    if (sizes(ab.first) != want_a || sizes(ab.second) != want_b)
-      throw std::invalid_argument(
-          "adapter layer '" + name + "': lora_A " + shape_str(sizes(ab.first)) + " and lora_B " +
-          shape_str(sizes(ab.second)) + " do not fit; rank " + std::to_string(r) +
-          " on this layer needs lora_A " + shape_str(want_a) + " and lora_B " + shape_str(want_b));
+    slots.push_back(adapter_slot_zeros(*it->second, r));
   }
-  for (const auto& [name, ab] : adapter.weights)
-    by_name.at(name)->adapter_set(adapter.config, ab.first, ab.second);
+  lora::adapter_load(slots, adapter, "");
+  for (const lora::AdapterSlot& s : slots)
+    by_name.at(s.module)->adapter_set(adapter.config, s.lora_A, s.lora_B);
 }
 
 lora::PeftAdapter DecoderModel::adapters_export(const std::string& base_model_name_or_path) const {
   lora::PeftAdapter out;
   out.base_model_name_or_path = base_model_name_or_path;
-  const auto& names = lora::block_linear_names();
-  std::vector<bool> targeted(names.size(), false);
-  bool first = true;
-  for (const DecoderBlock& b : blocks_) {
-    for (size_t j = 0; j < b.linears.size(); ++j) {
-      const lora::QLoraLinear& l = b.linears[j];
-      if (!l.has_adapter()) continue;
-      if (first) out.config = l.adapter_config();
-      first = false;
-      targeted[j] = true;
-      auto& mutable_l = const_cast<lora::QLoraLinear&>(l);  // lora_A() has no const overload
-      out.weights[l.name()] = {mutable_l.lora_A().detach().clone(),
-                               mutable_l.lora_B().detach().clone()};
-    }
-  }
-  if (first)
+  std::vector<lora::AdapterSlot> slots;
+  for (const DecoderBlock& b : blocks_)
+    for (const lora::QLoraLinear& l : b.linears)
+      if (l.has_adapter()) {
+        if (slots.empty()) out.config = l.adapter_config();
+        slots.push_back({l.name(), l.lora_A(), l.lora_B()});
+      }
+  if (slots.empty())
     throw std::logic_error(
         "adapters_export: the model has no LoRA adapters "
         "(adapters_init or adapters_load first)");
-  for (size_t j = 0; j < names.size(); ++j)
-    if (targeted[j]) out.target_modules.push_back(names[j]);
+  lora::adapter_export(slots, out);
   return out;
 }
 

@@ -55,8 +55,10 @@ struct LossResult {
 
 class DecoderModel {
  public:
-  // Reads config.json and the weights; throws std::invalid_argument naming the tensor and both
-  // shapes on a missing tensor, a wrong shape or a dtype that cannot be used.
+  // Reads config.json and the weights through ModelReader (model_reader.h); throws
+  // std::invalid_argument naming the tensor and both shapes on a missing tensor, a wrong shape or
+  // a dtype that cannot be used. Takes an unquantized or a bitsandbytes 4-bit checkpoint (block
+  // linears it keeps unquantized are quantized with options.quant).
   static DecoderModel load(const std::string& dir, const LoadOptions& options);
   // The configuration and no weights: for a trainer that binds each part's weights only while
   // it runs (the sharded trainer of src/train binds views into gathered units). Bind with
@@ -89,12 +91,13 @@ class DecoderModel {
   LossResult loss(const at::Tensor& normed, const at::Tensor& labels, int64_t chunk_tokens = 1024,
                   double normalizer = 0.0) const;
 
-  // LoRA on the named linears of every block (peft's init; `seed` drives A's init).
+  // The adapter lifecycle of lora/adapter_slots.h on this model's linears.
+  // LoRA on the named linears of every block (peft's init from a CPU generator seeded `seed`).
   void adapters_init(const lora::LoraConfig& config, const std::vector<std::string>& targets,
                      uint64_t seed);
   // From / to peft's files. Loading checks that every adapter layer exists and fits (throws
-  // std::invalid_argument naming the layer, before changing any layer). Exporting a model
-  // without adapters is std::logic_error.
+  // std::invalid_argument naming the layer, before changing any layer); linears the adapter does
+  // not name keep what they have. Exporting a model without adapters is std::logic_error.
   void adapters_load(const lora::PeftAdapter& adapter);
   lora::PeftAdapter adapters_export(const std::string& base_model_name_or_path) const;
   std::vector<at::Tensor> adapter_parameters();  // A, B of every adapted linear, block order

@@ -9,13 +9,12 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <optional>
 #include <sstream>
 #include <stdexcept>
 
 #include "io/h5_file.h"
 #include "io/hf_config.h"
-#include "quant/bnb_checkpoint.h"
+#include "model/model_reader.h"
 #include "quant/tensor_io.h"
 
 namespace fs = std::filesystem;
@@ -78,34 +77,28 @@ at::Tensor as_bytes(const at::Tensor& t) {
 
 class HfUnitSource final : public UnitSource {
  public:
-  HfUnitSource(const std::string& dir, const quant::QuantizeOptions& quant)
-      : weights_(io::ModelWeights::open_dir(dir)) {
+  HfUnitSource(const std::string& dir, const quant::QuantizeOptions& quant) : reader_(dir) {
     path_ = dir;
-    const io::HfConfig hf = io::read_hf_config((fs::path(dir) / "config.json").string());
+    const io::HfConfig& hf = reader_.hf_config();
     check_sharded_method(hf);
     config_json_ = hf.raw.dump();
-    spec_.config = model::model_config_from_json(hf.raw, hf.path);
+    spec_.config = reader_.config();
     spec_.plain_dtype = plain_dtype_from(spec_.config);
     spec_.quant = quant;
-    prequantized_ = hf.quantization.method == io::QuantMethod::bnb_4bit;
-    if (prequantized_) {
+    reader_.weights_open();  // every tensor and its shape against the config, before heavy work
+    if (reader_.prequantized()) {
+      for (const auto& [name, shape] : model::expected_weight_shapes(spec_.config))
+        if (model::is_block_linear_weight(name) && !reader_.linear_is_quantized(name))
+          throw std::invalid_argument(path_ + ": '" + name +
+                                      "' is not 4-bit quantized in this bitsandbytes checkpoint; "
+                                      "sharding needs every block linear quantized");
       // The checkpoint decides: read the first linear's state and require every other to match.
       const std::string first = model::block_linear_module(0, "q_proj") + ".weight";
-      const quant::Quantized q = read_bnb(first);
+      const quant::Quantized q = reader_.linear(first, spec_.quant);
+      tables_check(first, q);
       spec_.quant.quant_type = q.state.quant_type;
       spec_.quant.blocksize = q.state.blocksize;
       spec_.quant.double_quant = q.state.is_nested();
-    }
-    // Shapes against the config first, before any heavy work.
-    for (const auto& [name, shape] : model::expected_weight_shapes(spec_.config)) {
-      if (prequantized_ && model::is_block_linear_weight(name)) continue;  // checked when read
-      if (!weights_.contains(name))
-        throw std::invalid_argument(dir + ": tensor '" + name + "' is missing (config.json implies " +
-                                    model::shape_str(shape) + ")");
-      if (weights_.info(name).shape != shape)
-        throw std::invalid_argument(dir + ": tensor '" + name + "' has shape " +
-                                    model::shape_str(weights_.info(name).shape) +
-                                    ", config.json implies " + model::shape_str(shape));
     }
   }
 
@@ -120,60 +113,34 @@ class HfUnitSource final : public UnitSource {
       std::memcpy(out + (lo - begin), bytes.data_ptr<uint8_t>() + (lo - s.offset), hi - lo);
     }
   }
-  size_t bytes_read() const override { return bytes_read_; }
+  size_t bytes_read() const override { return reader_.bytes_read(); }
 
  private:
-  quant::Quantized read_bnb(const std::string& weight_name) {
-    const auto lookup = [&](const std::string& n) -> std::optional<at::Tensor> {
-      if (!weights_.contains(n)) return std::nullopt;
-      bytes_read_ += weights_.info(n).nbytes;
-      return quant::tensor_from_weights(weights_, n);
-    };
-    if (quant::bnb_quant_state_key(weight_name,
-                                   [&](const std::string& n) { return weights_.contains(n); })
-            .empty())
-      throw std::invalid_argument(path_ + ": '" + weight_name +
-                                  "' is not 4-bit quantized in this bitsandbytes checkpoint; "
-                                  "sharding needs every block linear quantized");
-    quant::Quantized q;
-    try {
-      q = quant::bnb_read_quantized(weight_name, lookup);
-    } catch (const std::invalid_argument& e) {
-      throw std::invalid_argument(path_ + ": " + e.what());
-    }
+  // Units hold no code tables: sharding takes bitsandbytes' own only.
+  void tables_check(const std::string& weight_name, const quant::Quantized& q) const {
     if (!at::equal(q.state.code, quant::code_table(q.state.quant_type)) ||
         (q.state.is_nested() && !at::equal(q.state.nested->code, quant::nested_code_table())))
       throw std::invalid_argument(path_ + ": '" + weight_name +
                                   "' has a quant_map or nested_quant_map other than bitsandbytes' "
                                   "own tables; only those can be sharded");
-    return q;
   }
 
-  // The quantized weight of `name`, quantized (or read) once for its consecutive segments.
-  const quant::Quantized& quantized(const std::string& name, const std::vector<int64_t>& shape) {
+  // The quantized weight of `name`, quantized (or read) once for its consecutive segments. Its
+  // shape was checked against the config when the reader opened the weights.
+  const quant::Quantized& quantized(const std::string& name) {
     if (cached_name_ == name) return cached_;
-    if (prequantized_) {
-      cached_ = read_bnb(name);
+    cached_ = reader_.linear(name, spec_.quant);
+    if (reader_.prequantized()) {
+      tables_check(name, cached_);
       const quant::QuantState& st = cached_.state;
-      if (st.shape != shape || st.quant_type != spec_.quant.quant_type ||
-          st.blocksize != spec_.quant.blocksize || st.is_nested() != spec_.quant.double_quant)
+      if (st.quant_type != spec_.quant.quant_type || st.blocksize != spec_.quant.blocksize ||
+          st.is_nested() != spec_.quant.double_quant)
         throw std::invalid_argument(
             path_ + ": '" + name + "' is quantized as " + quant::quant_type_name(st.quant_type) +
             " blocksize " + std::to_string(st.blocksize) + (st.is_nested() ? " nested" : "") +
-            " with shape " + model::shape_str(st.shape) + "; the model's first linear says " +
-            quant::quant_type_name(spec_.quant.quant_type) + " blocksize " +
-            std::to_string(spec_.quant.blocksize) + (spec_.quant.double_quant ? " nested" : "") +
-            " and config.json implies shape " + model::shape_str(shape));
-    } else {
-      const io::TensorInfo& info = weights_.info(name);
-      bytes_read_ += info.nbytes;
-      const at::Tensor t = quant::tensor_from_weights(weights_, name);
-      const at::ScalarType st = t.scalar_type();
-      if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf)
-        throw std::invalid_argument(path_ + ": tensor '" + name + "' has dtype " +
-                                    io::dtype_name(info.dtype) +
-                                    " (expected F32, BF16 or F16 to quantize)");
-      cached_ = quant::quantize_4bit(t, spec_.quant);
+            "; the model's first linear says " + quant::quant_type_name(spec_.quant.quant_type) +
+            " blocksize " + std::to_string(spec_.quant.blocksize) +
+            (spec_.quant.double_quant ? " nested" : "") + " (sharding needs one setting for all)");
     }
     cached_name_ = name;
     return cached_;
@@ -184,32 +151,22 @@ class HfUnitSource final : public UnitSource {
     const std::string base = s.kind == SegmentKind::packed ? s.name
                                                            : s.name.substr(0, s.name.rfind('.'));
     switch (s.kind) {
-      case SegmentKind::packed: return quant::packed_bytes(quantized(base, s.shape).packed);
-      case SegmentKind::absmax: return as_bytes(quantized(base, {}).state.absmax);
-      case SegmentKind::nested_absmax:
-        return as_bytes(quantized(base, {}).state.nested->absmax);
+      case SegmentKind::packed: return quant::packed_bytes(quantized(base).packed);
+      case SegmentKind::absmax: return as_bytes(quantized(base).state.absmax);
+      case SegmentKind::nested_absmax: return as_bytes(quantized(base).state.nested->absmax);
       case SegmentKind::nested_offset: {
-        const float offset = quantized(base, {}).state.nested->offset;
+        const float offset = quantized(base).state.nested->offset;
         return as_bytes(at::full({1}, offset, at::TensorOptions().dtype(at::kFloat)));
       }
-      case SegmentKind::tensor: {
-        // The head's lm_head of a tied model is the embedding.
-        const std::string name = s.name == "lm_head.weight" && spec_.config.tie_word_embeddings
-                                     ? "model.embed_tokens.weight"
-                                     : s.name;
-        bytes_read_ += weights_.info(name).nbytes;
-        return as_bytes(quant::tensor_from_weights(weights_, name)
-                            .to(quant::scalar_type_from(s.dtype)));
-      }
+      case SegmentKind::tensor:  // the head's lm_head of a tied model is the embedding
+        return as_bytes(reader_.tensor(s.name).to(quant::scalar_type_from(s.dtype)));
     }
     throw std::invalid_argument("unknown segment kind of '" + s.name + "'");
   }
 
-  io::ModelWeights weights_;
-  bool prequantized_ = false;
+  model::ModelReader reader_;
   std::string cached_name_;
   quant::Quantized cached_;
-  size_t bytes_read_ = 0;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -410,6 +367,19 @@ at::Tensor lora_view(const dist::UnitLayout& unit, const at::Tensor& buffer,
   // fp32 elements: narrow + view keep autograd (a dtype view would not).
   return buffer.narrow(0, static_cast<int64_t>(s.offset / 4), static_cast<int64_t>(s.nbytes / 4))
       .view(s.shape);
+}
+
+std::vector<lora::AdapterSlot> lora_slots(const dist::UnitLayout& unit, const at::Tensor& buffer) {
+  static const std::string kA = ".lora_A.weight";  // lora_units: A then B of each linear
+  std::vector<lora::AdapterSlot> slots;
+  for (const dist::Segment& s : unit.segments) {
+    if (s.name.size() <= kA.size() || s.name.compare(s.name.size() - kA.size(), kA.size(), kA) != 0)
+      continue;
+    const std::string module = s.name.substr(0, s.name.size() - kA.size());
+    slots.push_back({module, lora_view(unit, buffer, s.name),
+                     lora_view(unit, buffer, module + ".lora_B.weight")});
+  }
+  return slots;
 }
 
 std::vector<float> block_nested_offsets(const UnitsSpec& spec, const dist::UnitLayout& block,

@@ -20,6 +20,7 @@
 #include "dist/sharded_unit.h"
 #include "dist/unit_layout.h"
 #include "io/safetensors.h"
+#include "lora/adapter_slots.h"
 #include "lora/lora_linear.h"
 #include "model/decoder.h"
 #include "model/model_config.h"
@@ -37,9 +38,11 @@ std::vector<dist::UnitLayout> base_units(const UnitsSpec& spec);
 std::vector<dist::UnitLayout> lora_units(const model::ModelConfig& config, int64_t rank,
                                          const std::vector<std::string>& targets);
 
-// A model to shard, read unit by unit. Opened from a Hugging Face directory (unquantized: block
-// linears are quantized with `quant` as they are read; bitsandbytes 4-bit: read as stored) or
-// from an HDF5 unit file written by `qlora_dist quantize --format h5`.
+// A model to shard, read unit by unit. Opened from a Hugging Face directory through
+// model::ModelReader (unquantized: block linears are quantized with `quant` as they are read;
+// bitsandbytes 4-bit: read as stored, and only if every block linear is 4-bit with bitsandbytes'
+// own code tables and one setting for all) or from an HDF5 unit file written by
+// `qlora_dist quantize --format h5`.
 class UnitSource {
  public:
   virtual ~UnitSource() = default;
@@ -84,5 +87,8 @@ void unbind_block(model::DecoderModel& m, int64_t i);
 // The fp32 view of LoRA segment `name` ("<module>.lora_A.weight" / "lora_B") in a LoRA buffer.
 at::Tensor lora_view(const dist::UnitLayout& unit, const at::Tensor& buffer,
                      const std::string& name);
+// The adapter slots of a LoRA unit (lora_view of each linear's A and B in `buffer`), in the
+// unit's order: block_linear_names(), as lora::adapter_init needs them.
+std::vector<lora::AdapterSlot> lora_slots(const dist::UnitLayout& unit, const at::Tensor& buffer);
 
 }  // namespace qlora::train

@@ -10,7 +10,7 @@
 #include <stdexcept>
 #include <tuple>
 
-#include "quant/tensor_io.h"
+#include "lora/adapter_slots.h"
 
 namespace qlora::train {
 
@@ -37,20 +37,6 @@ int64_t targets_of(const at::Tensor& labels) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 1; c < cols; ++c) n += p[r * cols + c] != -100;
   return n;
-}
-
-// "<module>.lora_A.weight" -> {"<module>", true}; "<module>.lora_B.weight" -> {"<module>", false}.
-struct LoraSegmentName {
-  std::string module;
-  bool is_a = false;
-};
-LoraSegmentName lora_segment_name(const std::string& name) {
-  for (const auto& [suffix, is_a] : {std::pair<std::string, bool>{".lora_A.weight", true},
-                                     std::pair<std::string, bool>{".lora_B.weight", false}})
-    if (name.size() > suffix.size() &&
-        name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
-      return {name.substr(0, name.size() - suffix.size()), is_a};
-  throw std::logic_error("'" + name + "' is not a LoRA segment");
 }
 
 // Keeps this rank's part of a whole LoRA unit [padded_numel] fp32 as its shard.
@@ -109,17 +95,13 @@ Trainer::Trainer(dist::DeviceContext& device, std::unique_ptr<UnitSource> source
 }
 
 void Trainer::lora_init() {
-  // peft's init in DecoderModel::adapters_init's order (block, then linear): A drawn from one
-  // generator, B zeros. Every rank draws everything and keeps its own part.
+  // peft's init (lora::adapter_init) block by block from one generator: the numbers
+  // DecoderModel::adapters_init draws for the same seed. Every rank draws everything and keeps
+  // its own part.
   at::Generator gen = device_.generator(options_.seed);
   for (auto& unit : lora_) {
-    const dist::UnitLayout& layout = unit->layout();
     at::Tensor full = device_.zeros({unit->padded_numel()}, at::kFloat);
-    for (const dist::Segment& s : layout.segments) {
-      if (!lora_segment_name(s.name).is_a) continue;  // B stays zero
-      const double bound = 1.0 / std::sqrt(static_cast<double>(s.shape[1]));
-      lora_view(layout, full, s.name).uniform_(-bound, bound, gen);
-    }
+    lora::adapter_init(lora_slots(unit->layout(), full), gen);
     shard_from_full(*unit, full);
   }
 }
@@ -366,38 +348,17 @@ Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
 }
 
 void Trainer::adapter_load(const lora::PeftAdapter& adapter) {
-  // Everything is checked before any shard changes.
-  size_t matched = 0;
+  // Every unit whole, staged on the host, so that everything is checked before any shard changes.
+  std::vector<at::Tensor> fulls;
+  std::vector<lora::AdapterSlot> slots;
   for (auto& unit : lora_) {
-    for (const dist::Segment& s : unit->layout().segments) {
-      const LoraSegmentName seg = lora_segment_name(s.name);
-      const auto it = adapter.weights.find(seg.module);
-      if (it == adapter.weights.end())
-        throw std::invalid_argument("adapter: layer '" + seg.module + "' (lora_target " +
-                                    "includes it) is missing from the adapter");
-      const at::Tensor& t = seg.is_a ? it->second.first : it->second.second;
-      if (!t.defined() || t.sizes().vec() != s.shape)
-        throw std::invalid_argument("adapter: '" + s.name + "' has shape " +
-                                    quant::shape_str(t.defined() ? t.sizes().vec()
-                                                                 : std::vector<int64_t>{}) +
-                                    ", expected " + quant::shape_str(s.shape) + " (rank " +
-                                    std::to_string(options_.lora.rank) + ")");
-      ++matched;
-    }
+    fulls.push_back(
+        at::zeros({unit->padded_numel()}, dist::DeviceContext::host_options(at::kFloat)));
+    for (lora::AdapterSlot& s : lora_slots(unit->layout(), fulls.back()))
+      slots.push_back(std::move(s));
   }
-  if (matched != 2 * adapter.weights.size())
-    throw std::invalid_argument("adapter: it has " + std::to_string(adapter.weights.size()) +
-                                " layers, lora_target selects " + std::to_string(matched / 2) +
-                                "; set finetuning.lora_target to the adapter's target_modules");
-  for (auto& unit : lora_) {
-    at::Tensor full = device_.zeros({unit->padded_numel()}, at::kFloat);
-    for (const dist::Segment& s : unit->layout().segments) {
-      const LoraSegmentName seg = lora_segment_name(s.name);
-      const auto& ab = adapter.weights.at(seg.module);
-      lora_view(unit->layout(), full, s.name).copy_(seg.is_a ? ab.first : ab.second);
-    }
-    shard_from_full(*unit, full);
-  }
+  lora::adapter_load(slots, adapter, "set finetuning.lora_target to the adapter's target_modules");
+  for (size_t u = 0; u < lora_.size(); ++u) shard_from_full(*lora_[u], fulls[u]);
 }
 
 std::vector<Trainer::OptimizerShard> Trainer::optimizer_shards() {
@@ -433,18 +394,10 @@ lora::PeftAdapter Trainer::adapter_gather() {
   lora::PeftAdapter out;
   out.config = options_.lora;
   out.base_model_name_or_path = model_path_;
-  for (const std::string& name : lora::block_linear_names())
-    for (const std::string& t : options_.targets)
-      if (t == name) out.target_modules.push_back(name);
   for (auto& unit : lora_) {
     dist::ShardedUnit::Gathered gathered = unit->gather_start();
     gathered.work.wait();
-    const at::Tensor buffer = gathered.buffer;
-    for (const dist::Segment& s : unit->layout().segments) {
-      const LoraSegmentName seg = lora_segment_name(s.name);
-      auto& ab = out.weights[seg.module];
-      (seg.is_a ? ab.first : ab.second) = lora_view(unit->layout(), buffer, s.name).clone();
-    }
+    lora::adapter_export(lora_slots(unit->layout(), gathered.buffer), out);
     unit->release(gathered);
   }
   return out;

@@ -46,6 +46,9 @@ def models(tmp_path_factory):
                    capture_output=True)
     subprocess.run([QLORA, "quantize", "--model", d / "tiny", "--out", d / "tiny.h5", "--format",
                     "h5"], check=True, capture_output=True)
+    # The same settings (nf4, blocksize 64, double quantization) as a bitsandbytes checkpoint.
+    subprocess.run([QLORA, "quantize", "--model", d / "tiny", "--out", d / "tinybnb"], check=True,
+                   capture_output=True)
     return d
 
 
@@ -118,10 +121,13 @@ def test_world_sizes_train_alike(models, reference, tmp_path, np_, sharding, pre
               f"wait share {sum(r['comm_wait_seconds']) / sum(r['seconds']):.3f}")
 
 
-def test_hf_directory_source_equals_h5(models, tmp_path):
-    """Each rank quantizing its part from the safetensors gives the bytes the h5 file holds."""
+@pytest.mark.parametrize("source", ["tiny", "tinybnb"])
+def test_hf_directory_source_equals_h5(models, tmp_path, source):
+    """Each rank quantizing its part from the safetensors (tiny), or reading it from a
+    bitsandbytes 4-bit checkpoint of the same settings (tinybnb), gives the bytes the h5 file
+    holds: the same losses and adapter, bit for bit."""
     a, b = tmp_path / "h5", tmp_path / "hf"
-    for out, model in ((a, models / "tiny.h5"), (b, models / "tiny")):
+    for out, model in ((a, models / "tiny.h5"), (b, models / source)):
         res = probe(2, out, "--model", model, "--steps", 3)
         assert res.returncode == 0, res.stderr
     (ra, _), ad_a = results(a, 2)

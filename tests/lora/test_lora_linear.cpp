@@ -1,7 +1,8 @@
 // lora_linear unit tests. The reference is plain libtorch on the dequantized weight W:
 //   base:  y = x @ W^T (+ b), dL/dx = g @ W, no gradient for W
 //   QLoRA: y = x @ W^T + b + s (x @ A^T) @ B^T,  dL/dB = s g^T (x A^T),  dL/dA = s (g B)^T x
-// plus what the graph keeps (never a dequantized W), dropout, init, shapes and target names.
+// plus what the graph keeps (never a dequantized W), dropout, shapes, the merge and target names.
+// peft's init is tested with the adapter lifecycle (test_adapter_slots.cpp).
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -417,45 +418,6 @@ TEST(QLoraLinear, RsLoraScaleInForward) {
   EXPECT_CLOSE(lora, 2.0 * x.matmul(a.t()).matmul(b.t()), 1e-4, 1e-5);  // the difference cancels
 }
 
-TEST(QLoraLinear, AdapterInitAsPeft) {
-  const int64_t in = 1000, out = 37, r = 16;
-  const TestWeight tw = weight_make({out, in, quant::QuantType::nf4, false, at::kByte});
-  QLoraLinear layer("model.layers.3.mlp.gate_proj", tw.q, at::Tensor());
-  layer.adapter_init({r, 32.0, 0.05, false}, gen_seeded(5));
-  ASSERT_TRUE(layer.has_adapter());
-  const at::Tensor& a = layer.lora_A();
-  const at::Tensor& b = layer.lora_B();
-  EXPECT_EQ(a.sizes(), (std::vector<int64_t>{r, in}));
-  EXPECT_EQ(b.sizes(), (std::vector<int64_t>{out, r}));
-  EXPECT_EQ(a.scalar_type(), at::kFloat);
-  EXPECT_EQ(b.scalar_type(), at::kFloat);
-  EXPECT_TRUE(a.requires_grad() && a.is_leaf());
-  EXPECT_TRUE(b.requires_grad() && b.is_leaf());
-  EXPECT_EQ(layer.adapter_config().rank, r);
-  EXPECT_TRUE(at::equal(b, at::zeros_like(b)));
-
-  // kaiming_uniform(a = sqrt 5): U(-1/sqrt(in), 1/sqrt(in)); 16000 draws: the extremes come
-  // within 0.1% of the bound, the mean within 4 sigma of 0 (sigma = bound / sqrt(3 * 16000)) and
-  // the variance within 3% of bound^2 / 3.
-  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-  const at::Tensor ad = a.detach().to(at::kDouble);
-  EXPECT_LE(ad.abs().max().item<double>(), bound);
-  EXPECT_GE(ad.max().item<double>(), 0.999 * bound);
-  EXPECT_LE(ad.min().item<double>(), -0.999 * bound);
-  EXPECT_NEAR(ad.mean().item<double>(), 0.0, 4 * bound / std::sqrt(3.0 * r * in));
-  EXPECT_NEAR(ad.var().item<double>(), bound * bound / 3, 0.03 * bound * bound / 3);
-
-  QLoraLinear same("x", tw.q, at::Tensor()), other("x", tw.q, at::Tensor());
-  same.adapter_init({r, 32.0}, gen_seeded(5));
-  other.adapter_init({r, 32.0}, gen_seeded(6));
-  EXPECT_TRUE(at::equal(same.lora_A(), a)) << "same seed, same A";
-  EXPECT_FALSE(at::equal(other.lora_A(), a)) << "another seed, another A";
-
-  // B = 0: the adapted layer starts as the base layer.
-  const at::Tensor x = randn({3, in}, 35);
-  EXPECT_TRUE(at::equal(layer.forward(x), at::linear(x, tw.w)));
-}
-
 TEST(QLoraLinear, ConstructorAndAdapterShapeErrors) {
   const TestWeight tw = weight_make({37, 83, quant::QuantType::nf4, false, at::kByte});
   const std::string name = "model.layers.2.self_attn.k_proj";
@@ -484,7 +446,9 @@ TEST(QLoraLinear, ConstructorAndAdapterShapeErrors) {
         layer.adapter_set({8, 8.0}, randn({4, 83}, 1), randn({37, 4}, 2));
       });
   EXPECT_TRUE(contains(msg, name) && contains(msg, "rank 8")) << msg;
-  msg = invalid_argument_message([&] { layer.adapter_init({4, 8.0, 1.5}, gen_seeded(1)); });
+  msg = invalid_argument_message([&] {
+    layer.adapter_set({4, 8.0, 1.5}, randn({4, 83}, 1), randn({37, 4}, 2));
+  });
   EXPECT_TRUE(contains(msg, name) && contains(msg, "lora_dropout")) << msg;
   EXPECT_FALSE(layer.has_adapter()) << "a failed set leaves the layer as it was";
 
@@ -523,6 +487,7 @@ TEST(QLoraLinear, MergedWeight) {
     EXPECT_FALSE(merged.requires_grad());
     EXPECT_CLOSE(merged, want, kRtolF32, kAtolF32);
     EXPECT_TRUE(at::equal(layer.merged_weight(at::kBFloat16), merged.to(at::kBFloat16)));
+    EXPECT_TRUE(at::equal(lora_merge(tw.w, a, b, 3.0), merged)) << "the one merge (export's)";
     // The merged linear computes what the adapted one does (same products, regrouped).
     const at::Tensor x = randn({4, c.in}, 38);
     EXPECT_CLOSE(at::linear(x, merged, layer.bias()), layer.forward(x), 1e-4, 1e-5);

@@ -1,0 +1,101 @@
+// Reading a Hugging Face model directory; see model_reader.h.
+#include "model/model_reader.h"
+
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <stdexcept>
+#include <vector>
+
+#include "quant/bnb_checkpoint.h"
+#include "quant/quant_state.h"
+#include "quant/tensor_io.h"
+
+namespace qlora::model {
+
+ModelReader::ModelReader(const std::string& dir)
+    : dir_(dir), hf_(io::read_hf_config((std::filesystem::path(dir) / "config.json").string())) {
+  config_ = model_config_from_json(hf_.raw, hf_.path);
+}
+
+bool ModelReader::prequantized() const {
+  return hf_.quantization.method == io::QuantMethod::bnb_4bit;
+}
+
+const io::ModelWeights& ModelReader::weights() const {
+  if (!weights_) throw std::logic_error(dir_ + ": ModelReader::weights_open was not called");
+  return *weights_;
+}
+
+void ModelReader::weights_open() {
+  if (!prequantized() && hf_.quantization.method != io::QuantMethod::none)
+    throw std::logic_error(hf_.path + ": quant_method '" + hf_.quantization.quant_method +
+                           "' reached the model reader; the caller refuses it first");
+  weights_ = io::ModelWeights::open_dir(dir_);
+  const io::ModelWeights& w = *weights_;
+  const ModelConfig& c = config_;
+  for (const auto& [name, shape] : expected_weight_shapes(c)) {
+    std::vector<int64_t> have;
+    if (linear_is_quantized(name)) {
+      const std::string key =
+          quant::bnb_quant_state_key(name, [&](const std::string& n) { return w.contains(n); });
+      const at::Tensor bytes = quant::tensor_from_weights(w, key).contiguous();
+      if (bytes.scalar_type() != at::kByte)
+        throw std::invalid_argument(dir_ + ": tensor '" + key + "' must be uint8 JSON bytes");
+      const std::string json(reinterpret_cast<const char*>(bytes.data_ptr()),
+                             static_cast<size_t>(bytes.numel()));
+      have = quant::quant_state_from_json(json, dir_ + ": " + key).shape;
+    } else {
+      if (!w.contains(name))
+        throw std::invalid_argument(
+            dir_ + ": tensor '" + name + "' is missing (config.json implies " + shape_str(shape) +
+            "; the config has " + std::to_string(c.num_hidden_layers) + " layers)");
+      const io::TensorInfo& info = w.info(name);
+      const bool linear = is_block_linear_weight(name);
+      const io::DType dt = info.dtype;
+      const bool ok = dt == io::DType::F32 || dt == io::DType::BF16 || dt == io::DType::F16 ||
+                      (!linear && dt == io::DType::F64);
+      if (!ok)
+        throw std::invalid_argument(dir_ + ": tensor '" + name + "' has dtype " +
+                                    io::dtype_name(dt) +
+                                    (linear ? " (expected F32, BF16 or F16 to quantize)"
+                                            : " (expected F32, BF16, F16 or F64)"));
+      have = info.shape;
+    }
+    if (have != shape)
+      throw std::invalid_argument(dir_ + ": tensor '" + name + "' has shape " + shape_str(have) +
+                                  ", config.json implies " + shape_str(shape));
+  }
+}
+
+bool ModelReader::linear_is_quantized(const std::string& weight_name) const {
+  if (!prequantized() || !is_block_linear_weight(weight_name)) return false;
+  const io::ModelWeights& w = weights();
+  return !quant::bnb_quant_state_key(weight_name, [&](const std::string& n) {
+            return w.contains(n);
+          }).empty();
+}
+
+at::Tensor ModelReader::tensor(const std::string& name) {
+  const std::string stored =
+      name == "lm_head.weight" && config_.tie_word_embeddings ? "model.embed_tokens.weight" : name;
+  bytes_read_ += weights().info(stored).nbytes;
+  return quant::tensor_from_weights(weights(), stored);
+}
+
+quant::Quantized ModelReader::linear(const std::string& weight_name,
+                                     const quant::QuantizeOptions& quant) {
+  if (!linear_is_quantized(weight_name))
+    return quant::quantize_4bit(tensor(weight_name), quant);
+  const auto lookup = [&](const std::string& name) -> std::optional<at::Tensor> {
+    if (!weights().contains(name)) return std::nullopt;
+    return tensor(name);
+  };
+  try {
+    return quant::bnb_read_quantized(weight_name, lookup);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(dir_ + ": " + e.what());
+  }
+}
+
+}  // namespace qlora::model
