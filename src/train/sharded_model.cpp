@@ -143,6 +143,7 @@ class HfUnitSource final : public UnitSource {
             (spec_.quant.double_quant ? " nested" : "") + " (sharding needs one setting for all)");
     }
     cached_name_ = name;
+    if (cached_.state.nested) offsets_[name] = cached_.state.nested->offset;
     return cached_;
   }
 
@@ -155,7 +156,11 @@ class HfUnitSource final : public UnitSource {
       case SegmentKind::absmax: return as_bytes(quantized(base).state.absmax);
       case SegmentKind::nested_absmax: return as_bytes(quantized(base).state.nested->absmax);
       case SegmentKind::nested_offset: {
-        const float offset = quantized(base).state.nested->offset;
+        // The trainer reads each block's offsets again after its shard (block_nested_offsets):
+        // remembered, so no linear is quantized (or read) twice.
+        const auto known = offsets_.find(base);
+        const float offset =
+            known != offsets_.end() ? known->second : quantized(base).state.nested->offset;
         return as_bytes(at::full({1}, offset, at::TensorOptions().dtype(at::kFloat)));
       }
       case SegmentKind::tensor:  // the head's lm_head of a tied model is the embedding
@@ -167,6 +172,7 @@ class HfUnitSource final : public UnitSource {
   model::ModelReader reader_;
   std::string cached_name_;
   quant::Quantized cached_;
+  std::map<std::string, float> offsets_;  // nested offset of every linear quantized so far
 };
 
 // ------------------------------------------------------------------------------------------
