@@ -3,7 +3,8 @@
 // Within a block y_i takes only 16 values, so each block first computes its 16 outputs
 // t[k] = code[k] * absmax (the very multiply of the reference, then its bf16 rounding) and the
 // elements become table lookups: fp32 by two 8-entry permutes blended on bit 3 of the code,
-// bf16 by two byte shuffles (low and high byte of each bf16 value).
+// bf16 by two byte shuffles (low and high byte of each bf16 value). Lookups move bits, so FP4
+// code 8 keeps the -0.0 of its product, as in the reference.
 // This file alone is compiled with -mavx2 -mfma -ffp-contract=off; its functions may only be
 // reached after cpu_has_avx2() (quant4_cpu.cpp). It therefore calls no inline function with
 // external linkage: not std::string (errors are thrown by quant4_cpu.cpp), not num_blocks or

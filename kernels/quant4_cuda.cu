@@ -18,7 +18,8 @@ namespace qlora::kernels {
 namespace {
 
 // Device copies of the tables in quant4_format.h (constexpr arrays cannot be read from device
-// code), built from them at compile time so they cannot drift. Index 0 = nf4, 1 = fp4.
+// code), built from them at compile time so they cannot drift. Index 0 = nf4, 1 = fp4; FP4
+// code 8 is -0.0 there too, so this kernel decodes it as bitsandbytes' CUDA kernel does.
 struct DeviceTables {
   float code[2][16];
   float bounds[2][15];

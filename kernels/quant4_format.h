@@ -31,13 +31,15 @@ constexpr float kNF4Code[16] = {
     0x1.c3497p-2f,    0x1.200f56p-1f,  0x1.722766p-1f,  0x1p+0f};
 
 // bitsandbytes FP4 (not OCP E2M1): [0, 0.0625, 8, 12, 4, 6, 2, 3, -0, ...] / 12, bit 3 = sign.
-// bitsandbytes builds this table from Python ints, so index 8 is +0.0, and that is what its CPU
-// kernels (native and generic) decode to and what checkpoints carry as quant_map. (Its CUDA
-// kernel computes lut[code & 7] * -1 = -0.0 there; the sign of a zero changes no result.)
+// Index 8 is -0.0: we decode as bitsandbytes' CUDA kernel does (lut[code & 7], negated when bit
+// 3 is set, times absmax), so code 8 gives -0.0 * absmax. Its CPU kernels do not agree with each
+// other (AVX-512: +0.0, AVX2: -0.0), so they cannot be the rule. The quant_map bitsandbytes
+// stores in checkpoints is built from Python ints and has +0.0 there; quant::code_table writes
+// that one, and a quant_map is compared by value, where the two zeros are equal.
 constexpr float kFP4Code[16] = {
     0x0p+0f,         0x1.555556p-8f,  0x1.555556p-1f,  0x1p+0f,
     0x1.555556p-2f,  0x1p-1f,         0x1.555556p-3f,  0x1p-2f,
-    0x0p+0f,         -0x1.555556p-8f, -0x1.555556p-1f, -0x1p+0f,
+    -0x0p+0f,        -0x1.555556p-8f, -0x1.555556p-1f, -0x1p+0f,
     -0x1.555556p-2f, -0x1p-1f,        -0x1.555556p-3f, -0x1p-2f};
 
 // Quantization: scaled value v in [-1, 1] goes to bucket k = #{bounds < v} (so a value exactly
@@ -53,7 +55,9 @@ constexpr float kFP4Bounds[15] = {
     -0x1.aaaaacp-1f, -0x1.2aaaacp-1f, -0x1.aaaaacp-2f, -0x1.2aaaacp-2f, -0x1.aaaaacp-3f,
     -0x1.6p-4f,      -0x1.555556p-9f, 0x0p+0f,         0x1.555556p-9f,  0x1.6p-4f,
     0x1.aaaaacp-3f,  0x1.2aaaacp-2f,  0x1.aaaaacp-2f,  0x1.2aaaacp-1f,  0x1.aaaaacp-1f};
-// Sorted FP4 codes: -1, -2/3, -1/2, -1/3, -1/4, -1/6, -1/192, +0 (index 0), +0 (index 8), ...
+// Sorted FP4 codes: -1, -2/3, -1/2, -1/3, -1/4, -1/6, -1/192, +0 (index 0), -0 (index 8), ...
+// (bitsandbytes' CPU quantizer sorts its quant_map, where both zeros are +0.0, so index 8 takes
+// the bucket (0, 1/384]; the sign of index 8 in kFP4Code changes no quantized byte.)
 constexpr uint8_t kFP4Order[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
 
 // Per-format traits, so that dispatch is one lookup and not a switch ladder per file.

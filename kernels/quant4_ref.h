@@ -16,7 +16,8 @@ namespace qlora::kernels {
 void quantize_4bit_ref(const float* x, int64_t numel, int32_t blocksize, QuantType type,
                        uint8_t* packed, float* absmax);
 
-// packed: [(numel+1)/2], absmax: [blocks] -> out: [numel]
+// packed: [(numel+1)/2], absmax: [blocks] -> out: [numel]. Every zero keeps the sign of the
+// product: FP4 code 8 gives -0.0 * absmax, as bitsandbytes' CUDA kernel (quant4_format.h).
 void dequantize_4bit_ref(const uint8_t* packed, const float* absmax, int64_t numel,
                          int32_t blocksize, QuantType type, float* out);
 // Same, rounded to bfloat16 (round to nearest even, as torch does); out holds bf16 bit patterns.

@@ -5,7 +5,7 @@
 # directory under out/ and never touches an earlier one.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-"$root/scripts/setup.sh"
+"$root/scripts/setup.sh" qlora_dist  # the only binary it runs; scripts/test.sh builds the rest
 cd "$root"
 bin=${QLORA_BUILD_DIR:-build}/qlora_dist
 np=${QLORA_NP:-2}

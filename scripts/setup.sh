@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh machine: Debian packages, the Python reference stack (.venv, which
 # also carries libtorch), then configure and build into build/. On a machine where everything is
-# present it only rebuilds what changed. Environment: QLORA_VENV_DIR (where the venv lives),
-# QLORA_BUILD_DIR (default build), QLORA_JOBS (default: nproc).
+# present it only rebuilds what changed. Usage: scripts/setup.sh [TARGET ...]: build only these
+# CMake targets (scripts/demo.sh asks for qlora_dist alone), default every target (tests and
+# benchmarks included). Environment: QLORA_VENV_DIR (where the venv lives), QLORA_BUILD_DIR
+# (default build), QLORA_JOBS (default: nproc).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -46,8 +48,9 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     -DQLORA_PYTHON="$root/.venv/bin/python" >"$build.configure.log" 2>&1 ||
     { cat "$build.configure.log"; exit 1; }
 fi
-log "building $build with $jobs jobs (ccache: ${CCACHE_DIR:-~/.cache/ccache})"
-if ! cmake --build "$build" -j "$jobs" >"$build.build.log" 2>&1; then
+targets=("$@")
+log "building ${targets[*]:-every target} in $build with $jobs jobs (ccache: ${CCACHE_DIR:-~/.cache/ccache})"
+if ! cmake --build "$build" -j "$jobs" ${targets[@]+--target "${targets[@]}"} >"$build.build.log" 2>&1; then
   grep -E -B2 -A6 "error|Error" "$build.build.log" | head -80
   log "build failed; full log: $build.build.log"
   exit 1

@@ -66,7 +66,8 @@ void QuantState::validate(const std::string& where) const {
   if (!code.defined() || code.numel() != 16 || code.scalar_type() != at::kFloat)
     fail("quant_map must be float32 [16]");
   // Kernels decode with the format's own table (as bitsandbytes' do): a different quant_map
-  // would be silently ignored, so it is an error.
+  // would be silently ignored, so it is an error. Compared by value: bitsandbytes writes +0.0
+  // at FP4 index 8, where the kernels decode -0.0.
   const at::Tensor map = code.contiguous().to(at::kCPU);
   for (int i = 0; i < 16; ++i)
     if (map.data_ptr<float>()[i] != kernels::quant4_traits(quant_type).code[i])

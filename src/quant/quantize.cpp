@@ -22,12 +22,22 @@ bool is_storage_dtype(at::ScalarType t) {
   return t == at::kByte || t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
 }
 
-}  // namespace
-
-at::Tensor code_table(QuantType type) {
+// What the kernels decode with [16] fp32: FP4 code 8 is -0.0 (quant4_format.h says why).
+at::Tensor decode_table(QuantType type) {
   return at::from_blob(const_cast<float*>(kernels::quant4_traits(type).code), {16},
                        at::TensorOptions().dtype(at::kFloat))
       .clone();
+}
+
+}  // namespace
+
+at::Tensor code_table(QuantType type) {
+  // bitsandbytes builds its quant_map from Python ints, where -0 is 0: every zero is +0.0.
+  at::Tensor map = decode_table(type);
+  float* v = map.data_ptr<float>();
+  for (int i = 0; i < 16; ++i)
+    if (v[i] == 0.0f) v[i] = 0.0f;
+  return map;
 }
 
 at::Tensor nested_code_table() {
@@ -194,9 +204,9 @@ at::Tensor dequantize_4bit_torch(const at::Tensor& packed, const QuantState& sta
   const at::Tensor codes =
       at::stack({at::bitwise_right_shift(bytes, 4), at::bitwise_and(bytes, 15)}, 1)
           .reshape({-1}).slice(0, 0, n).to(at::kLong);
-  // The format's table, not state.code: bitsandbytes' kernels decode with their own tables too
-  // (QuantState::validate checks that the quant_map agrees).
-  const at::Tensor values = code_table(state.quant_type).to(packed.device()).index({codes});
+  // The kernels' table, not state.code: bitsandbytes' kernels decode with their own tables too
+  // (QuantState::validate checks that the quant_map agrees in value).
+  const at::Tensor values = decode_table(state.quant_type).to(packed.device()).index({codes});
   const at::Tensor scales = state.absmax_fp32().to(packed.device()).view({blocks, 1});
   at::Tensor out = at::constant_pad_nd(values, {0, blocks * bs - n}).view({blocks, bs}) * scales;
   return out.reshape({-1}).slice(0, 0, n).reshape(state.shape).to(want);

@@ -51,8 +51,9 @@ at::Tensor packed_bytes(const at::Tensor& packed);
 // The same bytes viewed as `storage` ([nbytes / itemsize, 1]), zero-padded to a whole element.
 at::Tensor pack_storage(const at::Tensor& bytes, at::ScalarType storage);
 
-// The format's code table [16] fp32 (what the kernels decode with; a checkpoint's quant_map) and
-// bitsandbytes' signed dynamic map [256] fp32 for the nested absmax (nested_quant_map).
+// bitsandbytes' quant_map [16] fp32, bit for bit: the kernels' code table with every zero +0.0
+// (they decode FP4 code 8 as -0.0), and its signed dynamic map [256] fp32 for the nested absmax
+// (nested_quant_map).
 at::Tensor code_table(QuantType type);
 at::Tensor nested_code_table();
 

@@ -204,7 +204,7 @@ TEST(Quant4Avx2, MatchesRefEveryShapeBlocksizeType) {
 
 // Every code against every special absmax, deterministically (the random cases above may miss
 // a pair): inf * +-0 is NaN, a NaN absmax keeps its payload in fp32 (bf16: 0x7fc0), ties round
-// to even, FP4 code 8 is -0.0.
+// to even, FP4 code 8 is -0.0 * absmax.
 TEST(Quant4Avx2, MatchesRefEveryCodeWithSpecialAbsmax) {
   SKIP_WITHOUT_AVX2();
   const uint32_t special_bits[] = {0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7fffffffu,
@@ -276,6 +276,58 @@ TEST(Quant4Cpu, DispatchMatchesRef) {
       }
     }
   }
+}
+
+// The sign of a decoded zero, checked with std::signbit (== cannot tell -0.0 from +0.0): FP4
+// code 8 is -0.0 * absmax, as bitsandbytes' CUDA kernel decodes it; FP4 code 0 and NF4 code 7
+// are +0.0. Absmax 0 included (-0.0 * 0 is still -0.0); three full blocks reach the SIMD body,
+// the odd partial last block the scalar rest and the final half byte.
+using DequantizeF32 = void (*)(const uint8_t*, const float*, int64_t, int32_t, QuantType, float*);
+using DequantizeBf16 = void (*)(const uint8_t*, const float*, int64_t, int32_t, QuantType,
+                                uint16_t*);
+
+void check_zero_signs(const char* path, DequantizeF32 fn_f32, DequantizeBf16 fn_bf16) {
+  constexpr int32_t bs = 32;
+  std::vector<uint8_t> codes;  // [numel]
+  for (int i = 0; i < 3 * bs; ++i) codes.push_back(static_cast<uint8_t>(i % 16));
+  for (uint8_t c : {8, 0, 7, 8, 8}) codes.push_back(c);
+  const int64_t numel = static_cast<int64_t>(codes.size());  // 101
+  const std::vector<float> absmax = {1.0f, 2.5f, 0.0f, kAbsmaxFloor};  // [blocks]
+  std::vector<uint8_t> packed(static_cast<size_t>(packed_nbytes(numel)), 0);
+  for (size_t i = 0; i < codes.size(); ++i)
+    packed[i / 2] |= static_cast<uint8_t>(i % 2 ? codes[i] : codes[i] << 4);
+  for (QuantType type : kTypes) {
+    std::vector<float> f32(codes.size());
+    std::vector<uint16_t> b16(codes.size());
+    fn_f32(packed.data(), absmax.data(), numel, bs, type, f32.data());
+    fn_bf16(packed.data(), absmax.data(), numel, bs, type, b16.data());
+    for (size_t i = 0; i < codes.size(); ++i) {
+      const uint8_t c = codes[i];
+      const bool negative = type == QuantType::fp4 && c == 8;
+      const bool positive = type == QuantType::fp4 ? c == 0 : c == 7;
+      if (!negative && !positive) continue;
+      const std::string what = std::string(path) + " " + type_name(type) + " index=" +
+                               std::to_string(i) + " code=" + std::to_string(c) +
+                               " absmax=" + std::to_string(absmax[i / bs]);
+      EXPECT_EQ(f32[i], 0.0f) << what << " fp32";
+      EXPECT_EQ(std::signbit(f32[i]), negative) << what << " fp32 bits=0x" << std::hex
+                                                << float_to_bits(f32[i]);
+      EXPECT_EQ(b16[i], negative ? 0x8000u : 0x0000u) << what << " bf16";
+    }
+  }
+}
+
+TEST(Quant4Ref, ZeroSigns) {
+  check_zero_signs("ref", dequantize_4bit_ref, dequantize_4bit_bf16_ref);
+}
+
+TEST(Quant4Avx2, ZeroSigns) {
+  SKIP_WITHOUT_AVX2();
+  check_zero_signs("avx2", dequantize_4bit_avx2, dequantize_4bit_bf16_avx2);
+}
+
+TEST(Quant4Cpu, ZeroSigns) {
+  check_zero_signs("cpu", dequantize_4bit_cpu, dequantize_4bit_bf16_cpu);
 }
 
 TEST(Quant4Cpu, ZeroNumelWritesNothing) {

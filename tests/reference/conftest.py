@@ -26,6 +26,58 @@ def run(args, **kw):
 
 KNOWN_BNB_CPU_BUG = set()
 
+# How a zero's sign is compared. bitsandbytes' CPU dequantize_4bit decodes FP4 code 8 to +0.0 on
+# AVX-512 machines and to -0.0 on AVX2-only ones, so its sign of a zero depends on the machine:
+# comparisons with bitsandbytes (same_as_bnb) read every zero as +0.0 and compare all other bits.
+# The sign is checked against our own rule instead (assert_fp4_code8_sign): FP4 code 8 decodes
+# to FP4_CODE8 * absmax, as on bitsandbytes' CUDA kernel (kernels/quant4_format.h).
+FP4_CODE8 = -0.0
+
+
+def bits(t, fold_zero_sign=False):
+    """Bit patterns, so that -0.0 and every rounding compare exactly (NaNs compare as NaN: a
+    NaN's sign and payload carry no meaning). fold_zero_sign reads -0.0 as +0.0."""
+    import torch
+    t = t.contiguous()
+    if t.is_floating_point():
+        t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
+    if fold_zero_sign:
+        t = torch.where(t == 0, torch.zeros_like(t), t)
+    return t.view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
+
+
+def same_as_bnb(mine, ref):
+    """Our dequantized values against bitsandbytes': every bit but the sign of a zero."""
+    import torch
+    return torch.equal(bits(mine, fold_zero_sign=True), bits(ref, fold_zero_sign=True))
+
+
+def bnb_absmax(st):
+    """The fp32 absmax of a bitsandbytes state (double quantization undone by bitsandbytes)."""
+    import bitsandbytes.functional as F
+    if st.nested:
+        return F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+    return st.absmax
+
+
+def assert_fp4_code8_sign(mine, packed, st, what):
+    """Every FP4 code 8 whose absmax is finite with a clear sign bit decodes to FP4_CODE8 (bits,
+    in mine's dtype). Returns how many elements were checked (0 for nf4)."""
+    import torch
+    if st.quant_type != "fp4":
+        return 0
+    mine = mine.reshape(-1)
+    n = mine.numel()
+    b = packed.contiguous().view(torch.uint8).reshape(-1)
+    codes = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n]
+    scale = bnb_absmax(st).float().repeat_interleave(st.blocksize)[:n]
+    at = (codes == 8) & torch.isfinite(scale) & ~torch.signbit(scale)
+    got = mine[at]
+    want = torch.full_like(got, FP4_CODE8)
+    assert torch.equal(bits(got), bits(want)), (
+        f"{what}: FP4 code 8 must decode to {FP4_CODE8}, got {got[bits(got) != bits(want)][:5]}")
+    return int(at.sum())
+
 
 def bnb_dequantize(packed, st, dtype=None, tag=None):
     """bitsandbytes' dequantize_4bit, with one exception: its native CPU kernel (the AVX-512 one
@@ -42,10 +94,7 @@ def bnb_dequantize(packed, st, dtype=None, tag=None):
     if len(shape) >= 2 and shape[-1] % 2 == 0 and shape[-1] % st.blocksize != 0:
         if tag is not None:
             KNOWN_BNB_CPU_BUG.add(tag)
-        absmax = st.absmax
-        if st.nested:
-            absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
-        return _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax.float(),
+        return _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), bnb_absmax(st).float(),
                                         st.code, st.blocksize, st.shape, dtype)
     st = F.QuantState(absmax=st.absmax, shape=st.shape, code=st.code, blocksize=st.blocksize,
                       quant_type=st.quant_type, dtype=dtype, offset=st.offset, state2=st.state2)

@@ -6,7 +6,8 @@
   - for the same base model, our checkpoint and transformers' carry identical packed bytes,
     quant_map, quant_state JSON (bytes) and first-level absmax; nested absmax codes obey the
     rule of test_bnb_exact (equal, or ours the nearest where bitsandbytes' CPU table misses).
-Comparisons are of bit patterns; no tolerance."""
+Comparisons are of bit patterns; no tolerance. The sign of a dequantized zero is checked against
+our own rule, not against bitsandbytes, whose CPU result depends on the machine (conftest.py)."""
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from conftest import binary, bnb_dequantize, run
+from conftest import assert_fp4_code8_sign, binary, bnb_dequantize, run, same_as_bnb
 
 STORAGE = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16,
            "fp32": torch.float32}
@@ -51,10 +52,6 @@ def bnb_dequant(module):
     return bnb_dequantize(w.data, w.quant_state, torch.float32)
 
 
-def bits(t):
-    return t.contiguous().view(torch.int32)
-
-
 @pytest.mark.parametrize("qt,bs,dq,storage", CONFIGS)
 def test_ours_loads_in_transformers(base, tmp_path, qt, bs, dq, storage):
     out = tmp_path / "q"
@@ -70,12 +67,15 @@ def test_ours_loads_in_transformers(base, tmp_path, qt, bs, dq, storage):
     ours = tmp_path / "ours.safetensors"
     run([binary("quant_probe"), "dequant-checkpoint", str(out), str(ours)])
     mine = load_file(ours)
+    code8 = 0
     for name, mod in linear4bit_modules(model).items():
         assert mod.weight.quant_state.blocksize == bs and mod.weight.quant_state.quant_type == qt
         assert mod.weight.dtype == STORAGE[storage], name
         ref = bnb_dequant(mod)
         got = mine[name + ".weight"]
-        assert torch.equal(bits(got), bits(ref)), f"{name}: dequantized weights differ"
+        assert same_as_bnb(got, ref), f"{name}: dequantized weights differ"
+        code8 += assert_fp4_code8_sign(got, mod.weight.data, mod.weight.quant_state, name)
+    assert qt != "fp4" or code8 > 0, "no FP4 code 8 whose sign could be checked"
     # Kept tensors are byte-identical to the base model.
     base_w = load_file(base / "model.safetensors")
     sd = model.state_dict()
@@ -104,8 +104,12 @@ def test_transformers_checkpoint_loads_in_ours(base, tmp_path, qt, dq, storage):
     mine = load_file(ours)
     mods = linear4bit_modules(model)
     assert sorted(mine) == sorted(n + ".weight" for n in mods)
+    code8 = 0
     for name, mod in mods.items():
-        assert torch.equal(bits(mine[name + ".weight"]), bits(bnb_dequant(mod))), name
+        got = mine[name + ".weight"]
+        assert same_as_bnb(got, bnb_dequant(mod)), name
+        code8 += assert_fp4_code8_sign(got, mod.weight.data, mod.weight.quant_state, name)
+    assert qt != "fp4" or code8 > 0, "no FP4 code 8 whose sign could be checked"
 
 
 def test_same_bytes_as_transformers(base, tmp_path):
