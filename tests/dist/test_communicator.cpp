@@ -322,7 +322,9 @@ TEST_F(CommunicatorTest, WorkHandlesAndWaitTime) {
   comm().barrier();
   double waited = comm().wait_seconds();
   EXPECT_GE(waited, 0.0);
-  if (rank() != 0) EXPECT_GE(waited, 0.5 * late_seconds);  // a lower bound from the sleep only
+  if (rank() != 0) {
+    EXPECT_GE(waited, 0.5 * late_seconds);  // a lower bound from the sleep only
+  }
   comm().wait_seconds_reset();
   EXPECT_EQ(comm().wait_seconds(), 0.0);
 }

@@ -94,8 +94,9 @@ TEST(ModelUnits, TinyModelUnitsCoverEveryWeight) {
   std::set<std::string> names;
   for (const auto& u : units)
     for (const auto& s : u.segments)
-      if (s.kind == SegmentKind::tensor || s.kind == SegmentKind::packed)
+      if (s.kind == SegmentKind::tensor || s.kind == SegmentKind::packed) {
         EXPECT_TRUE(names.insert(s.name).second) << s.name;
+      }
   for (const auto& [name, shape] : qlora::model::expected_weight_shapes(spec.config))
     EXPECT_TRUE(names.count(name)) << name;
   const auto lora = qlora::train::lora_units(spec.config, 8, qlora::lora::lora_target_parse("all"));

@@ -810,7 +810,9 @@ TEST(DecoderAdapters, LoraGradientsFlowAndMatchFullLogits) {
   for (int64_t i = 0; i < m.num_blocks(); ++i)
     for (const lora::QLoraLinear& l : m.block(i).linears) {
       EXPECT_FALSE(l.base().packed.requires_grad()) << l.name();
-      if (l.bias().defined()) EXPECT_FALSE(l.bias().grad().defined()) << l.name();
+      if (l.bias().defined()) {
+        EXPECT_FALSE(l.bias().grad().defined()) << l.name();
+      }
     }
 
   adapters_perturb(m, 8);
