@@ -127,40 +127,55 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const QuantState& state,
   return out;
 }
 
+namespace {
+
+// One backend's pair of kernels (the *_ref signature): fp32 and bf16 output.
+struct DequantizeKernels {
+  void (*f32)(const uint8_t*, const float*, int64_t, int32_t, kernels::QuantType, float*);
+  void (*bf16)(const uint8_t*, const float*, int64_t, int32_t, kernels::QuantType, uint16_t*);
+};
+
+// Runs `k` on tensors of out's device: bf16 and fp32 directly, fp16 (and others) through fp32,
+// rounded once.
+void dequantize_with(const DequantizeKernels& k, const at::Tensor& packed, const QuantState& state,
+                     const at::Tensor& out) {
+  const int64_t n = state.numel();
+  const at::Tensor bytes = packed_bytes(packed);
+  if (bytes.numel() < kernels::packed_nbytes(n))
+    throw std::invalid_argument("packed weight has " + std::to_string(bytes.numel()) +
+                                " bytes, shape needs " + std::to_string(kernels::packed_nbytes(n)));
+  const at::Tensor absmax = state.absmax_fp32().to(out.device(), at::kFloat).contiguous();
+  if (absmax.numel() < state.blocks())
+    throw std::invalid_argument("absmax has " + std::to_string(absmax.numel()) +
+                                " entries, the shape needs " + std::to_string(state.blocks()));
+  const uint8_t* b = bytes.data_ptr<uint8_t>();
+  const float* a = absmax.data_ptr<float>();
+  if (out.scalar_type() == at::kBFloat16) {
+    k.bf16(b, a, n, state.blocksize, state.quant_type, reinterpret_cast<uint16_t*>(out.data_ptr()));
+  } else if (out.scalar_type() == at::kFloat) {
+    k.f32(b, a, n, state.blocksize, state.quant_type, out.data_ptr<float>());
+  } else {
+    at::Tensor tmp = at::empty({n}, out.options().dtype(at::kFloat));
+    k.f32(b, a, n, state.blocksize, state.quant_type, tmp.data_ptr<float>());
+    out.view({n}).copy_(tmp);
+  }
+}
+
+}  // namespace
+
 void dequantize_4bit_into(const at::Tensor& packed, const QuantState& state, const at::Tensor& out) {
   const int64_t n = state.numel();
   if (!out.is_contiguous() || out.numel() != n || packed.device() != out.device())
     throw std::invalid_argument("dequantize_4bit_into: out must be a contiguous tensor of " +
                                 std::to_string(n) + " elements on the packed weight's device (" +
                                 packed.device().str() + "), not " + out.device().str());
-  if (out.device().is_cuda()) {
+  if (out.device().is_cpu()) {
+    dequantize_with({kernels::dequantize_4bit_cpu, kernels::dequantize_4bit_bf16_cpu}, packed,
+                    state, out);
+  } else if (out.device().is_cuda()) {
     dequantize_4bit_into_cuda(packed, state, out);
-    return;
-  }
-  if (!out.device().is_cpu()) {  // any other device: libtorch ops (bit-identical on the CPU)
+  } else {  // any other device: libtorch ops (bit-identical to the CPU kernels)
     out.view({n}).copy_(dequantize_4bit_torch(packed, state, out.scalar_type()).reshape({n}));
-    return;
-  }
-  const at::Tensor bytes = packed_bytes(packed);
-  if (bytes.numel() < kernels::packed_nbytes(n))
-    throw std::invalid_argument("packed weight has " + std::to_string(bytes.numel()) +
-                                " bytes, shape needs " + std::to_string(kernels::packed_nbytes(n)));
-  const at::Tensor absmax = state.absmax_fp32().to(at::kFloat).contiguous();
-  if (absmax.numel() < state.blocks())
-    throw std::invalid_argument("absmax has " + std::to_string(absmax.numel()) +
-                                " entries, the shape needs " + std::to_string(state.blocks()));
-  if (out.scalar_type() == at::kBFloat16) {
-    kernels::dequantize_4bit_bf16_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
-                                      state.blocksize, state.quant_type,
-                                      reinterpret_cast<uint16_t*>(out.data_ptr()));
-  } else if (out.scalar_type() == at::kFloat) {
-    kernels::dequantize_4bit_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
-                                 state.blocksize, state.quant_type, out.data_ptr<float>());
-  } else {  // fp16 and others: through fp32, rounded once
-    at::Tensor tmp = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-    kernels::dequantize_4bit_cpu(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
-                                 state.blocksize, state.quant_type, tmp.data_ptr<float>());
-    out.view({n}).copy_(tmp);
   }
 }
 
@@ -168,22 +183,13 @@ void dequantize_4bit_into_cuda(const at::Tensor& packed, const QuantState& state
                                const at::Tensor& out) {
 #ifdef QLORA_HAVE_CUDA
   // The CUDA kernels on the legacy default stream (where libtorch enqueues by default).
-  const int64_t n = state.numel();
-  const at::Tensor bytes = packed_bytes(packed);
-  const at::Tensor absmax = state.absmax_fp32().to(out.device(), at::kFloat).contiguous();
-  if (out.scalar_type() == at::kBFloat16) {
-    kernels::dequantize_4bit_bf16_cuda(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
-                                       state.blocksize, state.quant_type,
-                                       reinterpret_cast<uint16_t*>(out.data_ptr()));
-  } else if (out.scalar_type() == at::kFloat) {
-    kernels::dequantize_4bit_cuda(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
-                                  state.blocksize, state.quant_type, out.data_ptr<float>());
-  } else {  // fp16 and others: through fp32, rounded once
-    at::Tensor tmp = at::empty({n}, out.options().dtype(at::kFloat));
-    kernels::dequantize_4bit_cuda(bytes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
-                                  state.blocksize, state.quant_type, tmp.data_ptr<float>());
-    out.view({n}).copy_(tmp);
-  }
+  const DequantizeKernels cuda{
+      [](const uint8_t* p, const float* a, int64_t n, int32_t bs, kernels::QuantType t, float* o) {
+        kernels::dequantize_4bit_cuda(p, a, n, bs, t, o);
+      },
+      [](const uint8_t* p, const float* a, int64_t n, int32_t bs, kernels::QuantType t,
+         uint16_t* o) { kernels::dequantize_4bit_bf16_cuda(p, a, n, bs, t, o); }};
+  dequantize_with(cuda, packed, state, out);
 #else
   (void)packed;
   (void)state;
