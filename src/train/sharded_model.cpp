@@ -143,7 +143,6 @@ class HfUnitSource final : public UnitSource {
             (spec_.quant.double_quant ? " nested" : "") + " (sharding needs one setting for all)");
     }
     cached_name_ = name;
-    if (cached_.state.nested) offsets_[name] = cached_.state.nested->offset;
     return cached_;
   }
 
@@ -156,11 +155,7 @@ class HfUnitSource final : public UnitSource {
       case SegmentKind::absmax: return as_bytes(quantized(base).state.absmax);
       case SegmentKind::nested_absmax: return as_bytes(quantized(base).state.nested->absmax);
       case SegmentKind::nested_offset: {
-        // The trainer reads each block's offsets again after its shard (block_nested_offsets):
-        // remembered, so no linear is quantized (or read) twice.
-        const auto known = offsets_.find(base);
-        const float offset =
-            known != offsets_.end() ? known->second : quantized(base).state.nested->offset;
+        const float offset = quantized(base).state.nested->offset;
         return as_bytes(at::full({1}, offset, at::TensorOptions().dtype(at::kFloat)));
       }
       case SegmentKind::tensor:  // the head's lm_head of a tied model is the embedding
@@ -172,7 +167,6 @@ class HfUnitSource final : public UnitSource {
   model::ModelReader reader_;
   std::string cached_name_;
   quant::Quantized cached_;
-  std::map<std::string, float> offsets_;  // nested offset of every linear quantized so far
 };
 
 // ------------------------------------------------------------------------------------------
@@ -388,16 +382,23 @@ std::vector<lora::AdapterSlot> lora_slots(const dist::UnitLayout& unit, const at
   return slots;
 }
 
+std::vector<const dist::Segment*> nested_offset_segments(const UnitsSpec& spec,
+                                                        const dist::UnitLayout& block) {
+  std::vector<const dist::Segment*> out;
+  if (!spec.quant.double_quant) return out;
+  const int64_t i = std::stoll(block.name.substr(block.name.find('.') + 1));
+  for (const std::string& short_name : lora::block_linear_names())
+    out.push_back(
+        &block.segment(model::block_linear_module(i, short_name) + ".weight.nested_offset"));
+  return out;
+}
+
 std::vector<float> block_nested_offsets(const UnitsSpec& spec, const dist::UnitLayout& block,
                                         const PayloadReader& read) {
   std::vector<float> out;
-  if (!spec.quant.double_quant) return out;
-  const int64_t i = std::stoll(block.name.substr(block.name.find('.') + 1));
-  for (const std::string& short_name : lora::block_linear_names()) {
-    const dist::Segment& s =
-        block.segment(model::block_linear_module(i, short_name) + ".weight.nested_offset");
+  for (const dist::Segment* s : nested_offset_segments(spec, block)) {
     float offset = 0.0f;
-    read(s.offset, s.offset + sizeof offset, reinterpret_cast<uint8_t*>(&offset));
+    read(s->offset, s->offset + sizeof offset, reinterpret_cast<uint8_t*>(&offset));
     out.push_back(offset);
   }
   return out;

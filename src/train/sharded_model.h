@@ -69,6 +69,10 @@ size_t units_h5_write(UnitSource& source, const std::string& out_path);
 // lora::block_linear_names() order (empty without double quantization), read through `read`
 // from the unit's payload bytes [begin, end).
 using PayloadReader = std::function<void(size_t begin, size_t end, uint8_t* out)>;
+// The nested-offset segments (4 bytes, fp32) of a block unit in that order (empty without double
+// quantization).
+std::vector<const dist::Segment*> nested_offset_segments(const UnitsSpec& spec,
+                                                        const dist::UnitLayout& block);
 std::vector<float> block_nested_offsets(const UnitsSpec& spec, const dist::UnitLayout& block,
                                         const PayloadReader& read);
 

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <tuple>
 
@@ -69,6 +70,7 @@ Trainer::Trainer(dist::DeviceContext& device, std::unique_ptr<UnitSource> source
   model_ = model::DecoderModel::skeleton(spec_.config, load);
   const at::ScalarType storage = device_.compute_dtype();  // quant storage = compute dtype
 
+  std::vector<double> offset_bytes;  // [blocks * linears * 4], byte values
   for (dist::UnitLayout& layout : base_units(spec_)) {
     auto unit = std::make_unique<dist::ShardedUnit>(std::move(layout), storage, device_,
                                                     sharded(), &stats_, /*is_base=*/true, &pool_);
@@ -77,14 +79,32 @@ Trainer::Trainer(dist::DeviceContext& device, std::unique_ptr<UnitSource> source
     at::Tensor host = dist::DeviceContext::to_host(unit->shard_bytes());
     source->read(unit->layout(), begin, end, host.data_ptr<uint8_t>());
     unit->shard_bytes().copy_(host);
+    // The bytes of each nested offset this rank holds (0 where another rank holds them).
     if (unit->layout().name.rfind("block.", 0) == 0)
-      nested_offsets_.push_back(block_nested_offsets(
-          spec_, unit->layout(), [&](size_t b, size_t e, uint8_t* out) {
-            source->read(unit->layout(), b, e, out);
-          }));
+      for (const dist::Segment* seg : nested_offset_segments(spec_, unit->layout()))
+        for (size_t pos = seg->offset; pos < seg->offset + seg->nbytes; ++pos)
+          offset_bytes.push_back(pos >= begin && pos < end
+                                     ? static_cast<double>(host.data_ptr<uint8_t>()[pos - begin])
+                                     : 0.0);
     base_.push_back(std::move(unit));
   }
   load_bytes_read_ = source->bytes_read();
+  // Every rank gets every block's nested offsets from the ranks that hold them (one all-reduce
+  // of their bytes at load): binding a block then never reads device memory on the host, and no
+  // rank reads or quantizes anything outside its own byte ranges.
+  if (!offset_bytes.empty()) comm_.all_reduce_host(offset_bytes.data(),
+                                                   static_cast<int64_t>(offset_bytes.size()),
+                                                   dist::ReduceOp::max);
+  size_t next = 0;
+  for (size_t u = 1; u + 1 < base_.size(); ++u) {  // the block units
+    std::vector<float> offsets(nested_offset_segments(spec_, base_[u]->layout()).size());
+    for (float& value : offsets) {
+      uint8_t bytes[sizeof value];
+      for (uint8_t& b : bytes) b = static_cast<uint8_t>(offset_bytes[next++]);
+      std::memcpy(&value, bytes, sizeof value);
+    }
+    nested_offsets_.push_back(std::move(offsets));
+  }
   for (dist::UnitLayout& layout : lora_units(spec_.config, options_.lora.rank, options_.targets)) {
     lora_.push_back(std::make_unique<dist::ShardedUnit>(std::move(layout), at::kFloat, device_,
                                                         sharded(), &stats_, /*is_base=*/false));

@@ -142,7 +142,7 @@ class Trainer {
   dist::BufferPool pool_{3};  // gather buffers of base units, reused (1 + prefetch live)
   std::vector<std::unique_ptr<dist::ShardedUnit>> base_;  // embed, block.0.., head
   std::vector<std::unique_ptr<dist::ShardedUnit>> lora_;  // lora.0..
-  std::vector<std::vector<float>> nested_offsets_;        // per block: block_nested_offsets
+  std::vector<std::vector<float>> nested_offsets_;        // per block, from the owning ranks
   std::vector<at::Tensor> grad_;                          // [S] fp32 per LoRA unit
   std::vector<dist::AdamWState> adam_;
   int64_t step_ = 0;
