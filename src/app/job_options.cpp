@@ -23,14 +23,6 @@ at::ScalarType compute_dtype_of(const TrainConfig& c) {
   throw std::invalid_argument("model.compute_dtype '" + d + "' (expected auto, bf16, fp16 or fp32)");
 }
 
-const char* compute_dtype_name(at::ScalarType dtype) {
-  if (dtype == at::kFloat) return "fp32";
-  if (dtype == at::kBFloat16) return "bf16";
-  if (dtype == at::kHalf) return "fp16";
-  throw std::invalid_argument(std::string("compute dtype ") + c10::toString(dtype) +
-                              " (expected fp32, bf16 or fp16)");
-}
-
 namespace {
 
 train::ReportTo report_to_of(const std::string& list) {

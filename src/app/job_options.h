@@ -14,7 +14,6 @@ namespace qlora::app {
 // config_device and config_compute_dtype as the engine's types.
 dist::Device device_of(const TrainConfig& config);
 at::ScalarType compute_dtype_of(const TrainConfig& config);
-const char* compute_dtype_name(at::ScalarType dtype);  // "fp32" | "bf16" | "fp16"
 
 // Every option of the engine; `config_ini` is the resolved configuration as written to
 // output_dir and each checkpoint.

@@ -1,7 +1,6 @@
 // PEFT LoRA adapter files: adapter_config.json with every key peft 0.21.2 writes for a LoRA
 // CAUSAL_LM adapter (json.dumps(indent=2, sort_keys=True), no trailing newline), and
 // adapter_model.safetensors with base_model.model.<layer>.lora_{A,B}.weight in fp32.
-#include "io/atomic_write.h"
 #include "lora/peft_adapter.h"
 
 #include <ATen/ATen.h>
@@ -18,6 +17,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "io/atomic_write.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 #include "quant/tensor_io.h"
 
@@ -128,19 +129,12 @@ void weights_check(const std::string& where, const std::string& layer, const at:
                                 ", expected [out_features, r = " + std::to_string(rank) + "]");
 }
 
-json json_file_read(const std::string& path) {
+json adapter_json_read(const std::string& path) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec))
     throw std::invalid_argument(path + ": not found (a peft adapter directory holds " +
                                 kConfigFile + " and " + kWeightsFile + ")");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::invalid_argument(path + ": cannot be read");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  try {
-    return json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw std::invalid_argument(path + ": not valid JSON (" + e.what() + ")");
-  }
+  return io::json_file_read(path);
 }
 
 // Typed look-ups of adapter_config.json keys; absent or null keys take peft's default.
@@ -217,7 +211,7 @@ void peft_adapter_write(const std::string& dir, const PeftAdapter& adapter) {
 PeftAdapter peft_adapter_read(const std::string& dir) {
   const std::string config_path = dir + "/" + kConfigFile;
   const std::string weights_path = dir + "/" + kWeightsFile;
-  const json j = json_file_read(config_path);
+  const json j = adapter_json_read(config_path);
   if (!j.is_object())
     throw std::invalid_argument(config_path + ": top level is " + j.dump() +
                                 ", expected an object");

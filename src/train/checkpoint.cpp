@@ -9,6 +9,7 @@
 #include "dist/device_context.h"
 #include "io/atomic_write.h"
 #include "io/h5_file.h"
+#include "io/json_file.h"
 #include "lora/peft_adapter.h"
 
 namespace fs = std::filesystem;
@@ -30,15 +31,6 @@ std::vector<std::pair<int64_t, fs::path>> checkpoints_in(const fs::path& dir) {
   return out;
 }
 
-nlohmann::json json_file_read(const fs::path& p) {
-  std::ifstream f(p);
-  if (!f) throw std::invalid_argument(p.string() + ": cannot be read");
-  try {
-    return nlohmann::json::parse(f);
-  } catch (const nlohmann::json::exception& e) {
-    throw std::invalid_argument(p.string() + ": not valid JSON (" + e.what() + ")");
-  }
-}
 
 OutputPlan output_plan(const OutputOptions& o) {
   OutputPlan plan;
@@ -54,7 +46,7 @@ OutputPlan output_plan(const OutputOptions& o) {
                                   o.resume_path.string() + ": choose one");
     return plan;
   }
-  if (fs::exists(state) && json_file_read(state).value("finished", false))
+  if (fs::exists(state) && io::json_file_read(state).value("finished", false))
     throw std::invalid_argument("output.output_dir " + dir +
                                 " holds a finished run (trainer_state.json); set "
                                 "output.overwrite_output_dir = true or choose another output_dir");
@@ -122,7 +114,7 @@ nlohmann::ordered_json TrainerState::to_json() const {
 
 TrainerState trainer_state_read(const fs::path& checkpoint_dir) {
   const fs::path file = checkpoint_dir / "trainer_state.json";
-  const nlohmann::json j = json_file_read(file);
+  const nlohmann::json j = io::json_file_read(file);
   TrainerState s;
   try {
     s.step = j.at("step").get<int64_t>();

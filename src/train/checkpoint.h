@@ -50,8 +50,6 @@ void output_dir_wipe(const std::filesystem::path& dir);  // only what a run of o
 // Complete checkpoints (those with trainer_state.json) in dir, oldest first.
 std::vector<std::pair<int64_t, std::filesystem::path>> checkpoints_in(const std::filesystem::path& dir);
 
-nlohmann::json json_file_read(const std::filesystem::path& path);
-
 // trainer_state.json of a checkpoint and of the finished run.
 struct TrainerState {
   int64_t step = 0;
