@@ -104,7 +104,42 @@ const std::vector<KeyDef>& key_defs() {
        "train.do_train = true)."},
       {"data", "eval_file", &C::eval_file,
        "HDF5 file like train_file for evaluation (required when train.do_eval = true)."},
-      {"data", "cutoff_len", &C::cutoff_len, "Rows are cut to this many tokens (>= 2)."},
+      {"data", "dataset", &C::dataset,
+       "Comma list of JSON (array) or JSON Lines files to train on, in LLaMA-Factory's alpaca, "
+       "sharegpt / OpenAI messages or text format. Rank 0 tokenizes them with the model's "
+       "tokenizer.json into data.tokenized_path while the other ranks wait; instead of "
+       "data.train_file."},
+      {"data", "eval_dataset", &C::eval_dataset,
+       "Comma list of JSON / JSON Lines files to evaluate on (instead of data.eval_file)."},
+      {"data", "template", &C::template_name,
+       "Chat template, LLaMA-Factory's names: default | alpaca | chatml | qwen | llama2 | llama3 "
+       "| mistral | smollm2 | empty. Required with data.dataset unless data.formatting = text."},
+      {"data", "formatting", &C::formatting,
+       "auto | alpaca | sharegpt | openai | text: the dataset format (auto: from the first row's "
+       "keys)."},
+      {"data", "cutoff_len", &C::cutoff_len,
+       "Rows are cut to this many tokens (>= 2); with data.dataset, samples are truncated as "
+       "LLaMA-Factory does (prompt and answer shares) and packed rows have this length."},
+      {"data", "train_on_prompt", &C::train_on_prompt,
+       "true | false: compute the loss on the prompt tokens too."},
+      {"data", "mask_history", &C::mask_history,
+       "true | false: learn only the last turn's answer of a multi-turn conversation."},
+      {"data", "packing", &C::packing,
+       "true | false: concatenate samples into rows of cutoff_len tokens."},
+      {"data", "neat_packing", &C::neat_packing,
+       "true | false: packing where samples do not attend to each other (position ids restart "
+       "per sample, block-diagonal causal attention); implies packing."},
+      {"data", "max_samples", &C::max_samples,
+       "Use at most this many samples of each dataset file (0 = all)."},
+      {"data", "val_size", &C::val_size,
+       "Hold out part of data.dataset for evaluation: a fraction in (0, 1) or a number of "
+       "samples >= 1 (a split seeded by train.seed); 0 = none."},
+      {"data", "tokenized_path", &C::tokenized_path,
+       "Directory for the tokenized HDF5 files (train.h5, eval.h5); empty = "
+       "output_dir/data/<hash of the inputs and options>. Re-used when the inputs match."},
+      {"data", "dataset_skip_bad", &C::dataset_skip_bad,
+       "true | false: skip bad rows (missing fields, wrong roles, nothing left to learn) and "
+       "count them, instead of refusing the dataset."},
       {"train", "per_device_train_batch_size", &C::per_device_train_batch_size,
        "Rows per rank per micro-batch (>= 1)."},
       {"train", "gradient_accumulation_steps", &C::gradient_accumulation_steps,
@@ -424,6 +459,39 @@ void config_validate(TrainConfig& c, const Where& where) {
   }
 
   range("data.cutoff_len", c.cutoff_len >= 2, itext(c.cutoff_len), ">= 2");
+  check_enum(where("data.formatting"), "data.formatting", c.formatting,
+             {"auto", "alpaca", "sharegpt", "openai", "text"});
+  if (!c.template_name.empty())
+    check_enum(where("data.template"), "data.template", c.template_name,
+               {"default", "alpaca", "chatml", "qwen", "llama2", "llama3", "mistral", "smollm2",
+                "empty"});
+  if (c.mask_history && c.train_on_prompt)
+    throw std::invalid_argument(where("data.mask_history") +
+                                ": data.mask_history and data.train_on_prompt are both true: they "
+                                "exclude each other (as in LLaMA-Factory)");
+  if (c.neat_packing) c.packing = true;  // LLaMA-Factory: neat_packing implies packing
+  range("data.max_samples", c.max_samples >= 0, itext(c.max_samples), ">= 0; 0 = all");
+  range("data.val_size", c.val_size >= 0 && (c.val_size < 1 || c.val_size == std::floor(c.val_size)),
+        dtext(c.val_size), "0, a fraction in (0, 1), or a whole number of samples");
+  if (!c.dataset.empty() && !c.train_file.empty())
+    throw std::invalid_argument(where("data.dataset") +
+                                ": data.dataset and data.train_file are both set: give one (JSON "
+                                "datasets are tokenized into the HDF5 format train_file holds)");
+  if (!c.eval_dataset.empty() && !c.eval_file.empty())
+    throw std::invalid_argument(where("data.eval_dataset") +
+                                ": data.eval_dataset and data.eval_file are both set: give one");
+  if (c.val_size > 0 && c.dataset.empty())
+    throw std::invalid_argument(where("data.val_size") +
+                                ": data.val_size needs data.dataset (it splits that dataset)");
+  if (c.val_size > 0 && !c.eval_dataset.empty())
+    throw std::invalid_argument(where("data.val_size") +
+                                ": data.val_size and data.eval_dataset are both set: give one");
+  if ((!c.dataset.empty() || !c.eval_dataset.empty()) && c.template_name.empty() &&
+      c.formatting != "text")
+    throw std::invalid_argument(
+        where("data.template") +
+        ": data.template is required with data.dataset (default | alpaca | chatml | qwen | llama2 "
+        "| llama3 | mistral | smollm2 | empty), unless data.formatting = text");
 
   range("train.per_device_train_batch_size", c.per_device_train_batch_size >= 1,
         itext(c.per_device_train_batch_size), ">= 1");
@@ -457,14 +525,15 @@ void config_validate(TrainConfig& c, const Where& where) {
   if (!c.do_train && !c.do_eval)
     throw std::invalid_argument(where("train.do_train") +
                                 ": train.do_train and train.do_eval are both false: nothing to do");
-  if (c.do_train && c.train_file.empty())
+  if (c.do_train && c.train_file.empty() && c.dataset.empty())
     throw std::invalid_argument(where("data.train_file") +
                                 ": data.train_file is required when train.do_train = true (an "
-                                "HDF5 file with input_ids and labels)");
-  if (c.do_eval && c.eval_file.empty())
+                                "HDF5 file with input_ids and labels), or data.dataset (JSON)");
+  if (c.do_eval && c.eval_file.empty() && c.eval_dataset.empty() && c.val_size == 0)
     throw std::invalid_argument(where("data.eval_file") +
                                 ": data.eval_file is required when train.do_eval = true (an HDF5 "
-                                "file with input_ids and labels)");
+                                "file with input_ids and labels), or data.eval_dataset / "
+                                "data.val_size");
 
   check_enum(where("dist.backend"), "dist.backend", c.backend, {"auto", "mpi", "nccl"});
   check_enum(where("dist.sharding"), "dist.sharding", c.sharding, {"full", "none"});

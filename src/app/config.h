@@ -41,7 +41,19 @@ struct TrainConfig {
   // [data]
   std::string train_file;  // HDF5: input_ids, labels int32 [rows, seq]
   std::string eval_file;   // "" = no evaluation data
+  std::string dataset;       // comma list of JSON / JSONL files (tokenized on rank 0)
+  std::string eval_dataset;  // comma list of JSON / JSONL files for evaluation
+  std::string template_name;  // key data.template: default | alpaca | chatml | ... | empty
+  std::string formatting = "auto";  // auto | alpaca | sharegpt | openai | text
   int64_t cutoff_len = 1024;
+  bool train_on_prompt = false;
+  bool mask_history = false;
+  bool packing = false;
+  bool neat_packing = false;
+  int64_t max_samples = 0;  // 0 = all
+  double val_size = 0.0;    // < 1: fraction, >= 1: number of samples held out for evaluation
+  std::string tokenized_path;  // "" = output_dir/data/<key>
+  bool dataset_skip_bad = false;
   // [train]
   int64_t per_device_train_batch_size = 1;
   int64_t gradient_accumulation_steps = 1;

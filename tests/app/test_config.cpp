@@ -132,9 +132,17 @@ TEST_F(ConfigTest, FullIniRoundTrips) {
   c.lora_target = "q_proj,v_proj";
   c.use_rslora = true;
   c.pissa_init = true;
-  c.train_file = "/data/t.h5";
-  c.eval_file = "/data/e.h5";
+  c.dataset = "/data/a.json, /data/b.jsonl";
+  c.eval_dataset = "/data/e.json";
+  c.template_name = "llama3";
+  c.formatting = "sharegpt";
   c.cutoff_len = 2;
+  c.train_on_prompt = true;
+  c.packing = true;
+  c.neat_packing = true;
+  c.max_samples = 17;
+  c.tokenized_path = "/data/tok";
+  c.dataset_skip_bad = true;
   c.per_device_train_batch_size = 3;
   c.gradient_accumulation_steps = 5;
   c.learning_rate = 2.5e-4;
@@ -169,6 +177,9 @@ TEST_F(ConfigTest, FullIniRoundTrips) {
     ASSERT_EQ(values.count(k.name), 1u) << k.name << " missing from\n" << ini;
     if (k.name == "train.gradient_checkpointing" || k.name == "quantization.quantization_method")
       continue;  // one allowed value each
+    if (k.name == "data.train_file" || k.name == "data.eval_file" ||
+        k.name == "data.mask_history" || k.name == "data.val_size")
+      continue;  // exclude data.dataset, eval_dataset, train_on_prompt: DataKeysRoundTrip
     EXPECT_NE(values.at(k.name), k.default_value) << k.name << " left at its default";
   }
   // Sections in the documented order.
@@ -189,6 +200,25 @@ TEST_F(ConfigTest, FullIniRoundTrips) {
   EXPECT_EQ(back.learning_rate, c.learning_rate);
   EXPECT_EQ(back.seed, c.seed);
   EXPECT_EQ(back.model_name_or_path, c.model_name_or_path);  // inner blank kept
+}
+
+// The data keys that exclude those FullIniRoundTrips sets.
+TEST_F(ConfigTest, DataKeysRoundTrip) {
+  TrainConfig c = config_minimal();
+  c.train_file = "";
+  c.dataset = "/data/a.json";
+  c.template_name = "chatml";
+  c.mask_history = true;
+  c.val_size = 100;
+  c.do_eval = true;
+  const std::string ini = config_to_ini(c);
+  const TrainConfig back = config_read(ini_write(ini), {});
+  EXPECT_EQ(config_to_ini(back), ini);
+  EXPECT_TRUE(back.mask_history);
+  EXPECT_EQ(back.val_size, 100.0);
+  c = config_minimal();
+  c.eval_file = "/data/e.h5";
+  EXPECT_EQ(config_read(ini_write(config_to_ini(c)), {}).eval_file, "/data/e.h5");
 }
 
 TEST_F(ConfigTest, EmptyStringsRoundTrip) {
@@ -319,6 +349,14 @@ const BadValue kBadValues[] = {
     {"finetuning.lora_dropout", "1", "0 <= lora_dropout < 1"},
     {"finetuning.lora_dropout", "-0.1", "0 <= lora_dropout < 1"},
     {"data.cutoff_len", "1", "expected >= 2"},
+    {"data.formatting", "csv", "expected auto, alpaca, sharegpt, openai or text"},
+    {"data.template", "vicuna", "expected default, alpaca, chatml, qwen, llama2, llama3, mistral, "
+                                "smollm2 or empty"},
+    {"data.max_samples", "-1", "expected >= 0; 0 = all"},
+    {"data.val_size", "-0.5", "0, a fraction in (0, 1), or a whole number of samples"},
+    {"data.val_size", "2.5", "0, a fraction in (0, 1), or a whole number of samples"},
+    {"data.val_size", "0.1", "data.val_size needs data.dataset"},
+    {"data.dataset", "/d.json", "data.dataset and data.train_file are both set"},
     {"train.per_device_train_batch_size", "0", "expected >= 1"},
     {"train.gradient_accumulation_steps", "0", "expected >= 1"},
     {"train.learning_rate", "-1e-5", "expected >= 0"},
