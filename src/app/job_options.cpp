@@ -100,4 +100,23 @@ train::JobOptions job_options(const TrainConfig& c) {
   return o;
 }
 
+data::PrepareOptions prepare_options(const TrainConfig& c) {
+  data::PrepareOptions o;
+  o.dataset = config_split_list(c.dataset);
+  o.eval_dataset = config_split_list(c.eval_dataset);
+  o.model_dir = c.model_name_or_path;
+  o.template_name = c.template_name;
+  o.formatting = c.formatting;
+  o.cutoff_len = c.cutoff_len;
+  o.train_on_prompt = c.train_on_prompt;
+  o.mask_history = c.mask_history;
+  o.packing = c.packing || c.neat_packing;
+  o.neat_packing = c.neat_packing;
+  o.max_samples = c.max_samples;
+  o.val_size = c.val_size;
+  o.seed = static_cast<uint64_t>(c.seed);
+  o.skip_bad = c.dataset_skip_bad;
+  return o;
+}
+
 }  // namespace qlora::app

@@ -1,5 +1,5 @@
 // qlora_dist: the one binary. Commands: train (also `qlora_dist config.ini`), eval, quantize,
-// init-model, inspect, export, synth-data, plot. Every error a user
+// init-model, inspect, export, prep, synth-data, plot. Every error a user
 // can cause ends as one line "qlora_dist <command>: error: ..." and exit status 1; usage errors exit 2.
 #include <ATen/core/ScalarType.h>
 #include <boost/program_options.hpp>
@@ -21,6 +21,7 @@
 #include "app/config.h"
 #include "data/dataset.h"
 #include "app/plot_command.h"
+#include "app/prep_command.h"
 #include "train/sharded_model.h"
 #include "app/train_command.h"
 #include "app/usage_error.h"
@@ -50,6 +51,9 @@ const char* const kUsage =
     "              QLoRA fine-tuning across MPI ranks; 'qlora_dist train --help' lists every key\n"
     "  eval        config.ini [--section.key=value ...]\n"
     "              eval loss and perplexity of the model (+ adapter) on data.eval_file\n"
+    "  prep        config.ini --out FILE.h5 [--section.key=value ...]\n"
+    "              JSON datasets (data.dataset, data.template, ...) -> token HDF5 file(s), with\n"
+    "              the model's tokenizer.json; FILE.eval.h5 too with data.eval_dataset or val_size\n"
     "  synth-data  --out FILE --vocab V --seq-len T --rows N [--task copy|reverse|sort] [--seed S]\n"
     "              a synthetic instruction-style token dataset (HDF5)\n"
     "  plot        OUT_DIR [--out FILE.png]\n"
@@ -271,8 +275,11 @@ int main(int argc, char** argv) {
       return qlora::app::train_command_main("train", args, &argc, &argv);
     }
     if (command == "plot") return run_plot(argc - 1, argv + 1);
+    if (command == "prep")
+      return qlora::app::prep_command_main(std::vector<std::string>(argv + 2, argv + argc));
     throw UsageError("unknown command '" + command +
-                     "' (expected train, eval, quantize, init-model, inspect, export or synth-data, "
+                     "' (expected train, eval, prep, quantize, init-model, inspect, export or "
+                     "synth-data, "
                      "or a config.ini; see qlora_dist --help)");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), e.what());

@@ -5,6 +5,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include "app/config.h"
 #include "app/job_options.h"
 #include "app/usage_error.h"
+#include "data/prepare.h"
 #include "dist/communicator.h"
 #include "dist/rank_env.h"
 #include "io/atomic_write.h"
@@ -41,32 +43,6 @@ void stop_signals_install() {
   for (int s : {SIGTERM, SIGUSR1, SIGINT}) sigaction(s, &sa, nullptr);
 }
 
-std::vector<std::pair<std::string, std::string>> parse_overrides(
-    const std::vector<std::string>& args, std::string& ini, bool& help) {
-  std::vector<std::pair<std::string, std::string>> out;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    if (a == "--help" || a == "-h") {
-      help = true;
-    } else if (a.rfind("--", 0) == 0) {
-      const size_t eq = a.find('=');
-      std::string key = a.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
-      if (eq != std::string::npos) {
-        out.emplace_back(key, a.substr(eq + 1));
-      } else {
-        if (i + 1 >= args.size())
-          throw UsageError("option " + a + " needs a value (--section.key=value)");
-        out.emplace_back(key, args[++i]);
-      }
-    } else if (ini.empty()) {
-      ini = a;
-    } else {
-      throw UsageError("unexpected argument '" + a + "' (one config file, then --section.key=value)");
-    }
-  }
-  return out;
-}
-
 // Intra-op threads: this node's cores shared among its ranks, but never more than the CPUs the
 // launcher bound this rank to (Open MPI binds each rank to one core when np <= 2). Returns a
 // warning when the binding holds the rank back ("" otherwise).
@@ -89,6 +65,7 @@ std::string threads_set(const dist::RankEnv& env) {
 
 struct Checked {
   TrainConfig config;
+  std::string train_file, eval_file;  // HDF5 token files (data.train_file or tokenized)
   std::vector<std::string> warnings;
   train::JobOptions options;
   train::JobInputs inputs;
@@ -111,13 +88,91 @@ void phase1(Checked& r, const std::string& command, const std::string& ini,
   r.options = job_options(r.config);
   const TrainConfig& c = r.config;
   r.inputs.source = train::UnitSource::open(c.model_name_or_path, r.options.trainer.quant);
-  const int64_t vocab = r.inputs.source->spec().config.vocab_size;
-  if (c.do_train) r.inputs.train_data.emplace(c.train_file, c.cutoff_len, vocab);
-  if (!c.eval_file.empty()) r.inputs.eval_data.emplace(c.eval_file, c.cutoff_len, vocab);
-  if (command == "eval" && c.eval_file.empty())
-    throw std::invalid_argument("data.eval_file is required for qlora_dist eval");
+  if (command == "eval" && c.eval_file.empty() && c.eval_dataset.empty() && c.val_size == 0)
+    throw std::invalid_argument(
+        "data.eval_file (or data.eval_dataset / data.val_size) is required for qlora_dist eval");
   r.inputs.plan = train::output_plan(r.options.output);
   if (env.rank == 0) train::output_dir_prepare(r.inputs.plan);
+  // JSON datasets: rank 0 tokenizes them into the cache (unless it holds them already); the
+  // other ranks learn the file names after the agreement that ends phase 1.
+  r.train_file = c.train_file;
+  r.eval_file = c.eval_file;
+  if (!c.dataset.empty() || !c.eval_dataset.empty()) {
+    const data::PrepareOptions prep = prepare_options(c);
+    const fs::path dir = !c.tokenized_path.empty()
+                             ? fs::path(c.tokenized_path)
+                             : r.inputs.plan.dir / "data" / data::prepare_key(prep);
+    const bool has_eval = !prep.eval_dataset.empty() || prep.val_size > 0;
+    const fs::path train_h5 = dir / "train.h5", eval_h5 = dir / "eval.h5";
+    if (!c.dataset.empty()) r.train_file = train_h5.string();
+    if (has_eval) r.eval_file = eval_h5.string();
+    if (env.rank == 0) {
+      if (fs::exists(train_h5) && (!has_eval || fs::exists(eval_h5))) {
+        std::printf("data: re-using the tokenized dataset in %s\n", dir.c_str());
+      } else {
+        std::error_code ec;
+        fs::create_directories(dir, ec);
+        if (ec)
+          throw std::invalid_argument("data.tokenized_path " + dir.string() +
+                                      " cannot be created (" + ec.message() + ")");
+        // A half-written pair (a crash between the two files) is made again.
+        fs::remove(train_h5);
+        fs::remove(eval_h5);
+        const data::PrepareReport report =
+            data::prepare_write(prep, train_h5.string(), has_eval ? eval_h5.string() : "");
+        std::printf("data: tokenized into %s\n%s", dir.c_str(), report.summary().c_str());
+      }
+      std::fflush(stdout);
+    }
+  }
+}
+
+// After phase 1 agreed: every rank opens the token files rank 0 may just have written.
+void phase1_open_data(Checked& r) {
+  const TrainConfig& c = r.config;
+  const int64_t vocab = r.inputs.source->spec().config.vocab_size;
+  if (c.do_train) r.inputs.train_data.emplace(r.train_file, c.cutoff_len, vocab);
+  if (!r.eval_file.empty()) r.inputs.eval_data.emplace(r.eval_file, c.cutoff_len, vocab);
+}
+
+// Waits for every rank without spinning: rank 0 may tokenize for minutes while the others wait,
+// and a busy-polling MPI_Barrier would take their cores from it.
+void barrier_sleeping() {
+  MPI_Request req;
+  QLORA_MPI_CHECK(MPI_Ibarrier(MPI_COMM_WORLD, &req));
+  int done = 0;
+  while (true) {
+    QLORA_MPI_CHECK(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
+    if (done) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+// Every rank learns the worst status (2 usage > 1 input error > 0); the lowest failing rank
+// prints its message. Returns the worst status.
+int agree(int status, const std::string& error, const dist::RankEnv& env,
+          const std::string& prefix) {
+  barrier_sleeping();
+  int mine[2] = {status, status != 0 ? env.rank : env.world_size};
+  int worst = 0, first_failing = 0;
+  QLORA_MPI_CHECK(MPI_Allreduce(&mine[0], &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+  QLORA_MPI_CHECK(MPI_Allreduce(&mine[1], &first_failing, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  if (worst != 0 && status != 0 && env.rank == first_failing) {
+    const std::string where =
+        env.world_size > 1 && env.rank != 0 ? "[rank " + std::to_string(env.rank) + "] " : "";
+    std::fprintf(stderr, "%s%s%s\n", where.c_str(), prefix.c_str(), error.c_str());
+    std::fflush(stderr);
+  }
+  return worst;
+}
+
+// The file names rank 0 decided, on every rank (they depend on its view of the files only).
+std::string broadcast_string(const std::string& s, const dist::RankEnv& env) {
+  int n = env.rank == 0 ? static_cast<int>(s.size()) : 0;
+  QLORA_MPI_CHECK(MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD));
+  std::string out = env.rank == 0 ? s : std::string(static_cast<size_t>(n), '\0');
+  QLORA_MPI_CHECK(MPI_Bcast(out.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD));
+  return out;
 }
 
 // Phase 2: the run. Reads top to bottom: threads, communicator and device, the resolved
@@ -149,6 +204,39 @@ int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
 
 }  // namespace
 
+std::vector<std::pair<std::string, std::string>> parse_overrides(
+    const std::vector<std::string>& args, std::string& ini, bool& help,
+    std::vector<std::pair<std::string, std::string>>* own_options) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") {
+      help = true;
+    } else if (a.rfind("--", 0) == 0) {
+      const size_t eq = a.find('=');
+      std::string key = a.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+      std::string value;
+      if (eq != std::string::npos) {
+        value = a.substr(eq + 1);
+      } else {
+        if (i + 1 >= args.size())
+          throw UsageError("option " + a + " needs a value (--section.key=value)");
+        value = args[++i];
+      }
+      // A command's own options have no section ("--out"); configuration keys always do.
+      if (own_options && key.find('.') == std::string::npos)
+        own_options->emplace_back(key, value);
+      else
+        out.emplace_back(key, value);
+    } else if (ini.empty()) {
+      ini = a;
+    } else {
+      throw UsageError("unexpected argument '" + a + "' (one config file, then --section.key=value)");
+    }
+  }
+  return out;
+}
+
 int train_command_main(const std::string& command, const std::vector<std::string>& args, int* argc,
                        char*** argv) {
   const std::string prefix = "qlora_dist " + command + ": error: ";
@@ -157,7 +245,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
   bool help = false;
   std::vector<std::pair<std::string, std::string>> overrides;
   try {
-    overrides = parse_overrides(args, ini, help);
+    overrides = parse_overrides(args, ini, help, nullptr);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "%s%s\n", prefix.c_str(), e.what());
     return 2;
@@ -177,30 +265,29 @@ int train_command_main(const std::string& command, const std::vector<std::string
     return 1;
   }
   // Phase 1 on every rank; the message is printed once (by rank 0, or by the lowest failing rank
-  // when rank 0 passed).
+  // when rank 0 passed). Then the token files, which rank 0 may have just written.
   Checked r;
-  std::string error;
-  int status = 0;
-  try {
-    phase1(r, command, ini, overrides, env);
-  } catch (const UsageError& e) {
-    error = e.what();
-    status = 2;
-  } catch (const std::exception& e) {
-    error = e.what();
-    status = 1;
-  }
-  int mine[2] = {status, status != 0 ? env.rank : env.world_size};
-  int worst = 0, first_failing = 0;
-  QLORA_MPI_CHECK(MPI_Allreduce(&mine[0], &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-  QLORA_MPI_CHECK(MPI_Allreduce(&mine[1], &first_failing, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
-  if (worst != 0) {
-    if (status != 0 && env.rank == first_failing) {
-      const std::string where =
-          env.world_size > 1 && env.rank != 0 ? "[rank " + std::to_string(env.rank) + "] " : "";
-      std::fprintf(stderr, "%s%s%s\n", where.c_str(), prefix.c_str(), error.c_str());
-      std::fflush(stderr);
+  auto attempt = [&](auto&& f) {
+    std::string error;
+    int status = 0;
+    try {
+      f();
+    } catch (const UsageError& e) {
+      error = e.what();
+      status = 2;
+    } catch (const std::exception& e) {
+      error = e.what();
+      status = 1;
     }
+    return agree(status, error, env, prefix);
+  };
+  int worst = attempt([&] { phase1(r, command, ini, overrides, env); });
+  if (worst == 0) {
+    r.train_file = broadcast_string(r.train_file, env);
+    r.eval_file = broadcast_string(r.eval_file, env);
+    worst = attempt([&] { phase1_open_data(r); });
+  }
+  if (worst != 0) {
     r.inputs.close();
     dist::rank_env_finalize();
     return worst;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace qlora::app {
@@ -15,5 +16,13 @@ namespace qlora::app {
 // `command` is "train" or "eval".
 int train_command_main(const std::string& command, const std::vector<std::string>& args,
                        int* argc, char*** argv);
+
+// The command line of a configuration command: one INI path, then "--section.key=value" or
+// "--section.key value" overrides ({"section.key", "value"}), and --help. With `own_options`,
+// options without a section ("--out FILE") are the command's own and go there; without, they
+// are overrides too (and config_read names them as unknown keys). Throws UsageError.
+std::vector<std::pair<std::string, std::string>> parse_overrides(
+    const std::vector<std::string>& args, std::string& ini, bool& help,
+    std::vector<std::pair<std::string, std::string>>* own_options);
 
 }  // namespace qlora::app
