@@ -291,6 +291,9 @@ Sample sft_encode_conversation(const TemplateTokenizer& tokenizer, const ChatTem
     throw std::invalid_argument("chat template '" + chat_template.name +
                                 "' puts EOS only at the end (efficient_eos): train_on_prompt is not "
                                 "supported with it");
+  if (options.train_on_prompt && options.mask_history)
+    throw std::invalid_argument("mask_history and train_on_prompt cannot be combined (LLaMA-Factory "
+                                "refuses the pair too): mask_history trains on the last answer only");
   auto pairs = template_encode_multiturn(tokenizer, chat_template, conversation.messages,
                                          conversation.system);
   const int32_t eos = tokenizer.eos_token_id().value_or(kIgnoreLabel);

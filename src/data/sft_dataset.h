@@ -28,7 +28,7 @@ struct SftOptions {
   Formatting formatting = Formatting::automatic;
   int64_t cutoff_len = 2048;           // LLaMA-Factory's default
   bool train_on_prompt = false;        // labels on the prompt too (not with efficient_eos)
-  bool mask_history = false;           // labels on the last answer only
+  bool mask_history = false;           // labels on the last answer only (not with train_on_prompt)
   std::optional<int64_t> max_samples;  // read only the first N rows of the file
   bool skip_bad = false;               // false: the first bad row throws; true: skip and count
 };

@@ -179,6 +179,9 @@ TEST(SftProcess, PromptMaskingTrainOnPromptAndMaskHistory) {
   s = sft_encode_conversation(tok, t, two_turns(), o);
   EXPECT_EQ(s.input_ids, bytes("abcd"));
   EXPECT_EQ(s.labels, (std::vector<int32_t>{I, I, I, 'd'}));
+  o.train_on_prompt = true;
+  EXPECT_TRUE(contains(invalid_argument_message([&] { sft_encode_conversation(tok, t, two_turns(), o); }),
+                       "cannot be combined"));
 }
 
 TEST(SftProcess, CutoffKeepsFirstTurnsOrWithMaskHistoryTheLast) {
