@@ -55,7 +55,8 @@ struct JsonRow {
 // Rows of a JSON array file or a JSON Lines file (blank lines skipped); told apart by the first
 // character that is not white space. max_rows < 0: all. One-line std::invalid_argument for an
 // empty file, text that is not JSON (the line of a JSON Lines error, the byte offset of an array
-// error, counted from 1 up to where the parser stopped), a top level that is neither, or a row that is not an object.
+// error, counted from 1 up to where the parser stopped), a top level that is neither, or a row
+// that is not an object.
 std::vector<JsonRow> read_json_rows(const std::string& path, int64_t max_rows = -1);
 
 Formatting detect_formatting(const JsonRow& first_row);
