@@ -160,6 +160,15 @@ TokenDataset::TokenDataset(const std::string& path, int64_t cutoff_len, int64_t 
   // Reading zero rows checks the element type (integers only) without reading any data.
   for (const char* name : {"input_ids", "labels"})
     as_user_error([&] { f.read_int32_rows(name, 0, 0, nullptr); });
+  has_position_ids_ = f.has("position_ids");
+  if (has_position_ids_) {
+    const std::vector<int64_t> pos_shape = as_user_error([&] { return f.shape("position_ids"); });
+    if (pos_shape != ids_shape)
+      throw std::invalid_argument(path + ": 'position_ids' " + io::shape_str(pos_shape) +
+                                  ", 'input_ids' " + io::shape_str(ids_shape) +
+                                  " (expected the same shape)");
+    as_user_error([&] { f.read_int32_rows("position_ids", 0, 0, nullptr); });
+  }
 
   for (const char* name : {"vocab_size", "pad_token_id"})
     if (!as_user_error([&] { return f.has_attr("/", name); }))
@@ -185,7 +194,7 @@ TokenDataset::~TokenDataset() = default;
 TokenDataset::TokenDataset(TokenDataset&&) noexcept = default;
 
 void TokenDataset::read(const std::vector<int64_t>& rows, at::Tensor& input_ids,
-                        at::Tensor& labels) const {
+                        at::Tensor& labels, at::Tensor* position_ids) const {
   const auto n = static_cast<int64_t>(rows.size());
   input_ids = at::empty({n, seq_len_}, at::TensorOptions().dtype(at::kLong));  // [n, seq_len]
   labels = at::empty({n, seq_len_}, at::TensorOptions().dtype(at::kLong));     // [n, seq_len]
@@ -221,6 +230,28 @@ void TokenDataset::read(const std::vector<int64_t>& rows, at::Tensor& input_ids,
       labels_out[i * seq_len_ + c] = label;
     }
   }
+  if (position_ids) *position_ids = has_position_ids_ ? read_positions(rows) : at::Tensor();
+}
+
+at::Tensor TokenDataset::read_positions(const std::vector<int64_t>& rows) const {
+  const auto n = static_cast<int64_t>(rows.size());
+  at::Tensor out = at::empty({n, seq_len_}, at::TensorOptions().dtype(at::kLong));  // [n, seq_len]
+  int64_t* pos_out = out.data_ptr<int64_t>();
+  std::vector<int32_t> buffer(static_cast<size_t>(file_seq_len_));  // one row, uncut
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = rows[static_cast<size_t>(i)];  // checked by read()
+    as_user_error([&] { file_->read_int32_rows("position_ids", row, 1, buffer.data()); });
+    for (int64_t c = 0; c < seq_len_; ++c) {
+      const int64_t p = buffer[static_cast<size_t>(c)];
+      if (p < 0 || p >= file_seq_len_)
+        throw std::invalid_argument(path_ + ": position_ids row " + std::to_string(row) +
+                                    ", column " + std::to_string(c) + ": position " +
+                                    std::to_string(p) + " is outside [0, " +
+                                    std::to_string(file_seq_len_) + ") (the row length)");
+      pos_out[i * seq_len_ + c] = p;
+    }
+  }
+  return out;
 }
 
 size_t TokenDataset::bytes_read() const { return file_->bytes_read(); }

@@ -1,6 +1,7 @@
 // Token datasets in HDF5: `input_ids` and `labels`, int32 [rows, seq_len] (labels -100 where no
-// loss), attributes `vocab_size` and `pad_token_id`. A rank reads only the rows it trains on
-// (one hyperslab per row). Rows longer than cutoff_len are cut to cutoff_len.
+// loss), optionally `position_ids` int32 [rows, seq_len] (neat packing: positions restart at 0 for
+// every sample of a row), attributes `vocab_size` and `pad_token_id`. A rank reads only the rows
+// it trains on (one hyperslab per row). Rows longer than cutoff_len are cut to cutoff_len.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,7 +19,8 @@ namespace qlora::data {
 
 class TokenDataset {
  public:
-  // Opens and checks the file: both datasets present, 2-D, the same shape, integer; vocab_size
+  // Opens and checks the file: both datasets present, 2-D, the same shape, integer (and so
+  // position_ids when the file has them); vocab_size
   // and pad_token_id attributes present and sane; throws std::invalid_argument naming the file
   // and what is wrong. `model_vocab`: token ids must be < it (checked per row when read).
   TokenDataset(const std::string& path, int64_t cutoff_len, int64_t model_vocab);
@@ -30,18 +32,25 @@ class TokenDataset {
   int64_t vocab_size() const { return vocab_size_; }
   int64_t pad_token_id() const { return pad_token_id_; }
   const std::string& path() const { return path_; }
+  bool has_position_ids() const { return has_position_ids_; }
 
   // The given rows as int64 tensors [rows.size(), seq_len]: input ids and labels. An id outside
   // [0, model_vocab) or a label outside it other than -100 is std::invalid_argument naming the
-  // file, the row, the column and the value.
-  void read(const std::vector<int64_t>& rows, at::Tensor& input_ids, at::Tensor& labels) const;
+  // file, the row, the column and the value. With `position_ids` given: the rows' position ids
+  // [rows.size(), seq_len] int64 when the file has them (each in [0, file seq_len), else
+  // std::invalid_argument as above), an undefined tensor when it has none.
+  void read(const std::vector<int64_t>& rows, at::Tensor& input_ids, at::Tensor& labels,
+            at::Tensor* position_ids = nullptr) const;
   size_t bytes_read() const;
 
  private:
+  at::Tensor read_positions(const std::vector<int64_t>& rows) const;  // [rows.size(), seq_len]
+
   std::unique_ptr<io::H5File> file_;
   std::string path_;
   int64_t rows_ = 0, file_seq_len_ = 0, seq_len_ = 0, vocab_size_ = 0, pad_token_id_ = 0;
   int64_t model_vocab_ = 0;
+  bool has_position_ids_ = false;
 };
 
 enum class SynthTask { copy, reverse, sort };

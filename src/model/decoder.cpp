@@ -4,7 +4,9 @@
 //   rmsnorm(x) = w * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)
 //   rope:      inv_freq = 1 / theta^(arange(0, d, 2) / d)  (fp32),  f = pos * inv_freq,
 //              q' = q * cos([f, f]) + rotate_half(q) * sin([f, f])
-//   attention: softmax(q k^T / sqrt(d) + causal (sliding-window) mask) v, k/v heads repeated
+//   attention: softmax(q k^T / sqrt(d) + causal (sliding-window) mask) v, k/v heads repeated;
+//              packed rows (position ids given): RoPE at those positions and a block-diagonal
+//              causal mask, a sample starting where its position id is 0
 #include "model/decoder.h"
 
 #include <ATen/ATen.h>
@@ -103,9 +105,33 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, int64
   const at::Tensor position_ids =
       at::arange(seq_len, at::TensorOptions().dtype(at::kLong).device(inv_freq.device()))
           .unsqueeze(0);  // [1, T]
-  const at::Tensor freqs = position_ids.unsqueeze(-1).to(at::kFloat) * inv_freq.to(at::kFloat);
-  const at::Tensor emb = at::cat({freqs, freqs}, -1);  // [1, T, D]
+  return rope_cos_sin_at(inv_freq, position_ids, dtype);
+}
+
+std::pair<at::Tensor, at::Tensor> rope_cos_sin_at(const at::Tensor& inv_freq,
+                                                  const at::Tensor& position_ids,
+                                                  at::ScalarType dtype) {
+  // transformers: (inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2),
+  // a matmul over a dimension of 1: the same single fp32 product per element as this one.
+  const at::Tensor freqs = position_ids.unsqueeze(-1).to(at::kFloat) *
+                           inv_freq.to(position_ids.device()).to(at::kFloat);  // [B, T, D/2]
+  const at::Tensor emb = at::cat({freqs, freqs}, -1);                         // [B, T, D]
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+at::Tensor packed_causal_mask(const at::Tensor& position_ids, int64_t window) {
+  if (position_ids.dim() != 2)
+    throw std::invalid_argument("packed_causal_mask: position_ids must be [batch, seq], not " +
+                                shape_str(position_ids.sizes().vec()));
+  const int64_t seq = position_ids.size(1);
+  const at::Tensor segment = (position_ids == 0).cumsum(-1);  // [B, T]: sample index in the row
+  const at::Tensor pos =
+      at::arange(seq, at::TensorOptions().dtype(at::kLong).device(position_ids.device()));
+  const at::Tensor qi = pos.unsqueeze(1), kj = pos.unsqueeze(0);  // [T, 1], [1, T]
+  at::Tensor allowed = kj <= qi;                                  // [T, T]
+  if (window > 0) allowed = at::logical_and(allowed, kj > qi - window);
+  const at::Tensor same = segment.unsqueeze(2) == segment.unsqueeze(1);  // [B, T, T]
+  return at::logical_and(same, allowed.unsqueeze(0)).unsqueeze(1);     // [B, 1, T, T]
 }
 
 // ------------------------------------------------------------------------------------------
@@ -224,7 +250,8 @@ at::Tensor DecoderModel::embed(const at::Tensor& tokens) const {
 }
 
 at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool training,
-                                       std::optional<at::Generator> dropout_gen) const {
+                                       std::optional<at::Generator> dropout_gen,
+                                       const at::Tensor& position_ids) const {
   const ModelConfig& c = config_;
   if (i < 0 || i >= num_blocks())
     throw std::invalid_argument("block " + std::to_string(i) + " does not exist (the model has " +
@@ -237,6 +264,15 @@ at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool trai
   if (b.linears.size() != lora::block_linear_names().size() || !b.input_layernorm.defined())
     throw std::logic_error("block_forward: block " + std::to_string(i) + " has no weights bound");
   const int64_t batch = x.size(0), seq = x.size(1), d = c.head_dim;
+  const bool packed = position_ids.defined();
+  if (packed && (position_ids.dim() != 2 || position_ids.size(0) != batch ||
+                 position_ids.size(1) != seq ||
+                 !at::isIntegralType(position_ids.scalar_type(), /*includeBool=*/false)))
+    throw std::invalid_argument("block_forward: position_ids must be an integer tensor [" +
+                                std::to_string(batch) + ", " + std::to_string(seq) +
+                                "] like x's first two dimensions, not " +
+                                shape_str(position_ids.sizes().vec()) + " " +
+                                c10::toString(position_ids.scalar_type()));
   const int64_t n_rep = c.num_attention_heads / c.num_key_value_heads;
 
   // Attention.
@@ -248,15 +284,23 @@ at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool trai
         .transpose(1, 2);
   };
   at::Tensor q = proj("q_proj"), k = proj("k_proj"), v = proj("v_proj");
-  auto [cos, sin] = rope_cos_sin(rope_inv_freq_.to(x.device()), seq, x.scalar_type());
-  cos = cos.unsqueeze(1);  // [1, 1, T, D]
+  const at::Tensor positions = packed ? position_ids.to(x.device()).to(at::kLong) : at::Tensor();
+  auto [cos, sin] = packed ? rope_cos_sin_at(rope_inv_freq_.to(x.device()), positions,
+                                             x.scalar_type())
+                           : rope_cos_sin(rope_inv_freq_.to(x.device()), seq, x.scalar_type());
+  cos = cos.unsqueeze(1);  // [B or 1, 1, T, D]
   sin = sin.unsqueeze(1);
   q = q * cos + rotate_half(q) * sin;
   k = k * cos + rotate_half(k) * sin;
   const double scaling = std::pow(static_cast<double>(d), -0.5);  // Python's head_dim**-0.5
   const int64_t window = c.attention_window(i);
   at::Tensor attn;  // [B, heads, T, D]
-  if (window > 0 && seq > window) {
+  if (packed) {
+    // Every query sees at least itself, so no row of the mask is empty (no NaN from softmax).
+    const at::Tensor mask = packed_causal_mask(positions, window);  // [B, 1, T, T]
+    attn = at::scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, 0.0,
+                                            /*is_causal=*/false, scaling);
+  } else if (window > 0 && seq > window) {
     // Sliding window: query t sees keys t - window < j <= t (transformers'
     // sliding_window_overlay on the causal mask).
     const at::Tensor pos = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(x.device()));
@@ -287,9 +331,11 @@ at::Tensor DecoderModel::logits(const at::Tensor& normed) const {
   return at::linear(normed, lm_head_);  // [B, T, V]
 }
 
-at::Tensor DecoderModel::forward_logits(const at::Tensor& tokens) const {
+at::Tensor DecoderModel::forward_logits(const at::Tensor& tokens,
+                                       const at::Tensor& position_ids) const {
   at::Tensor x = embed(tokens);
-  for (int64_t i = 0; i < num_blocks(); ++i) x = block_forward(i, x);
+  for (int64_t i = 0; i < num_blocks(); ++i)
+    x = block_forward(i, x, /*training=*/false, std::nullopt, position_ids);
   return logits(final_norm(x));
 }
 

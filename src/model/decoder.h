@@ -47,6 +47,16 @@ struct DecoderBlock {
 at::Tensor rope_inv_freq(const ModelConfig& config);
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, int64_t seq_len,
                                                at::ScalarType dtype);
+// The same at given positions: position_ids [B, T] integer -> cos / sin [B, T, head_dim].
+std::pair<at::Tensor, at::Tensor> rope_cos_sin_at(const at::Tensor& inv_freq,
+                                                  const at::Tensor& position_ids,
+                                                  at::ScalarType dtype);
+
+// Attention mask of packed rows (neat packing): a sample starts where its position id is 0, and a
+// token attends to itself and earlier tokens of its own sample only (block-diagonal causal),
+// within `window` tokens when window > 0 (keys t - window < j <= t). position_ids [B, T] ->
+// bool [B, 1, T, T], true = attend. Exposed for tests.
+at::Tensor packed_causal_mask(const at::Tensor& position_ids, int64_t window);
 
 struct LossResult {
   at::Tensor loss;          // scalar: sum of token losses / num_targets (autograd to hidden)
@@ -74,14 +84,19 @@ class DecoderModel {
   DecoderBlock& block(int64_t i) { return blocks_.at(static_cast<size_t>(i)); }
 
   at::Tensor embed(const at::Tensor& tokens) const;  // [B, T] int64 -> [B, T, H]
-  // [B, T, H] -> [B, T, H]; positions 0..T-1. Dropout of LoRA inputs only when training.
-  // Causal attention; a layer with a sliding window (Mistral, Qwen2 use_sliding_window) shorter
-  // than T gets the windowed causal mask, as transformers applies it.
+  // [B, T, H] -> [B, T, H]. Dropout of LoRA inputs only when training.
+  // Without position_ids: positions 0..T-1 and causal attention; a layer with a sliding window
+  // (Mistral, Qwen2 use_sliding_window) shorter than T gets the windowed causal mask, as
+  // transformers applies it. With position_ids [B, T] (packed rows): RoPE at those positions and
+  // packed_causal_mask (each sample sees only itself), combined with the window.
   at::Tensor block_forward(int64_t i, const at::Tensor& x, bool training = false,
-                           std::optional<at::Generator> dropout_gen = std::nullopt) const;
+                           std::optional<at::Generator> dropout_gen = std::nullopt,
+                           const at::Tensor& position_ids = at::Tensor()) const;
   at::Tensor final_norm(const at::Tensor& x) const;           // [B, T, H]
   at::Tensor logits(const at::Tensor& normed) const;          // [B, T, V] (for tests and eval)
-  at::Tensor forward_logits(const at::Tensor& tokens) const;  // all of the above
+  // All of the above; position_ids [B, T] or undefined as in block_forward.
+  at::Tensor forward_logits(const at::Tensor& tokens,
+                            const at::Tensor& position_ids = at::Tensor()) const;
 
   // Causal-LM cross-entropy of normed hidden states [B, T, H] against labels [B, T] (shifted
   // by one inside, -100 ignored), divided by `normalizer` (the number of target tokens when

@@ -62,7 +62,7 @@ std::vector<Batch> eval_batches(const data::TokenDataset& data, int64_t micro, i
       real.push_back(ok);
     }
     Batch b;
-    data.read(rows, b.input_ids, b.labels);
+    data.read(rows, b.input_ids, b.labels, &b.position_ids);
     for (int64_t j = 0; j < micro; ++j)
       if (!real[static_cast<size_t>(j)]) b.labels[j].fill_(-100);
     out.push_back(std::move(b));
@@ -247,7 +247,8 @@ int Job::run() {
     const double lr = lr_at(o_.schedule, step, total_);
     std::vector<Batch> batches(static_cast<size_t>(loop.accumulation));
     for (int64_t k = 0; k < loop.accumulation; ++k)
-      train_data.read(sampler.rows(step, k), batches[k].input_ids, batches[k].labels);
+      train_data.read(sampler.rows(step, k), batches[k].input_ids, batches[k].labels,
+                      &batches[k].position_ids);
     const StepResult res = trainer_->step(batches, lr);
     window.add(res, tokens_per_step);
 

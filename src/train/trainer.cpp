@@ -40,6 +40,19 @@ int64_t targets_of(const at::Tensor& labels) {
   return n;
 }
 
+void batch_check(const Batch& b, const char* who) {
+  if (b.input_ids.dim() != 2 || b.labels.sizes() != b.input_ids.sizes() ||
+      (b.position_ids.defined() && b.position_ids.sizes() != b.input_ids.sizes()))
+    throw std::invalid_argument(std::string(who) +
+                                ": input_ids, labels (and position_ids when given) must all be "
+                                "[batch, seq]");
+}
+
+// The batch's position ids on the device as int64, or undefined when it has none.
+at::Tensor positions_on_device(const dist::DeviceContext& device, const Batch& b) {
+  return b.position_ids.defined() ? device.to_device(b.position_ids).to(at::kLong) : at::Tensor();
+}
+
 // Keeps this rank's part of a whole LoRA unit [padded_numel] fp32 as its shard.
 void shard_from_full(dist::ShardedUnit& unit, const at::Tensor& full) {
   const auto [begin, end] = unit.owned_bytes();
@@ -176,8 +189,7 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   // gradients are those of the mean over the whole global batch. Counted on the host rows.
   double count = 0.0;
   for (const Batch& b : micro_batches) {
-    if (b.labels.dim() != 2 || b.labels.sizes() != b.input_ids.sizes())
-      throw std::invalid_argument("step: input_ids and labels must both be [batch, seq]");
+    batch_check(b, "step");
     count += static_cast<double>(targets_of(b.labels));
   }
   comm_.all_reduce_host(&count, 1, dist::ReduceOp::sum);
@@ -198,8 +210,9 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   for (int64_t m = 0; m < g; ++m) {
     const at::Tensor tokens = device_.to_device(micro_batches[m].input_ids).to(at::kLong);
     const at::Tensor labels = device_.to_device(micro_batches[m].labels).to(at::kLong);
+    const at::Tensor positions = positions_on_device(device_, micro_batches[m]);  // or undefined
     std::vector<at::Tensor> xs;  // block inputs [m, T, H], and x_L
-    forward_no_grad(pipe, k, tokens, /*training=*/true, m, &xs);
+    forward_no_grad(pipe, k, tokens, positions, /*training=*/true, m, &xs);
 
     at::Tensor dy;  // dL/dx of the current block's output
     {
@@ -221,7 +234,8 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
                  bufs[1], options_.lora);
       const at::Tensor x = xs[i].detach().requires_grad_(true);
       const at::Tensor y = model_.block_forward(
-          i, x, /*training=*/true, dropout_generator(device_, options_.seed, step_, m, i));
+          i, x, /*training=*/true, dropout_generator(device_, options_.seed, step_, m, i),
+          positions);
       std::vector<at::Tensor> inputs = {x};
       std::vector<std::string> names;
       model::DecoderBlock& block = model_.block(i);
@@ -316,7 +330,7 @@ std::vector<std::vector<dist::ShardedUnit*>> Trainer::schedule(int64_t micro_bat
 }
 
 at::Tensor Trainer::forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
-                                    bool training, int64_t micro,
+                                    const at::Tensor& positions, bool training, int64_t micro,
                                     std::vector<at::Tensor>* inputs) {
   at::AutoGradMode no_grad(false);
   const auto& e = pipe.acquire(k);
@@ -331,8 +345,9 @@ at::Tensor Trainer::forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const a
                bufs[1], options_.lora);
     // Training draws the dropout masks the backward recompute draws again.
     x = training ? model_.block_forward(
-                       i, x, true, dropout_generator(device_, options_.seed, step_, micro, i))
-                 : model_.block_forward(i, x, false);
+                       i, x, true, dropout_generator(device_, options_.seed, step_, micro, i),
+                       positions)
+                 : model_.block_forward(i, x, false, std::nullopt, positions);
     unbind_block(model_, i);
     pipe.release(k++);
   }
@@ -348,9 +363,11 @@ Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
   int64_t targets = 0;
   size_t k = 0;
   for (const Batch& b : micro_batches) {
+    batch_check(b, "eval");
     const at::Tensor labels = device_.to_device(b.labels).to(at::kLong);
     const at::Tensor x = forward_no_grad(pipe, k, device_.to_device(b.input_ids).to(at::kLong),
-                                         /*training=*/false, 0, nullptr);
+                                         positions_on_device(device_, b), /*training=*/false, 0,
+                                         nullptr);
     const auto& h = pipe.acquire(k);
     bind_head(model_, *base_.back(), h[0]);
     const model::LossResult r =

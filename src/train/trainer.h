@@ -50,8 +50,10 @@ struct TrainerOptions {
 };
 
 struct Batch {
-  at::Tensor input_ids;  // [m, T] integer
-  at::Tensor labels;     // [m, T] integer, -100 where no loss
+  at::Tensor input_ids;     // [m, T] integer
+  at::Tensor labels;        // [m, T] integer, -100 where no loss
+  at::Tensor position_ids;  // [m, T] integer (packed rows: a sample starts at 0), or undefined:
+                            // positions 0..T-1, one causal sequence per row
 };
 
 struct StepResult {
@@ -128,7 +130,8 @@ class Trainer {
   // Embed and blocks 0..L-1 without a graph, using pipeline positions k, k+1, ...; each block's
   // input (and last x_L) is appended to `inputs` when given. Returns x_L [m, T, H].
   at::Tensor forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
-                             bool training, int64_t micro, std::vector<at::Tensor>* inputs);
+                             const at::Tensor& positions, bool training, int64_t micro,
+                             std::vector<at::Tensor>* inputs);
 
   bool sharded() const { return options_.sharding == Sharding::full; }
 

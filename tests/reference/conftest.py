@@ -1,6 +1,9 @@
 """Shared helpers for the reference tests: where the build is, how to run our binaries."""
+import importlib
 import os
 import subprocess
+import sys
+import types
 
 import pytest
 
@@ -134,3 +137,31 @@ def bnb_reference_model(path):
         if isinstance(mod, bnb.nn.Linear4bit):
             mod.support_avx512bf16_for_cpu = False
     return m
+
+
+# LLaMA-Factory's source (the directory holding the `llamafactory` package), for tests that run
+# its data processing code; its package __init__ files need `datasets` and more, so modules are
+# imported one by one (lf_module).
+LF_DIR = os.environ.get("QLORA_LLAMAFACTORY_DIR", "/tmp/lf")
+LF_PKG = os.path.join(LF_DIR, "llamafactory")
+
+
+def lf_available():
+    return os.path.isfile(os.path.join(LF_PKG, "data", "processor", "supervised.py"))
+
+
+def lf_missing_reason():
+    return f"LLaMA-Factory source not found at {LF_PKG} (set QLORA_LLAMAFACTORY_DIR)"
+
+
+def lf_module(name):
+    """llamafactory.<name> from the source tree, its parent packages empty namespace modules so
+    that no package __init__ (which imports `datasets`, trl, ...) runs."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        pkg = ".".join(["llamafactory"] + parts[:i])
+        if pkg not in sys.modules:
+            m = types.ModuleType(pkg)
+            m.__path__ = [os.path.join(LF_PKG, *parts[:i])]
+            sys.modules[pkg] = m
+    return importlib.import_module("llamafactory." + name)

@@ -2,7 +2,8 @@
 // our code, runs forward, loss and backward on given tokens, and writes everything to
 // safetensors for pytest to compare with transformers + bitsandbytes + peft.
 //   model_probe MODEL_DIR IN OUT [--adapter DIR] [--write-adapter DIR] [--chunk N]
-//     IN:  input_ids int64 [B, T], labels int64 [B, T]
+//     IN:  input_ids int64 [B, T], labels int64 [B, T], optionally position_ids int64 [B, T]
+//          (packed rows: RoPE at those positions, block-diagonal causal attention)
 //     OUT: logits fp32 [B, T, V], loss fp32 [1], num_targets int64 [1],
 //          <layer>.lora_A.grad / <layer>.lora_B.grad for every adapted layer
 #include <ATen/ATen.h>
@@ -46,8 +47,14 @@ int main(int argc, char** argv) {
     const at::Tensor tokens = quant::tensor_from_safetensors(in->at("input_ids"), in->data(in->at("input_ids")));
     const at::Tensor labels = quant::tensor_from_safetensors(in->at("labels"), in->data(in->at("labels")));
 
+    at::Tensor positions;  // undefined: 0..T-1, one causal sequence per row
+    if (in->find("position_ids") != nullptr)
+      positions = quant::tensor_from_safetensors(in->at("position_ids"),
+                                                 in->data(in->at("position_ids")));
+
     at::Tensor x = m.embed(tokens);
-    for (int64_t i = 0; i < m.num_blocks(); ++i) x = m.block_forward(i, x);
+    for (int64_t i = 0; i < m.num_blocks(); ++i)
+      x = m.block_forward(i, x, false, std::nullopt, positions);
     const at::Tensor normed = m.final_norm(x);
     const model::LossResult loss = m.loss(normed, labels, chunk);
     at::Tensor logits;

@@ -11,7 +11,13 @@ embeddings):
   - the adapter as our writer writes it loads in peft and reproduces our logits; the adapter
     peft wrote loads in ours (the comparison above);
   - `qlora_dist export` merges base + adapter; transformers loads the result without peft and
-    its logits match ours.
+    its logits match ours;
+  - neat-packed rows (position ids restarting per sample, pads at position 0): our logits and
+    loss equal transformers' given the same position_ids, both with no attention mask (its own
+    packed-sequence detection) and with LLaMA-Factory's 4-D block-diagonal mask from its
+    collator's prepare_4d_attention_mask (there on the sample tokens only: LLaMA-Factory masks a
+    pad query from every key, so its pad logits are an average over all values; they carry no
+    loss).
 Tolerances (fp32 throughout): logits and loss rtol 2e-5 / atol 2e-5 relative to the largest
 logit; gradients atol 1e-5 * max|grad| + rtol 1e-4. Both sides do the same math in float32 but
 in different orders (MKL GEMM blocking, our SDPA vs transformers' eager attention softmax, our
@@ -28,7 +34,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import binary, bnb_reference_model, run, use_generic_bnb_cpu_dequantize
+from conftest import (binary, bnb_reference_model, lf_available, lf_missing_reason,  # noqa: E402
+                      lf_module, run, use_generic_bnb_cpu_dequantize)
 
 use_generic_bnb_cpu_dequantize()
 
@@ -101,9 +108,9 @@ def ref_model(setup, checkpoint="q4"):
     return m
 
 
-def probe(setup, tag, *extra, model="q4"):
+def probe(setup, tag, *extra, model="q4", batch="batch.safetensors"):
     out = setup["dir"] / f"ours_{tag}.safetensors"
-    run([binary("model_probe"), str(setup["dir"] / model), str(setup["dir"] / "batch.safetensors"),
+    run([binary("model_probe"), str(setup["dir"] / model), str(setup["dir"] / batch),
          str(out), *map(str, extra)])
     return load_file(out)
 
@@ -225,3 +232,57 @@ def test_export_merged_loads_in_transformers(setup, adapter):
     # fp32 rounding only.
     ok, diff = close(logits, adapter["logits"], 2e-5, 2e-5)
     assert ok, f"{setup['name']}: merged logits differ by up to {diff}"
+
+
+def packed_batch(setup):
+    """Two neat-packed rows of 11 tokens (LLaMA-Factory's layout): samples of 4 and 5 tokens and
+    2 pads; of 3, 3 and 4 tokens and 1 pad. Pads: id 0, position 0, label -100; each sample's
+    first label -100 (its prompt), the rest its ids. `seg` is LLaMA-Factory's neat attention_mask
+    (sample index from 1, 0 on pads)."""
+    ids = setup["ids"].clone()
+    pos = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    seg = torch.zeros_like(ids)
+    for r, lengths in enumerate([[4, 5], [3, 3, 4]]):
+        c = 0
+        for k, n in enumerate(lengths):
+            pos[r, c:c + n] = torch.arange(n)
+            labels[r, c + 1:c + n] = ids[r, c + 1:c + n]
+            seg[r, c:c + n] = k + 1
+            c += n
+        ids[r, c:] = 0
+    return ids, labels, pos, seg
+
+
+def test_neat_packed_logits_and_loss(setup):
+    torch.set_num_threads(1)
+    ids, labels, pos, seg = packed_batch(setup)
+    save_file({"input_ids": ids, "labels": labels, "position_ids": pos},
+              str(setup["dir"] / "packed.safetensors"))
+    ours = probe(setup, "packed", "--chunk", "5", batch="packed.safetensors")
+    m = ref_model(setup)
+    name = setup["name"]
+    with torch.no_grad():
+        auto = m(input_ids=ids, position_ids=pos, labels=labels)  # no mask: found from positions
+        plain = m(input_ids=ids).logits
+    ok, diff = close(ours["logits"], auto.logits, 2e-5, 2e-5)
+    assert ok, f"{name}: packed logits differ from transformers' (position_ids, no mask) by {diff}"
+    ok, _ = close(ours["loss"], auto.loss.reshape(1), 2e-5, 2e-5)
+    assert ok, f"{name}: packed loss {ours['loss'].item()} vs {auto.loss.item()}"
+    # The comparison can fail: as one causal sequence, the later samples' logits are far off.
+    _, off = close(ours["logits"], plain, 2e-5, 2e-5)
+    assert off > 100 * 2e-5 * plain.abs().max().item(), f"{name}: packing changed nothing ({off})"
+    msg = f"\n{name}: packed logits max diff {diff:.3g} (vs one causal sequence: {off:.3g})"
+    if lf_available():
+        mask = lf_module("data.collator").prepare_4d_attention_mask(seg, torch.float32)
+        with torch.no_grad():
+            lf = m(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
+        real = seg != 0
+        ok, diff_lf = close(ours["logits"][real], lf.logits[real], 2e-5, 2e-5)
+        assert ok, f"{name}: packed logits differ from LLaMA-Factory's 4-D mask run by {diff_lf}"
+        ok, _ = close(ours["loss"], lf.loss.reshape(1), 2e-5, 2e-5)
+        assert ok, f"{name}: packed loss {ours['loss'].item()} vs {lf.loss.item()} (LF mask)"
+        msg += f", with LLaMA-Factory's mask {diff_lf:.3g}"
+    else:
+        msg += f"; LLaMA-Factory's mask not checked: {lf_missing_reason()}"
+    print(msg)

@@ -1,0 +1,233 @@
+// JSON datasets -> token HDF5 files: see prepare.h. The steps, in order: the model's tokenizer
+// and tokenizer config, the chat template (LLaMA-Factory's get_template_and_fix_tokenizer), each
+// file's samples (sft_dataset_load), the evaluation samples (eval_dataset or a seeded split),
+// padded or packed rows, the files.
+#include "data/prepare.h"
+
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+#include "data/chat_template.h"
+#include "data/packing.h"
+#include "data/sft_dataset.h"
+#include "data/tokenizer.h"
+#include "data/tokenizer_config.h"
+#include "io/hash.h"
+
+namespace fs = std::filesystem;
+
+namespace qlora::data {
+
+namespace {
+
+std::string file_bytes(const fs::path& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::invalid_argument(path.string() + ": cannot be read");
+  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+std::string join(const std::vector<std::string>& items) {
+  std::string out;
+  for (const std::string& s : items) out += (out.empty() ? "" : ",") + s;
+  return out;
+}
+
+// The files of the model directory the tokenization depends on.
+const char* const kTokenizerFiles[] = {"tokenizer.json", "tokenizer_config.json",
+                                       "special_tokens_map.json", "chat_template.jinja"};
+
+int32_t token_id_or_throw(const Tokenizer& tokenizer, const std::string& token,
+                          const std::string& what, const std::string& model_dir) {
+  const std::optional<int32_t> id = tokenizer.token_to_id(token);
+  if (!id)
+    throw std::invalid_argument(model_dir + ": the " + what + " '" + token +
+                                "' of tokenizer_config.json is not a token of tokenizer.json");
+  return *id;
+}
+
+struct Loaded {
+  std::vector<Sample> samples;
+  SftReport report;  // summed over the files
+};
+
+Loaded load_files(const std::vector<std::string>& files, const TemplateTokenizer& tokenizer,
+                  const ChatTemplate& chat_template, const SftOptions& options,
+                  std::vector<std::string>& skipped_rows) {
+  Loaded out;
+  for (const std::string& file : files) {
+    if (!fs::is_regular_file(file))
+      throw std::invalid_argument(file + ": dataset file does not exist");
+    SftReport r;
+    std::vector<Sample> samples = sft_dataset_load(file, tokenizer, chat_template, options, &r);
+    for (Sample& s : samples) out.samples.push_back(std::move(s));
+    out.report.rows_read += r.rows_read;
+    out.report.samples += r.samples;
+    out.report.skipped += r.skipped;
+    out.report.truncated += r.truncated;
+    for (const std::string& bad : r.first_bad)
+      if (skipped_rows.size() < SftReport::kMaxBadListed) skipped_rows.push_back(bad);
+  }
+  return out;
+}
+
+PrepareCounts counts_of(const std::vector<Sample>& samples, const TokenRows& rows,
+                        const PackReport& pack) {
+  PrepareCounts c;
+  c.samples = static_cast<int64_t>(samples.size()) - pack.samples_dropped;
+  c.rows = rows.rows;
+  c.seq_len = rows.seq_len;
+  c.tokens = pack.tokens;
+  for (const int32_t l : rows.labels) c.target_tokens += l != kIgnoreLabel;
+  c.packing_efficiency = pack.efficiency();
+  return c;
+}
+
+std::string counts_line(const char* name, const PrepareCounts& c) {
+  std::ostringstream os;
+  os << "  " << name << ": " << c.rows << " rows x " << c.seq_len << " tokens from " << c.samples
+     << " samples (" << c.rows_read << " rows read, " << c.skipped << " skipped, " << c.truncated
+     << " truncated); " << c.tokens << " tokens, " << c.target_tokens << " with a label; "
+     << "padding efficiency " << static_cast<int>(c.packing_efficiency * 1000 + 0.5) / 10.0
+     << "%\n";
+  return os.str();
+}
+
+}  // namespace
+
+std::string PrepareReport::summary() const {
+  std::string s = counts_line("train", train);
+  if (has_eval) s += counts_line("eval", eval);
+  for (const std::string& bad : skipped_rows) s += "  skipped " + bad + "\n";
+  return s;
+}
+
+std::string prepare_key(const PrepareOptions& o) {
+  uint64_t h = io::fnv1a64("qlora_dist.prepare 1");
+  for (const char* name : kTokenizerFiles) {
+    const fs::path p = fs::path(o.model_dir) / name;
+    h = io::fnv1a64(name, h);
+    if (fs::is_regular_file(p)) h = io::fnv1a64(file_bytes(p), h);
+  }
+  for (const auto* list : {&o.dataset, &o.eval_dataset}) {
+    h = io::fnv1a64("|files", h);
+    for (const std::string& file : *list) {
+      std::error_code ec;
+      const std::string abs = fs::absolute(file, ec).string();
+      const auto size = fs::file_size(file, ec);
+      const auto mtime = fs::last_write_time(file, ec).time_since_epoch().count();
+      h = io::fnv1a64(abs + "\n" + std::to_string(ec ? 0 : size) + "\n" +
+                          std::to_string(ec ? 0 : mtime) + "\n",
+                      h);
+    }
+  }
+  std::ostringstream os;
+  os << o.template_name << '|' << o.formatting << '|' << o.cutoff_len << '|' << o.train_on_prompt
+     << o.mask_history << o.packing << o.neat_packing << o.skip_bad << '|' << o.max_samples << '|'
+     << o.val_size << '|' << o.seed;
+  return io::hex16(io::fnv1a64(os.str(), h));
+}
+
+PrepareReport prepare_write(const PrepareOptions& o, const std::string& train_out,
+                            const std::string& eval_out) {
+  const fs::path tokenizer_json = fs::path(o.model_dir) / "tokenizer.json";
+  if (!fs::is_regular_file(tokenizer_json))
+    throw std::invalid_argument(o.model_dir + ": no tokenizer.json (data.dataset needs the "
+                                "Hugging Face tokenizer files in model.model_name_or_path)");
+  const Tokenizer tokenizer = Tokenizer::from_file(tokenizer_json.string());
+  const TokenizerConfig config = TokenizerConfig::from_dir(o.model_dir);
+  // Plain text needs no chat template: LLaMA-Factory's "empty" adds nothing around it.
+  const std::string template_name = o.template_name.empty() ? "empty" : o.template_name;
+  const ChatTemplate& chat_template = chat_template_by_name(template_name);
+  const TemplateTokenizer template_tokenizer(
+      [&](std::string_view text) { return tokenizer.encode(text, false); },
+      [&](std::string_view token) { return tokenizer.token_to_id(token); },
+      tokenizer.vocab_size(), config, chat_template);
+
+  SftOptions so;
+  so.formatting = formatting_from_name(o.formatting);
+  so.cutoff_len = o.cutoff_len;
+  so.train_on_prompt = o.train_on_prompt;
+  so.mask_history = o.mask_history;
+  if (o.max_samples > 0) so.max_samples = o.max_samples;
+  so.skip_bad = o.skip_bad;
+
+  PrepareReport report;
+  Loaded train = load_files(o.dataset, template_tokenizer, chat_template, so, report.skipped_rows);
+  Loaded eval;
+  if (!o.eval_dataset.empty()) {
+    eval = load_files(o.eval_dataset, template_tokenizer, chat_template, so, report.skipped_rows);
+  } else if (o.val_size > 0) {
+    const TrainValSplit split =
+        split_train_val(static_cast<int64_t>(train.samples.size()), o.val_size, o.seed);
+    std::vector<Sample> kept;
+    for (const int64_t i : split.val) eval.samples.push_back(train.samples[i]);
+    for (const int64_t i : split.train) kept.push_back(std::move(train.samples[i]));
+    train.samples = std::move(kept);
+  }
+  report.has_eval = !eval_out.empty();
+  if (!o.dataset.empty() && train.samples.empty())
+    throw std::invalid_argument(join(o.dataset) + ": no training samples left (" +
+                                std::to_string(train.report.rows_read) + " rows read, " +
+                                std::to_string(train.report.skipped) + " skipped" +
+                                (o.val_size > 0 ? ", the rest held out by data.val_size" : "") +
+                                ")");
+  if (report.has_eval && eval.samples.empty())
+    throw std::invalid_argument("no evaluation samples (data.eval_dataset is empty or "
+                                "data.val_size holds out nothing)");
+
+  // Ids the template added beyond the tokenizer's vocabulary would need a larger embedding: a
+  // quantized model's vocabulary is not resized.
+  for (const auto& [token, id] : template_tokenizer.template_tokens())
+    if (id >= tokenizer.vocab_size())
+      for (const auto* set : {&train.samples, &eval.samples})
+        for (const Sample& s : *set)
+          for (const int32_t t : s.input_ids)
+            if (t == id)
+              throw std::invalid_argument(
+                  "data.template = " + template_name + " uses the token '" + token +
+                  "' that the tokenizer of " + o.model_dir +
+                  " lacks (it would need a new embedding row; resizing the vocabulary of a "
+                  "quantized model is not supported): choose the template of this model");
+
+  const int32_t pad_id =
+      config.pad_token ? token_id_or_throw(tokenizer, *config.pad_token, "pad_token", o.model_dir)
+      : template_tokenizer.eos_token_id() ? *template_tokenizer.eos_token_id()
+                                          : 0;
+  std::map<std::string, std::string> attrs = {
+      {"template", template_name},
+      {"formatting", formatting_name(train.report.formatting)},
+      {"tokenizer_hash", tokenizer.content_hash()},
+      {"cutoff_len", std::to_string(o.cutoff_len)},
+      {"packing", o.neat_packing ? "neat_packing" : o.packing ? "packing" : "none"},
+      {"prepare_key", prepare_key(o)},
+  };
+  auto write = [&](const std::string& path, const std::vector<Sample>& samples,
+                   const std::vector<std::string>& sources, const SftReport& r,
+                   PrepareCounts& counts) {
+    PackReport pack;
+    const TokenRows rows = o.packing || o.neat_packing
+                               ? rows_pack(samples, o.cutoff_len, o.neat_packing, pad_id, &pack)
+                               : rows_pad(samples, pad_id, &pack);
+    if (rows.rows == 0)
+      throw std::invalid_argument(path + ": no rows to write (every sample is longer than a "
+                                  "packed row of data.cutoff_len tokens holds)");
+    std::map<std::string, std::string> a = attrs;
+    a["source_files"] = join(sources);
+    token_rows_write(path, rows, template_tokenizer.vocab_size(), pad_id, a);
+    counts = counts_of(samples, rows, pack);
+    counts.rows_read = r.rows_read;
+    counts.skipped = r.skipped;
+    counts.truncated = r.truncated;
+  };
+  if (!o.dataset.empty()) write(train_out, train.samples, o.dataset, train.report, report.train);
+  if (report.has_eval)
+    write(eval_out, eval.samples, o.eval_dataset.empty() ? o.dataset : o.eval_dataset,
+          o.eval_dataset.empty() ? SftReport{} : eval.report, report.eval);
+  return report;
+}
+
+}  // namespace qlora::data
