@@ -1022,7 +1022,7 @@ struct Tokenizer::Impl {
   std::optional<Decoder> decoder;
   std::vector<AddedToken> added;
   std::unordered_map<std::string, int32_t> added_by_content;  // content -> id
-  std::unordered_map<int32_t, std::string> added_by_id;
+  std::unordered_map<int32_t, std::string> added_by_id;       // id -> content, normalized if the token is
   std::unordered_set<std::string> special_contents;
   AddedTokenMatcher raw_matcher, normalized_matcher;  // normalized = false / true
 
@@ -1093,15 +1093,16 @@ Tokenizer Tokenizer::from_json_text(const std::string& text, const std::string& 
       t.normalized = r.boolean(e, aw, "normalized", !t.special);
       if (t.content.empty()) r.fail(aw + ".content", "must not be empty");
       const auto index = static_cast<int32_t>(impl->added.size());
+      // A normalized token is matched, decoded and named by id in its normalized form.
+      std::string form = t.content;
       if (t.normalized) {
-        std::string pattern = t.content;
-        if (impl->normalizer) normalize(*impl->normalizer, pattern);
-        impl->normalized_matcher.add(pattern, index);
+        if (impl->normalizer) normalize(*impl->normalizer, form);
+        impl->normalized_matcher.add(form, index);
       } else {
         impl->raw_matcher.add(t.content, index);
       }
       impl->added_by_content[t.content] = t.id;
-      impl->added_by_id[t.id] = t.content;
+      impl->added_by_id[t.id] = form;
       if (t.special) impl->special_contents.insert(t.content);
       impl->added.push_back(std::move(t));
     }
