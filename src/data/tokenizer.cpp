@@ -1022,7 +1022,7 @@ struct Tokenizer::Impl {
   std::optional<Decoder> decoder;
   std::vector<AddedToken> added;
   std::unordered_map<std::string, int32_t> added_by_content;  // content -> id
-  std::unordered_map<int32_t, std::string> added_by_id;
+  std::unordered_map<int32_t, std::string> added_by_id;       // id -> content, normalized if the token is
   std::unordered_set<std::string> special_contents;
   AddedTokenMatcher raw_matcher, normalized_matcher;  // normalized = false / true
 
@@ -1080,28 +1080,40 @@ Tokenizer Tokenizer::from_json_text(const std::string& text, const std::string& 
   if (r.has(j, "added_tokens")) {
     const json& list = j["added_tokens"];
     if (!list.is_array()) r.fail("added_tokens", "must be an array, got " + JsonReader::brief(list));
+    auto next_id = static_cast<int32_t>(impl->model.vocab.size());
     for (size_t i = 0; i < list.size(); ++i) {
       const std::string aw = JsonReader::index("added_tokens", i);
       const json& e = list[i];
       AddedToken t;
       t.content = r.string(e, aw, "content");
-      t.id = r.token_id(r.member(e, aw, "id"), aw + ".id");
+      r.token_id(r.member(e, aw, "id"), aw + ".id");
+      if (t.content.empty()) continue;  // tokenizers ignores it
+      // tokenizers does not take the file's id: a token of the model vocabulary keeps the
+      // model's id, any other gets the next free one from the vocabulary's size on (the two
+      // agree in every file tokenizers writes).
+      if (auto a = impl->added_by_content.find(t.content); a != impl->added_by_content.end()) {
+        t.id = a->second;
+      } else if (auto m = impl->model.vocab.find(t.content); m != impl->model.vocab.end()) {
+        t.id = m->second;
+      } else {
+        t.id = next_id++;
+      }
       t.single_word = r.boolean(e, aw, "single_word", false);
       t.lstrip = r.boolean(e, aw, "lstrip", false);
       t.rstrip = r.boolean(e, aw, "rstrip", false);
       t.special = r.boolean(e, aw, "special", false);
       t.normalized = r.boolean(e, aw, "normalized", !t.special);
-      if (t.content.empty()) r.fail(aw + ".content", "must not be empty");
       const auto index = static_cast<int32_t>(impl->added.size());
+      // A normalized token is matched, decoded and named by id in its normalized form.
+      std::string form = t.content;
       if (t.normalized) {
-        std::string pattern = t.content;
-        if (impl->normalizer) normalize(*impl->normalizer, pattern);
-        impl->normalized_matcher.add(pattern, index);
+        if (impl->normalizer) normalize(*impl->normalizer, form);
+        impl->normalized_matcher.add(form, index);
       } else {
         impl->raw_matcher.add(t.content, index);
       }
       impl->added_by_content[t.content] = t.id;
-      impl->added_by_id[t.id] = t.content;
+      impl->added_by_id[t.id] = form;
       if (t.special) impl->special_contents.insert(t.content);
       impl->added.push_back(std::move(t));
     }
