@@ -102,8 +102,8 @@ train::JobOptions job_options(const TrainConfig& c) {
 
 data::PrepareOptions prepare_options(const TrainConfig& c) {
   data::PrepareOptions o;
-  o.dataset = config_split_list(c.dataset);
-  o.eval_dataset = config_split_list(c.eval_dataset);
+  if (!c.dataset.empty()) o.dataset = config_split_list(c.dataset);
+  if (!c.eval_dataset.empty()) o.eval_dataset = config_split_list(c.eval_dataset);
   o.model_dir = c.model_name_or_path;
   o.template_name = c.template_name;
   o.formatting = c.formatting;

@@ -64,6 +64,7 @@ Loaded load_files(const std::vector<std::string>& files, const TemplateTokenizer
     SftReport r;
     std::vector<Sample> samples = sft_dataset_load(file, tokenizer, chat_template, options, &r);
     for (Sample& s : samples) out.samples.push_back(std::move(s));
+    out.report.formatting = r.formatting;
     out.report.rows_read += r.rows_read;
     out.report.samples += r.samples;
     out.report.skipped += r.skipped;
@@ -89,8 +90,12 @@ PrepareCounts counts_of(const std::vector<Sample>& samples, const TokenRows& row
 std::string counts_line(const char* name, const PrepareCounts& c) {
   std::ostringstream os;
   os << "  " << name << ": " << c.rows << " rows x " << c.seq_len << " tokens from " << c.samples
-     << " samples (" << c.rows_read << " rows read, " << c.skipped << " skipped, " << c.truncated
-     << " truncated); " << c.tokens << " tokens, " << c.target_tokens << " with a label; "
+     << " samples (";
+  if (c.rows_read > 0)
+    os << c.rows_read << " rows read, " << c.skipped << " skipped, ";
+  else
+    os << "held out of the training rows by data.val_size, ";
+  os << c.truncated << " truncated); " << c.tokens << " tokens, " << c.target_tokens << " with a label; "
      << "padding efficiency " << static_cast<int>(c.packing_efficiency * 1000 + 0.5) / 10.0
      << "%\n";
   return os.str();
