@@ -58,12 +58,27 @@ fi
 
 # LLaMA-Factory (a reference for the dataset tests) in a target directory of its own, linked as
 # .venv-extras: its declared deps would move the venv's torch/transformers/peft pins.
-lf_key=$( (cat scripts/requirements-llamafactory.txt; "$py" --version) | sha256sum | cut -c1-12)
+llama_cpp_version=0.3.36
+lf_key=$( (cat scripts/requirements-llamafactory.txt; echo "llama-cpp-python $llama_cpp_version"
+  "$py" --version) | sha256sum | cut -c1-12)
 lf=$cache/llamafactory-$lf_key
 if [ ! -f "$lf/.complete" ]; then
   log "installing LLaMA-Factory and datasets into $lf"
   tmp=$(mktemp -d "$cache/llamafactory-tmp.XXXXXX")
   "$venv/bin/pip" install -q --no-deps --no-compile --target "$tmp" -r scripts/requirements-llamafactory.txt
+  # Real jinja chat templates (ChatML, Llama-3-Instruct) for the template tests: the one file of
+  # llama-cpp-python's source that holds them, read as text (its sdist; nothing is built).
+  "$venv/bin/pip" download -q --no-deps --no-binary :all: -d "$tmp/sdist" "llama-cpp-python==$llama_cpp_version"
+  "$venv/bin/python" - "$tmp" <<'PY'
+import glob, os, sys, tarfile
+tmp = sys.argv[1]
+with tarfile.open(glob.glob(os.path.join(tmp, "sdist", "llama_cpp_python-*.tar.gz"))[0]) as t:
+    member = next(m for m in t.getmembers() if m.name.endswith("/llama_cpp/llama_chat_format.py"))
+    os.makedirs(os.path.join(tmp, "chat_templates"), exist_ok=True)
+    with open(os.path.join(tmp, "chat_templates", "llama_chat_format.py"), "wb") as f:
+        f.write(t.extractfile(member).read())
+PY
+  rm -rf "$tmp/sdist"
   publish "$tmp" "$lf"
 fi
 ln -sfn "$lf" .venv-extras

@@ -41,3 +41,64 @@ def supervised_processor():
     load()
     from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
     return SupervisedDatasetProcessor
+
+
+
+def tokenizer_and_template(model_dir, template, **data_kw):
+    """A transformers tokenizer of model_dir fixed by LLaMA-Factory's get_template_and_fix_tokenizer,
+    the template, and the data_args it read."""
+    load()
+    from transformers import AutoTokenizer
+    from llamafactory.data.template import get_template_and_fix_tokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # DataArguments' defaults for the fields the template, converters and processors read (its
+    # module pulls in llamafactory.hparams, which needs omegaconf and more that we do not use).
+    fields = dict(template=template, cutoff_len=2048, train_on_prompt=False, mask_history=False,
+                  tool_format=None, default_system=None, enable_thinking=True, preserve_thinking=False,
+                  packing=False, neat_packing=False, media_dir=None, streaming=False)
+    fields.update(data_kw)
+    data_args = types.SimpleNamespace(**fields)
+    return tok, get_template_and_fix_tokenizer(tok, data_args), data_args
+
+
+def dataset_attr(formatting):
+    """The dataset_info.json entry a user writes for each of our formattings."""
+    from llamafactory.data.parser import DatasetAttr
+    if formatting == "alpaca":
+        attr = DatasetAttr("file", "t", formatting="alpaca")
+        attr.system, attr.history = "system", "history"
+    elif formatting == "sharegpt":
+        attr = DatasetAttr("file", "t", formatting="sharegpt")
+        attr.system = "system"
+    elif formatting == "openai":  # LLaMA-Factory's documented OpenAI-style sharegpt tags
+        attr = DatasetAttr("file", "t", formatting="sharegpt")
+        attr.messages, attr.system = "messages", "system"
+        attr.role_tag, attr.content_tag = "role", "content"
+        attr.user_tag, attr.assistant_tag, attr.system_tag = "user", "assistant", "system"
+    elif formatting == "text":  # pre-training: {"columns": {"prompt": "text"}}
+        attr = DatasetAttr("file", "t", formatting="alpaca")
+        attr.prompt, attr.query, attr.response = "text", None, None
+    else:
+        raise ValueError(formatting)
+    return attr
+
+
+def samples(model_dir, rows, template, formatting, **data_kw):
+    """LLaMA-Factory's (input_ids, labels) of each row: its converter for `formatting`, then
+    SupervisedDatasetProcessor (PretrainDatasetProcessor for text)."""
+    from llamafactory.data.converter import get_dataset_converter
+    from llamafactory.data.processor import PretrainDatasetProcessor, SupervisedDatasetProcessor
+    tok, tmpl, data_args = tokenizer_and_template(model_dir, template, **data_kw)
+    attr = dataset_attr(formatting)
+    converter = get_dataset_converter(attr.formatting, attr, data_args)
+    columns = [c for c in (attr.prompt, attr.query, attr.response, attr.history, attr.messages, attr.system) if c]
+    # datasets' JSON loader gives every row every column (None where absent); do the same.
+    converted = [converter({c: row.get(c) for c in set(columns) | set(row)}) for row in rows]
+    batch = {k: [c[k] for c in converted] for k in converted[0]}
+    if formatting == "text":
+        out = PretrainDatasetProcessor(template=tmpl, tokenizer=tok, processor=None, data_args=data_args)
+        res = out.preprocess_dataset(batch)
+        return [(ids, list(ids)) for ids in res["input_ids"]]  # the collator labels every token
+    proc = SupervisedDatasetProcessor(template=tmpl, tokenizer=tok, processor=None, data_args=data_args)
+    res = proc.preprocess_dataset(batch)
+    return list(zip(res["input_ids"], res["labels"]))

@@ -16,38 +16,24 @@ Environment: QLORA_SMOLLM2_DIR (default <repo>/.models/smollm2) and QLORA_LF_PAT
 holding llamafactory and its extra packages (default <repo>/.venv-extras; several joined by ':').
 """
 import ast
-import importlib.machinery
-import importlib.util
 import json
 import os
-import sys
-import types
 
 import pytest
 
+import llamafactory_ref
 from conftest import binary, run
 
 REPO = os.environ.get("QLORA_SOURCE_DIR") or os.path.join(os.path.dirname(__file__), "..", "..")
 SMOL = os.environ.get("QLORA_SMOLLM2_DIR") or os.path.join(REPO, ".models", "smollm2")
-LF_PATH = os.environ.get("QLORA_LF_PATH") or os.path.join(REPO, ".venv-extras")
 TEMPLATES = ["default", "alpaca", "chatml", "qwen", "llama2", "llama3", "mistral", "smollm2", "empty"]
 
 
 def _import_llamafactory():
-    for p in reversed([p for p in LF_PATH.split(os.pathsep) if p]):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    # llamafactory's mm_plugin imports torchaudio, which has no wheel for torch 2.15. We never use
-    # audio, so an empty module (with a spec, which transformers' availability check reads) stands in.
-    if "torchaudio" not in sys.modules:
-        stub = types.ModuleType("torchaudio")
-        stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
-        sys.modules["torchaudio"] = stub
     try:
-        import llamafactory.data.template  # noqa: F401
+        llamafactory_ref.load()
     except ImportError as e:
-        pytest.fail(f"cannot import llamafactory from QLORA_LF_PATH={LF_PATH} ({e}); "
-                    "scripts/setup.sh installs it into <repo>/.venv-extras")
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,61 +43,12 @@ def _lf():
     _import_llamafactory()
 
 
-# ---- LLaMA-Factory's side ----
-
 def lf_tokenizer_and_template(template, **data_kw):
-    from transformers import AutoTokenizer
-    from llamafactory.data.template import get_template_and_fix_tokenizer
-    tok = AutoTokenizer.from_pretrained(SMOL)
-    # DataArguments' defaults for the fields the template, converters and processors read (its
-    # module pulls in llamafactory.hparams, which needs omegaconf and more that we do not use).
-    fields = dict(template=template, cutoff_len=2048, train_on_prompt=False, mask_history=False,
-                  tool_format=None, default_system=None, enable_thinking=True, preserve_thinking=False,
-                  packing=False, neat_packing=False, media_dir=None, streaming=False)
-    fields.update(data_kw)
-    data_args = types.SimpleNamespace(**fields)
-    return tok, get_template_and_fix_tokenizer(tok, data_args), data_args
-
-
-def lf_dataset_attr(formatting):
-    """The dataset_info.json entry a user writes for each of our formattings."""
-    from llamafactory.data.parser import DatasetAttr
-    if formatting == "alpaca":
-        attr = DatasetAttr("file", "t", formatting="alpaca")
-        attr.system, attr.history = "system", "history"
-    elif formatting == "sharegpt":
-        attr = DatasetAttr("file", "t", formatting="sharegpt")
-        attr.system = "system"
-    elif formatting == "openai":  # LLaMA-Factory's documented OpenAI-style sharegpt tags
-        attr = DatasetAttr("file", "t", formatting="sharegpt")
-        attr.messages, attr.system = "messages", "system"
-        attr.role_tag, attr.content_tag = "role", "content"
-        attr.user_tag, attr.assistant_tag, attr.system_tag = "user", "assistant", "system"
-    elif formatting == "text":  # pre-training: {"columns": {"prompt": "text"}}
-        attr = DatasetAttr("file", "t", formatting="alpaca")
-        attr.prompt, attr.query, attr.response = "text", None, None
-    else:
-        raise ValueError(formatting)
-    return attr
+    return llamafactory_ref.tokenizer_and_template(SMOL, template, **data_kw)
 
 
 def lf_samples(rows, template, formatting, **data_kw):
-    from llamafactory.data.converter import get_dataset_converter
-    from llamafactory.data.processor import PretrainDatasetProcessor, SupervisedDatasetProcessor
-    tok, tmpl, data_args = lf_tokenizer_and_template(template, **data_kw)
-    attr = lf_dataset_attr(formatting)
-    converter = get_dataset_converter(attr.formatting, attr, data_args)
-    columns = [c for c in (attr.prompt, attr.query, attr.response, attr.history, attr.messages, attr.system) if c]
-    # datasets' JSON loader gives every row every column (None where absent); do the same.
-    converted = [converter({c: row.get(c) for c in set(columns) | set(row)}) for row in rows]
-    batch = {k: [c[k] for c in converted] for k in converted[0]}
-    if formatting == "text":
-        out = PretrainDatasetProcessor(template=tmpl, tokenizer=tok, processor=None, data_args=data_args)
-        res = out.preprocess_dataset(batch)
-        return [(ids, list(ids)) for ids in res["input_ids"]]  # the collator labels every token
-    proc = SupervisedDatasetProcessor(template=tmpl, tokenizer=tok, processor=None, data_args=data_args)
-    res = proc.preprocess_dataset(batch)
-    return list(zip(res["input_ids"], res["labels"]))
+    return llamafactory_ref.samples(SMOL, rows, template, formatting, **data_kw)
 
 
 # ---- ours ----
@@ -228,12 +165,12 @@ def test_bad_rows_are_the_rows_llamafactory_drops(tmp_path):
 # ---- prompt ids against transformers' apply_chat_template with real jinja templates ----
 
 def _llama_cpp_templates():
-    """The chat template strings of llama-cpp-python's llama_chat_format.py, read as text (no
-    import: it would load the native library)."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    path = os.path.join(list(spec.submodule_search_locations)[0], "llama_chat_format.py")
+    """The chat template strings of llama-cpp-python's llama_chat_format.py (0.3.36), which
+    scripts/setup.sh takes from its source distribution into <extras>/chat_templates, read as
+    text (never imported)."""
+    path = os.path.join(llamafactory_ref.LF_PATH, "chat_templates", "llama_chat_format.py")
+    if not os.path.isfile(path):
+        pytest.fail(f"{path} is missing: scripts/setup.sh puts it there")
     consts = {}
     for node in ast.parse(open(path, encoding="utf-8").read()).body:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
@@ -269,10 +206,8 @@ def _jinja_ids(tok, chat_template, messages, add_generation_prompt):
 def _jinja_cases():
     consts = _llama_cpp_templates()
     cases = [("smollm2", None)]  # None: the tokenizer's own chat_template.jinja
-    if "CHATML_CHAT_TEMPLATE" in consts:
-        cases += [("chatml", consts["CHATML_CHAT_TEMPLATE"]), ("qwen", consts["CHATML_CHAT_TEMPLATE"])]
-    if "LLAMA3_INSTRUCT_CHAT_TEMPLATE" in consts:
-        cases.append(("llama3", consts["LLAMA3_INSTRUCT_CHAT_TEMPLATE"]))
+    cases += [("chatml", consts["CHATML_CHAT_TEMPLATE"]), ("qwen", consts["CHATML_CHAT_TEMPLATE"])]
+    cases.append(("llama3", consts["LLAMA3_INSTRUCT_CHAT_TEMPLATE"]))
     cases += [("default", "llamafactory"), ("alpaca", "llamafactory")]
     return cases
 
