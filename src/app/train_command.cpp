@@ -118,8 +118,14 @@ void phase1(Checked& r, const std::string& command, const std::string& ini,
         // A half-written pair (a crash between the two files) is made again.
         fs::remove(train_h5);
         fs::remove(eval_h5);
-        const data::PrepareReport report =
-            data::prepare_write(prep, train_h5.string(), has_eval ? eval_h5.string() : "");
+        data::PrepareReport report;
+        try {
+          report = data::prepare_write(prep, train_h5.string(), has_eval ? eval_h5.string() : "");
+        } catch (...) {
+          fs::remove(train_h5, ec);  // a train file without its eval file is no cache entry
+          fs::remove(dir, ec);       // only when empty: tokenized_path may hold other files
+          throw;
+        }
         std::printf("data: tokenized into %s\n%s", dir.c_str(), report.summary().c_str());
       }
       std::fflush(stdout);

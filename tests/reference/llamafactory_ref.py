@@ -86,6 +86,7 @@ def dataset_attr(formatting):
 def samples(model_dir, rows, template, formatting, **data_kw):
     """LLaMA-Factory's (input_ids, labels) of each row: its converter for `formatting`, then
     SupervisedDatasetProcessor (PretrainDatasetProcessor for text)."""
+    load()
     from llamafactory.data.converter import get_dataset_converter
     from llamafactory.data.processor import PretrainDatasetProcessor, SupervisedDatasetProcessor
     tok, tmpl, data_args = tokenizer_and_template(model_dir, template, **data_kw)
