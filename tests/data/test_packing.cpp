@@ -67,7 +67,9 @@ std::vector<std::vector<int64_t>> rows_decode(const TokenRows& t, const std::vec
         if (c >= t.seq_len) return out;
         EXPECT_EQ(t.input_ids[k], smp.input_ids[p]) << "row " << r << " col " << c;
         EXPECT_EQ(t.labels[k], smp.labels[p]) << "row " << r << " col " << c;
-        if (neat) EXPECT_EQ(t.position_ids[k], static_cast<int32_t>(p)) << "row " << r;
+        if (neat) {
+          EXPECT_EQ(t.position_ids[k], static_cast<int32_t>(p)) << "row " << r;
+        }
       }
       row.push_back(i);
     }
@@ -75,7 +77,9 @@ std::vector<std::vector<int64_t>> rows_decode(const TokenRows& t, const std::vec
       const size_t k = static_cast<size_t>(r * t.seq_len + c);
       EXPECT_EQ(t.input_ids[k], pad) << "row " << r << " col " << c;
       EXPECT_EQ(t.labels[k], kIgnoreLabel) << "row " << r << " col " << c;
-      if (neat) EXPECT_EQ(t.position_ids[k], 0) << "pad position, row " << r << " col " << c;
+      if (neat) {
+        EXPECT_EQ(t.position_ids[k], 0) << "pad position, row " << r << " col " << c;
+      }
     }
     out.push_back(row);
   }

@@ -13,11 +13,10 @@ embeddings):
   - `qlora_dist export` merges base + adapter; transformers loads the result without peft and
     its logits match ours;
   - neat-packed rows (position ids restarting per sample, pads at position 0): our logits and
-    loss equal transformers' given the same position_ids, both with no attention mask (its own
-    packed-sequence detection) and with LLaMA-Factory's 4-D block-diagonal mask from its
-    collator's prepare_4d_attention_mask (there on the sample tokens only: LLaMA-Factory masks a
-    pad query from every key, so its pad logits are an average over all values; they carry no
-    loss).
+    loss equal transformers' given the same position_ids and the 4-D block-diagonal causal mask
+    (every pad a one-token sample), and given LLaMA-Factory's own mask from its collator's
+    prepare_4d_attention_mask (there on the sample tokens only: LLaMA-Factory masks a pad query
+    from every key, so its pad logits are an average over all values; they carry no loss).
 Tolerances (fp32 throughout): logits and loss rtol 2e-5 / atol 2e-5 relative to the largest
 logit; gradients atol 1e-5 * max|grad| + rtol 1e-4. Both sides do the same math in float32 but
 in different orders (MKL GEMM blocking, our SDPA vs transformers' eager attention softmax, our
@@ -254,6 +253,16 @@ def packed_batch(setup):
     return ids, labels, pos, seg
 
 
+def block_diagonal_mask(pos):
+    """The 4-D additive mask [B, 1, T, T] of packed rows: query t sees key j <= t of its own
+    sample (a sample starts where its position id is 0; a pad is a sample of one token)."""
+    seg = (pos == 0).cumsum(-1)
+    t = pos.shape[1]
+    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    zero = torch.tensor(0.0)
+    return torch.where(allowed, zero, torch.finfo(torch.float32).min)[:, None]
+
+
 def test_neat_packed_logits_and_loss(setup):
     torch.set_num_threads(1)
     ids, labels, pos, seg = packed_batch(setup)
@@ -263,12 +272,13 @@ def test_neat_packed_logits_and_loss(setup):
     m = ref_model(setup)
     name = setup["name"]
     with torch.no_grad():
-        auto = m(input_ids=ids, position_ids=pos, labels=labels)  # no mask: found from positions
+        ref = m(input_ids=ids, attention_mask=block_diagonal_mask(pos), position_ids=pos,
+                labels=labels)
         plain = m(input_ids=ids).logits
-    ok, diff = close(ours["logits"], auto.logits, 2e-5, 2e-5)
-    assert ok, f"{name}: packed logits differ from transformers' (position_ids, no mask) by {diff}"
-    ok, _ = close(ours["loss"], auto.loss.reshape(1), 2e-5, 2e-5)
-    assert ok, f"{name}: packed loss {ours['loss'].item()} vs {auto.loss.item()}"
+    ok, diff = close(ours["logits"], ref.logits, 2e-5, 2e-5)
+    assert ok, f"{name}: packed logits differ from transformers' (position_ids, 4-D mask) by {diff}"
+    ok, _ = close(ours["loss"], ref.loss.reshape(1), 2e-5, 2e-5)
+    assert ok, f"{name}: packed loss {ours['loss'].item()} vs {ref.loss.item()}"
     # The comparison can fail: as one causal sequence, the later samples' logits are far off.
     _, off = close(ours["logits"], plain, 2e-5, 2e-5)
     assert off > 100 * 2e-5 * plain.abs().max().item(), f"{name}: packing changed nothing ({off})"
@@ -282,7 +292,7 @@ def test_neat_packed_logits_and_loss(setup):
         assert ok, f"{name}: packed logits differ from LLaMA-Factory's 4-D mask run by {diff_lf}"
         ok, _ = close(ours["loss"], lf.loss.reshape(1), 2e-5, 2e-5)
         assert ok, f"{name}: packed loss {ours['loss'].item()} vs {lf.loss.item()} (LF mask)"
-        msg += f", with LLaMA-Factory's mask {diff_lf:.3g}"
+        msg += f", with LLaMA-Factory's mask {diff_lf:.3g} on sample tokens"
     else:
         msg += f"; LLaMA-Factory's mask not checked: {lf_missing_reason()}"
     print(msg)

@@ -79,7 +79,7 @@ def ours(tmp_path, samples, mode, cutoff_len, pad_id, vocab, group):
     src = tmp_path / f"samples_{mode}_{cutoff_len}_{group}.json"
     src.write_text(json.dumps(samples))
     out = tmp_path / f"rows_{mode}_{cutoff_len}_{group}.h5"
-    res = run([binary("pack_probe"), src, out, mode, cutoff_len, pad_id, vocab, group])
+    res = run([binary("pack_probe"), *map(str, (src, out, mode, cutoff_len, pad_id, vocab, group))])
     report = json.loads(res.stdout)
     with h5py.File(out, "r") as f:
         rows = {k: f[k][()].astype(np.int64) for k in f.keys()}
