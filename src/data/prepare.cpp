@@ -154,7 +154,10 @@ PrepareReport prepare_write(const PrepareOptions& o, const std::string& train_ou
 
   SftOptions so;
   so.formatting = formatting_from_name(o.formatting);
-  so.cutoff_len = o.cutoff_len;
+  // LLaMA-Factory's DataArguments lowers cutoff_len by one when packing (a packed row of
+  // cutoff_len tokens holds at most cutoff_len - 1 sample tokens), and its processors truncate to
+  // that value.
+  so.cutoff_len = o.packing || o.neat_packing ? o.cutoff_len - 1 : o.cutoff_len;
   so.train_on_prompt = o.train_on_prompt;
   so.mask_history = o.mask_history;
   if (o.max_samples > 0) so.max_samples = o.max_samples;

@@ -2,8 +2,6 @@
 import importlib
 import os
 import subprocess
-import sys
-import types
 
 import pytest
 
@@ -142,26 +140,12 @@ def bnb_reference_model(path):
 # LLaMA-Factory's source (the directory holding the `llamafactory` package), for tests that run
 # its data processing code; its package __init__ files need `datasets` and more, so modules are
 # imported one by one (lf_module).
-LF_DIR = os.environ.get("QLORA_LLAMAFACTORY_DIR", "/tmp/lf")
-LF_PKG = os.path.join(LF_DIR, "llamafactory")
-
-
-def lf_available():
-    return os.path.isfile(os.path.join(LF_PKG, "data", "processor", "supervised.py"))
-
-
-def lf_missing_reason():
-    return f"LLaMA-Factory source not found at {LF_PKG} (set QLORA_LLAMAFACTORY_DIR)"
-
-
 def lf_module(name):
-    """llamafactory.<name> from the source tree, its parent packages empty namespace modules so
-    that no package __init__ (which imports `datasets`, trl, ...) runs."""
-    parts = name.split(".")
-    for i in range(len(parts)):
-        pkg = ".".join(["llamafactory"] + parts[:i])
-        if pkg not in sys.modules:
-            m = types.ModuleType(pkg)
-            m.__path__ = [os.path.join(LF_PKG, *parts[:i])]
-            sys.modules[pkg] = m
+    """llamafactory.<name> from the LLaMA-Factory that scripts/setup.sh installs (see
+    llamafactory_ref); a missing install fails the test that asks for it."""
+    import llamafactory_ref
+    try:
+        llamafactory_ref.load()
+    except ImportError as e:
+        pytest.fail(str(e))
     return importlib.import_module("llamafactory." + name)

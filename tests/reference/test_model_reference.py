@@ -33,8 +33,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import (binary, bnb_reference_model, lf_available, lf_missing_reason,  # noqa: E402
-                      lf_module, run, use_generic_bnb_cpu_dequantize)
+from conftest import (binary, bnb_reference_model, lf_module, run,  # noqa: E402
+                      use_generic_bnb_cpu_dequantize)
 
 use_generic_bnb_cpu_dequantize()
 
@@ -283,16 +283,13 @@ def test_neat_packed_logits_and_loss(setup):
     _, off = close(ours["logits"], plain, 2e-5, 2e-5)
     assert off > 100 * 2e-5 * plain.abs().max().item(), f"{name}: packing changed nothing ({off})"
     msg = f"\n{name}: packed logits max diff {diff:.3g} (vs one causal sequence: {off:.3g})"
-    if lf_available():
-        mask = lf_module("data.collator").prepare_4d_attention_mask(seg, torch.float32)
-        with torch.no_grad():
-            lf = m(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
-        real = seg != 0
-        ok, diff_lf = close(ours["logits"][real], lf.logits[real], 2e-5, 2e-5)
-        assert ok, f"{name}: packed logits differ from LLaMA-Factory's 4-D mask run by {diff_lf}"
-        ok, _ = close(ours["loss"], lf.loss.reshape(1), 2e-5, 2e-5)
-        assert ok, f"{name}: packed loss {ours['loss'].item()} vs {lf.loss.item()} (LF mask)"
-        msg += f", with LLaMA-Factory's mask {diff_lf:.3g} on sample tokens"
-    else:
-        msg += f"; LLaMA-Factory's mask not checked: {lf_missing_reason()}"
+    mask = lf_module("data.collator").prepare_4d_attention_mask(seg, torch.float32)
+    with torch.no_grad():
+        lf = m(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
+    real = seg != 0
+    ok, diff_lf = close(ours["logits"][real], lf.logits[real], 2e-5, 2e-5)
+    assert ok, f"{name}: packed logits differ from LLaMA-Factory's 4-D mask run by {diff_lf}"
+    ok, _ = close(ours["loss"], lf.loss.reshape(1), 2e-5, 2e-5)
+    assert ok, f"{name}: packed loss {ours['loss'].item()} vs {lf.loss.item()} (LF mask)"
+    msg += f", with LLaMA-Factory's mask {diff_lf:.3g} on sample tokens"
     print(msg)

@@ -3,16 +3,15 @@
 - greedy_knapsack: processor_utils.py loaded by file path (it imports only the standard library
   at run time); the sample lengths of each of our neat rows (read from the position ids) must be
   its bins, in its order.
-- PackedSupervisedDatasetProcessor.preprocess_dataset (supervised.py, imported without the
-  package's __init__ files, which need `datasets`), fed our samples through its
+- PackedSupervisedDatasetProcessor.preprocess_dataset (supervised.py), fed our samples through its
   _encode_data_example, run per group of preprocessing_batch_size samples as datasets.map does:
   input_ids, labels and (neat) position_ids of every row must equal ours exactly; samples longer
   than cutoff_len - 1 are dropped by both. Plain packing: LLaMA-Factory also emits restarting
   position ids (with an all-ones attention mask); ours writes none (positions 0..T-1), so only
   ids and labels are compared there.
 
-LLaMA-Factory's source is found at $QLORA_LLAMAFACTORY_DIR (the directory holding the
-`llamafactory` package; default /tmp/lf); without it the test is skipped and says so.
+LLaMA-Factory is the one scripts/setup.sh installs (tests/reference/llamafactory_ref.py); without
+it the test fails and says so.
 """
 import importlib.util
 import json
@@ -24,13 +23,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import LF_PKG, binary, lf_available, lf_missing_reason, lf_module, run
-
-pytestmark = pytest.mark.skipif(not lf_available(), reason=lf_missing_reason())
+from conftest import binary, lf_module, run
 
 
 def lf_greedy_knapsack():
-    path = os.path.join(LF_PKG, "data", "processor", "processor_utils.py")
+    path = os.path.join(os.path.dirname(lf_module("data").__file__), "processor", "processor_utils.py")
     spec = importlib.util.spec_from_file_location("lf_processor_utils", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there

@@ -153,13 +153,16 @@ def test_prep_neat_packing_segments_are_llamafactory_samples(tmp_path, model_dir
     rows = real_conversations(40)
     data = tmp_path / "conv.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    want = llamafactory_ref.samples(str(model_dir), rows, "smollm2", "sharegpt", cutoff_len=512)
-    ini = write_ini(tmp_path / "cfg.ini", model_dir, data, tmp_path / "run", cutoff_len=512,
+    # LLaMA-Factory truncates packed samples to cutoff_len - 1 (DataArguments.__post_init__);
+    # 200 makes several samples that long.
+    want = llamafactory_ref.samples(str(model_dir), rows, "smollm2", "sharegpt", cutoff_len=199)
+    assert any(len(ids) == 199 for ids, _ in want)
+    ini = write_ini(tmp_path / "cfg.ini", model_dir, data, tmp_path / "run", cutoff_len=200,
                     neat_packing="true")
     res = prep(ini, tmp_path / "packed.h5")
     assert res.returncode == 0, res.stderr
     got, attrs = read_rows(tmp_path / "packed.h5")
-    assert attrs["packing"] == "neat_packing" and got["input_ids"].shape[1] == 512
+    assert attrs["packing"] == "neat_packing" and got["input_ids"].shape[1] == 200
     assert got["input_ids"].shape[0] < len(want)  # packed: fewer rows than samples
     segments = []
     for ids, labels, pos in zip(got["input_ids"], got["labels"], got["position_ids"]):
