@@ -231,4 +231,45 @@ void token_rows_write(const std::string& path, const TokenRows& rows, int64_t vo
   });
 }
 
+TokenRows rows_chunk(const std::vector<Sample>& samples, int64_t block_size,
+                     std::optional<int32_t> bos, PackReport* report, int64_t group_samples) {
+  if (block_size < 1)
+    throw std::invalid_argument("rows_chunk: block size " + std::to_string(block_size) +
+                                " (expected >= 1)");
+  if (group_samples < 1)
+    throw std::invalid_argument("rows_chunk: group size " + std::to_string(group_samples) +
+                                " (expected >= 1)");
+  TokenRows out;
+  out.seq_len = block_size;
+  const auto n = static_cast<int64_t>(samples.size());
+  for (int64_t g0 = 0; g0 < n; g0 += group_samples) {
+    std::vector<int32_t> ids, labels;  // the group's documents, concatenated
+    for (int64_t i = g0; i < std::min(n, g0 + group_samples); ++i) {
+      const Sample& s = samples[static_cast<size_t>(i)];
+      if (s.input_ids.size() != s.labels.size())
+        throw std::invalid_argument("rows_chunk: sample " + std::to_string(i) + " has " +
+                                    std::to_string(s.input_ids.size()) + " ids but " +
+                                    std::to_string(s.labels.size()) + " labels");
+      ids.insert(ids.end(), s.input_ids.begin(), s.input_ids.end());
+      labels.insert(labels.end(), s.labels.begin(), s.labels.end());
+    }
+    const int64_t blocks = static_cast<int64_t>(ids.size()) / block_size;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const auto at = static_cast<size_t>(b * block_size);
+      const auto row = out.input_ids.size();
+      out.input_ids.insert(out.input_ids.end(), ids.begin() + at, ids.begin() + at + block_size);
+      out.labels.insert(out.labels.end(), labels.begin() + at, labels.begin() + at + block_size);
+      if (bos) out.input_ids[row] = out.labels[row] = *bos;
+      ++out.rows;
+    }
+  }
+  if (report) {
+    *report = PackReport{};
+    report->samples = n;
+    report->rows = out.rows;
+    report->tokens = out.rows * block_size;
+  }
+  return out;
+}
+
 }  // namespace qlora::data

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,15 @@ TokenRows rows_pad(const std::vector<Sample>& samples, int32_t pad_token_id,
 TokenRows rows_pack(const std::vector<Sample>& samples, int64_t cutoff_len, bool neat,
                     int32_t pad_token_id, PackReport* report = nullptr,
                     int64_t group_samples = kPackGroupSamples);
+
+// LLaMA-Factory 0.9.5's PretrainDatasetProcessor with packing: per group of `group_samples`
+// documents (samples), their tokens concatenated and cut into rows of `block_size` tokens (the
+// group's remainder dropped); labels as the documents' (every token for text); with `bos`, each
+// row's first token (and label) replaced by it. No padding, no position ids. report: samples =
+// documents, tokens = rows * block_size.
+TokenRows rows_chunk(const std::vector<Sample>& samples, int64_t block_size,
+                     std::optional<int32_t> bos, PackReport* report = nullptr,
+                     int64_t group_samples = kPackGroupSamples);
 
 // The bins greedy_knapsack forms from `lengths` (sample indices, in the order each bin takes
 // them) for a capacity; every length must be <= capacity. Exposed for tests.

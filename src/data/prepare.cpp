@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
+#include <optional>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -75,16 +77,31 @@ Loaded load_files(const std::vector<std::string>& files, const TemplateTokenizer
   return out;
 }
 
-PrepareCounts counts_of(const std::vector<Sample>& samples, const TokenRows& rows,
-                        const PackReport& pack) {
-  PrepareCounts c;
-  c.samples = static_cast<int64_t>(samples.size()) - pack.samples_dropped;
-  c.rows = rows.rows;
-  c.seq_len = rows.seq_len;
-  c.tokens = pack.tokens;
-  for (const int32_t l : rows.labels) c.target_tokens += l != kIgnoreLabel;
-  c.packing_efficiency = pack.efficiency();
-  return c;
+// Whether the rows of `files` are text (pre-training) documents: the formatting asked for, or
+// for auto the one the first row shows.
+bool is_text(Formatting formatting, const std::vector<std::string>& files) {
+  if (formatting == Formatting::automatic && !files.empty()) {
+    const std::vector<JsonRow> first = read_json_rows(files.front(), 1);
+    if (!first.empty()) formatting = detect_formatting(first.front());
+  }
+  return formatting == Formatting::text;
+}
+
+// The rows `which` of `rows`, in that order.
+TokenRows rows_select(const TokenRows& rows, const std::vector<int64_t>& which) {
+  TokenRows out;
+  out.rows = static_cast<int64_t>(which.size());
+  out.seq_len = rows.seq_len;
+  const auto T = static_cast<size_t>(rows.seq_len);
+  for (const int64_t r : which) {
+    const auto at = static_cast<size_t>(r) * T;
+    out.input_ids.insert(out.input_ids.end(), rows.input_ids.begin() + at, rows.input_ids.begin() + at + T);
+    out.labels.insert(out.labels.end(), rows.labels.begin() + at, rows.labels.begin() + at + T);
+    if (!rows.position_ids.empty())
+      out.position_ids.insert(out.position_ids.end(), rows.position_ids.begin() + at,
+                              rows.position_ids.begin() + at + T);
+  }
+  return out;
 }
 
 std::string counts_line(const char* name, const PrepareCounts& c) {
@@ -151,90 +168,144 @@ PrepareReport prepare_write(const PrepareOptions& o, const std::string& train_ou
       [&](std::string_view text) { return tokenizer.encode(text, false); },
       [&](std::string_view token) { return tokenizer.token_to_id(token); },
       tokenizer.vocab_size(), config, chat_template);
+  const bool packing = o.packing || o.neat_packing;
+  const int32_t pad_id =
+      config.pad_token ? token_id_or_throw(tokenizer, *config.pad_token, "pad_token", o.model_dir)
+                       : template_tokenizer.eos_token_id().value_or(0);
 
   SftOptions so;
   so.formatting = formatting_from_name(o.formatting);
   // LLaMA-Factory's DataArguments lowers cutoff_len by one when packing (a packed row of
-  // cutoff_len tokens holds at most cutoff_len - 1 sample tokens), and its processors truncate to
-  // that value.
-  so.cutoff_len = o.packing || o.neat_packing ? o.cutoff_len - 1 : o.cutoff_len;
+  // cutoff_len tokens holds at most cutoff_len - 1 sample tokens); its processors use that.
+  so.cutoff_len = packing ? o.cutoff_len - 1 : o.cutoff_len;
   so.train_on_prompt = o.train_on_prompt;
   so.mask_history = o.mask_history;
   if (o.max_samples > 0) so.max_samples = o.max_samples;
   so.skip_bad = o.skip_bad;
 
   PrepareReport report;
-  Loaded train = load_files(o.dataset, template_tokenizer, chat_template, so, report.skipped_rows);
-  Loaded eval;
-  if (!o.eval_dataset.empty()) {
-    eval = load_files(o.eval_dataset, template_tokenizer, chat_template, so, report.skipped_rows);
-  } else if (o.val_size > 0) {
-    const TrainValSplit split =
-        split_train_val(static_cast<int64_t>(train.samples.size()), o.val_size, o.seed);
-    std::vector<Sample> kept;
-    for (const int64_t i : split.val) eval.samples.push_back(train.samples[i]);
-    for (const int64_t i : split.train) kept.push_back(std::move(train.samples[i]));
-    train.samples = std::move(kept);
-  }
   report.has_eval = !eval_out.empty();
-  if (!o.dataset.empty() && train.samples.empty())
-    throw std::invalid_argument(join(o.dataset) + ": no training samples left (" +
-                                std::to_string(train.report.rows_read) + " rows read, " +
-                                std::to_string(train.report.skipped) + " skipped" +
-                                (o.val_size > 0 ? ", the rest held out by data.val_size" : "") +
+  Formatting formatting_used = so.formatting;
+
+  // Samples of a list of files. Text (pre-training) documents with packing are not cut: they
+  // are concatenated and cut into blocks afterwards (rows_of).
+  auto load = [&](const std::vector<std::string>& files, bool text_packing, PrepareCounts& counts) {
+    SftOptions fo = so;
+    if (text_packing) fo.cutoff_len = std::numeric_limits<int32_t>::max();
+    Loaded loaded = load_files(files, template_tokenizer, chat_template, fo, report.skipped_rows);
+    counts.rows_read = loaded.report.rows_read;
+    counts.skipped = loaded.report.skipped;
+    counts.truncated = loaded.report.truncated;
+    formatting_used = loaded.report.formatting;
+    if (text_packing && template_tokenizer.add_bos_token() && template_tokenizer.bos_token_id())
+      for (Sample& doc : loaded.samples) {  // BOS goes over each block's first token instead
+        doc.input_ids.erase(doc.input_ids.begin());
+        doc.labels.erase(doc.labels.begin());
+      }
+    return std::move(loaded.samples);
+  };
+  // Rows of samples: padded, packed (LLaMA-Factory's PackedSupervisedDatasetProcessor), or for
+  // text with packing its PretrainDatasetProcessor: each document + EOS concatenated per group
+  // of kPackGroupSamples documents, cut into blocks of cutoff_len - 1 (a group's remainder
+  // dropped), BOS over each block's first token when the tokenizer adds one.
+  auto rows_of = [&](const std::vector<Sample>& samples, bool text_packing, PrepareCounts& counts) {
+    PackReport pack;
+    TokenRows rows;
+    if (text_packing) {
+      const std::optional<int32_t> bos =
+          template_tokenizer.add_bos_token() ? template_tokenizer.bos_token_id() : std::nullopt;
+      rows = rows_chunk(samples, o.cutoff_len - 1, bos, &pack);
+    } else if (packing) {
+      rows = rows_pack(samples, o.cutoff_len, o.neat_packing, pad_id, &pack);
+    } else {
+      rows = rows_pad(samples, pad_id, &pack);
+    }
+    counts.samples = pack.samples - pack.samples_dropped;
+    counts.tokens = pack.tokens;
+    counts.packing_efficiency = pack.efficiency();
+    return rows;
+  };
+
+  const bool train_text_packing = packing && is_text(so.formatting, o.dataset);
+  std::vector<Sample> train_samples = load(o.dataset, train_text_packing, report.train);
+  std::vector<Sample> eval_samples;
+  TokenRows train, eval;
+  if (!o.eval_dataset.empty()) {
+    const bool eval_text_packing = packing && is_text(so.formatting, o.eval_dataset);
+    eval_samples = load(o.eval_dataset, eval_text_packing, report.eval);
+    eval = rows_of(eval_samples, eval_text_packing, report.eval);
+    train = rows_of(train_samples, train_text_packing, report.train);
+  } else if (o.val_size > 0 && train_text_packing) {
+    // Blocks of text are the samples here: the split takes whole blocks.
+    const TokenRows all = rows_of(train_samples, true, report.train);
+    const TrainValSplit split = split_train_val(all.rows, o.val_size, o.seed);
+    train = rows_select(all, split.train);
+    eval = rows_select(all, split.val);
+    for (auto [rows, counts] : {std::pair{&train, &report.train}, std::pair{&eval, &report.eval}}) {
+      counts->tokens = rows->rows * rows->seq_len;  // blocks hold no padding
+      counts->samples = rows->rows;
+      counts->packing_efficiency = 1.0;
+    }
+  } else if (o.val_size > 0) {
+    // A seeded split of the samples before they become rows (LLaMA-Factory splits the
+    // processed rows; with packing that differs in what val_size counts: samples here).
+    const TrainValSplit split =
+        split_train_val(static_cast<int64_t>(train_samples.size()), o.val_size, o.seed);
+    std::vector<Sample> kept;
+    for (const int64_t i : split.val) eval_samples.push_back(train_samples[i]);
+    for (const int64_t i : split.train) kept.push_back(std::move(train_samples[i]));
+    train_samples = std::move(kept);
+    train = rows_of(train_samples, false, report.train);
+    eval = rows_of(eval_samples, false, report.eval);
+  } else {
+    train = rows_of(train_samples, train_text_packing, report.train);
+  }
+  if (!o.dataset.empty() && train.rows == 0)
+    throw std::invalid_argument(join(o.dataset) + ": no training rows (" +
+                                std::to_string(report.train.rows_read) + " rows read, " +
+                                std::to_string(report.train.skipped) + " skipped" +
+                                (packing ? "; packed rows hold whole samples of at most "
+                                           "data.cutoff_len - 1 tokens" : "") +
+                                (o.val_size > 0 ? "; the rest held out by data.val_size" : "") +
                                 ")");
-  if (report.has_eval && eval.samples.empty())
-    throw std::invalid_argument("no evaluation samples (data.eval_dataset is empty or "
-                                "data.val_size holds out nothing)");
+  if (report.has_eval && eval.rows == 0)
+    throw std::invalid_argument("no evaluation rows (data.eval_dataset is empty or data.val_size "
+                                "holds out nothing)");
 
   // Ids the template added beyond the tokenizer's vocabulary would need a larger embedding: a
   // quantized model's vocabulary is not resized.
   for (const auto& [token, id] : template_tokenizer.template_tokens())
     if (id >= tokenizer.vocab_size())
-      for (const auto* set : {&train.samples, &eval.samples})
-        for (const Sample& s : *set)
-          for (const int32_t t : s.input_ids)
-            if (t == id)
-              throw std::invalid_argument(
-                  "data.template = " + template_name + " uses the token '" + token +
-                  "' that the tokenizer of " + o.model_dir +
-                  " lacks (it would need a new embedding row; resizing the vocabulary of a "
-                  "quantized model is not supported): choose the template of this model");
+      for (const TokenRows* rows : {&train, &eval})
+        for (const int32_t t : rows->input_ids)
+          if (t == id)
+            throw std::invalid_argument(
+                "data.template = " + template_name + " uses the token '" + token +
+                "' that the tokenizer of " + o.model_dir +
+                " lacks (it would need a new embedding row; resizing the vocabulary of a "
+                "quantized model is not supported): choose the template of this model");
 
-  const int32_t pad_id =
-      config.pad_token ? token_id_or_throw(tokenizer, *config.pad_token, "pad_token", o.model_dir)
-      : template_tokenizer.eos_token_id() ? *template_tokenizer.eos_token_id()
-                                          : 0;
   std::map<std::string, std::string> attrs = {
       {"template", template_name},
-      {"formatting", formatting_name(train.report.formatting)},
+      {"formatting", formatting_name(formatting_used)},
       {"tokenizer_hash", tokenizer.content_hash()},
       {"cutoff_len", std::to_string(o.cutoff_len)},
-      {"packing", o.neat_packing ? "neat_packing" : o.packing ? "packing" : "none"},
+      {"packing", o.neat_packing ? "neat_packing" : packing ? "packing" : "none"},
       {"prepare_key", prepare_key(o)},
   };
-  auto write = [&](const std::string& path, const std::vector<Sample>& samples,
-                   const std::vector<std::string>& sources, const SftReport& r,
-                   PrepareCounts& counts) {
-    PackReport pack;
-    const TokenRows rows = o.packing || o.neat_packing
-                               ? rows_pack(samples, o.cutoff_len, o.neat_packing, pad_id, &pack)
-                               : rows_pad(samples, pad_id, &pack);
-    if (rows.rows == 0)
-      throw std::invalid_argument(path + ": no rows to write (every sample is longer than a "
-                                  "packed row of data.cutoff_len tokens holds)");
+  auto write = [&](const std::string& path, const TokenRows& rows,
+                   const std::vector<std::string>& sources, PrepareCounts& counts) {
     std::map<std::string, std::string> a = attrs;
     a["source_files"] = join(sources);
     token_rows_write(path, rows, template_tokenizer.vocab_size(), pad_id, a);
-    counts = counts_of(samples, rows, pack);
-    counts.rows_read = r.rows_read;
-    counts.skipped = r.skipped;
-    counts.truncated = r.truncated;
+    counts.rows = rows.rows;
+    counts.seq_len = rows.seq_len;
+    counts.target_tokens = 0;
+    for (const int32_t l : rows.labels) counts.target_tokens += l != kIgnoreLabel;
   };
-  if (!o.dataset.empty()) write(train_out, train.samples, o.dataset, train.report, report.train);
+  if (!o.dataset.empty()) write(train_out, train, o.dataset, report.train);
   if (report.has_eval)
-    write(eval_out, eval.samples, o.eval_dataset.empty() ? o.dataset : o.eval_dataset,
-          o.eval_dataset.empty() ? SftReport{} : eval.report, report.eval);
+    write(eval_out, eval, o.eval_dataset.empty() ? o.dataset : o.eval_dataset, report.eval);
   return report;
 }
 

@@ -277,3 +277,36 @@ def test_bad_input_one_line(tmp_path, model_dir, case):
         assert fragment in line, line
     assert not glob.glob(str(out / "data" / "*")), "nothing of a failed tokenization is left"
     assert (out / "notes.txt").read_text() == "the user's earlier file"
+
+
+def real_documents(n):
+    """n text rows: the first 4000 characters of Debian copyright files (sorted)."""
+    docs = []
+    for path in sorted(glob.glob("/usr/share/doc/*/copyright"))[:n]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            docs.append({"text": f.read()[:4000]})
+    assert len(docs) == n
+    return docs
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_prep_text_rows_equal_llamafactory(tmp_path, model_dir, packing):
+    """Pre-training text: LLaMA-Factory's PretrainDatasetProcessor (per-document truncation, or
+    with packing every document + EOS concatenated and cut into blocks of cutoff_len - 1)."""
+    rows = real_documents(30)
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cutoff = 300
+    want = llamafactory_ref.samples(str(model_dir), rows, "empty", "text", packing=packing,
+                                    cutoff_len=cutoff - 1 if packing else cutoff)
+    ini = write_ini(tmp_path / "cfg.ini", model_dir, data, tmp_path / "run", cutoff_len=cutoff,
+                    formatting="text", packing="true" if packing else "false")
+    res = prep(ini, tmp_path / "text.h5", "--data.template=")
+    assert res.returncode == 0, res.stderr
+    got, attrs = read_rows(tmp_path / "text.h5")
+    assert attrs["formatting"] == "text"
+    assert got["input_ids"].shape[0] == len(want), res.stdout
+    for i, (ids, labels) in enumerate(want):
+        assert unpad(got["input_ids"][i], got["labels"][i], len(ids)) == (ids, labels), f"row {i}"
+    if packing:
+        assert got["input_ids"].shape[1] == cutoff - 1 and len(want) > len(rows)
