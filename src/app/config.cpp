@@ -119,7 +119,8 @@ const std::vector<KeyDef>& key_defs() {
        "keys)."},
       {"data", "cutoff_len", &C::cutoff_len,
        "Rows are cut to this many tokens (>= 2); with data.dataset, samples are truncated as "
-       "LLaMA-Factory does (prompt and answer shares) and packed rows have this length."},
+       "LLaMA-Factory does (prompt and answer shares; cutoff_len - 1 when packing) and packed "
+       "rows have this length (text blocks: cutoff_len - 1)."},
       {"data", "train_on_prompt", &C::train_on_prompt,
        "true | false: compute the loss on the prompt tokens too."},
       {"data", "mask_history", &C::mask_history,
