@@ -567,3 +567,24 @@ def test_readme_lists_every_config_key():
                                "README.md")).read()
     for key, default in keys:
         assert f"| `{key}` | `{default}` |" in readme, f"{key} (default {default}) missing from README"
+
+
+def test_prep_usage_and_file_errors(tmp_path):
+    """prep's own command line: --out required, unknown options are usage errors (2); a missing
+    configuration file or no data.dataset is an input error (1); nothing is written."""
+    assert_error(run("prep"), "prep", 2, "no configuration")
+    ini = tmp_path / "c.ini"
+    ini.write_text("[model]\nmodel_name_or_path = /m\n[data]\ntrain_file = /t.h5\n"
+                   "[output]\noutput_dir = /o\n")
+    assert_error(run("prep", ini), "prep", 2, "--out FILE.h5 is required")
+    assert_error(run("prep", ini, "--out", tmp_path / "x.h5", "--shuffle", "1"), "prep", 2,
+                 "unknown option --shuffle")
+    assert_error(run("prep", tmp_path / "missing.ini", "--out", tmp_path / "x.h5"), "prep", 1,
+                 "missing.ini", "does not exist")
+    assert_error(run("prep", ini, "--out", tmp_path / "x.h5"), "prep", 1,
+                 "data.dataset is not set")
+    assert_error(run("prep", ini, "--out", tmp_path / "x.h5", "--data.formating=text"), "prep", 1,
+                 "data.formating", "data.formatting")
+    assert not (tmp_path / "x.h5").exists()
+    res = run("prep", "--help")
+    assert res.returncode == 0 and "--out FILE.h5" in res.stdout
