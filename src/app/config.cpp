@@ -54,6 +54,10 @@ const std::vector<KeyDef>& key_defs() {
       {"model", "adapter_name_or_path", &C::adapter_name_or_path,
        "A PEFT LoRA adapter directory to start from; empty = a fresh adapter. A quantized model "
        "accepts a single adapter only (merge several first)."},
+      {"model", "tokenizer_name_or_path", &C::tokenizer_name_or_path,
+       "Directory with the tokenizer files (tokenizer.json, tokenizer_config.json) that "
+       "data.dataset is tokenized with; empty = model_name_or_path (give the Hugging Face "
+       "directory here when the model is an HDF5 unit file)."},
       {"model", "compute_dtype", &C::compute_dtype,
        "auto | bf16 | fp16 | fp32: the dtype of activations and dequantized weights (auto: fp32 on "
        "cpu, bf16 on cuda). LoRA master weights are always fp32."},

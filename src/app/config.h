@@ -16,6 +16,7 @@ struct TrainConfig {
   // [model]
   std::string model_name_or_path;    // HF directory or HDF5 unit file (required)
   std::string adapter_name_or_path;  // "" = none; a comma list = several (rejected when quantized)
+  std::string tokenizer_name_or_path;  // "" = model_name_or_path (tokenizer.json, tokenizer_config.json)
   std::string compute_dtype = "auto";  // auto | bf16 | fp16 | fp32 (auto: fp32 on cpu, bf16 on cuda)
   std::string device = "auto";         // auto | cpu | cuda
   bool upcast_layernorm = false;

@@ -104,7 +104,7 @@ data::PrepareOptions prepare_options(const TrainConfig& c) {
   data::PrepareOptions o;
   if (!c.dataset.empty()) o.dataset = config_split_list(c.dataset);
   if (!c.eval_dataset.empty()) o.eval_dataset = config_split_list(c.eval_dataset);
-  o.model_dir = c.model_name_or_path;
+  o.model_dir = c.tokenizer_name_or_path.empty() ? c.model_name_or_path : c.tokenizer_name_or_path;
   o.template_name = c.template_name;
   o.formatting = c.formatting;
   o.cutoff_len = c.cutoff_len;

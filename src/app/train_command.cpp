@@ -71,6 +71,16 @@ struct Checked {
   train::JobInputs inputs;
 };
 
+// Opens the token files (those given, or those rank 0 tokenized: then after phase 1 agreed).
+void phase1_open_data(Checked& r) {
+  const TrainConfig& c = r.config;
+  const int64_t vocab = r.inputs.source->spec().config.vocab_size;
+  if (c.do_train && !r.inputs.train_data)
+    r.inputs.train_data.emplace(r.train_file, c.cutoff_len, vocab);
+  if (!r.eval_file.empty() && !r.inputs.eval_data)
+    r.inputs.eval_data.emplace(r.eval_file, c.cutoff_len, vocab);
+}
+
 // Phase 1 on this rank; throws what the user must fix.
 void phase1(Checked& r, const std::string& command, const std::string& ini,
             std::vector<std::pair<std::string, std::string>> overrides, const dist::RankEnv& env) {
@@ -91,13 +101,17 @@ void phase1(Checked& r, const std::string& command, const std::string& ini,
   if (command == "eval" && c.eval_file.empty() && c.eval_dataset.empty() && c.val_size == 0)
     throw std::invalid_argument(
         "data.eval_file (or data.eval_dataset / data.val_size) is required for qlora_dist eval");
-  r.inputs.plan = train::output_plan(r.options.output);
-  if (env.rank == 0) train::output_dir_prepare(r.inputs.plan);
-  // JSON datasets: rank 0 tokenizes them into the cache (unless it holds them already); the
-  // other ranks learn the file names after the agreement that ends phase 1.
+  // Ready token files are opened (and checked) before anything is written.
   r.train_file = c.train_file;
   r.eval_file = c.eval_file;
-  if (!c.dataset.empty() || !c.eval_dataset.empty()) {
+  const bool json_data = !c.dataset.empty() || !c.eval_dataset.empty();
+  if (!json_data) phase1_open_data(r);
+  r.inputs.plan = train::output_plan(r.options.output);
+  const bool output_dir_existed = fs::exists(r.inputs.plan.dir);
+  if (env.rank == 0) train::output_dir_prepare(r.inputs.plan);
+  // JSON datasets: rank 0 tokenizes them into the cache (unless it holds them already); the
+  // other ranks learn the file names after the agreement that ends phase 1 and open them then.
+  if (json_data) {
     const data::PrepareOptions prep = prepare_options(c);
     const fs::path dir = !c.tokenized_path.empty()
                              ? fs::path(c.tokenized_path)
@@ -122,8 +136,13 @@ void phase1(Checked& r, const std::string& command, const std::string& ini,
         try {
           report = data::prepare_write(prep, train_h5.string(), has_eval ? eval_h5.string() : "");
         } catch (...) {
-          fs::remove(train_h5, ec);  // a train file without its eval file is no cache entry
-          fs::remove(dir, ec);       // only when empty: tokenized_path may hold other files
+          // Nothing of a failed tokenization stays: a train file without its eval file is no
+          // cache entry, and directories we made are removed when empty (fs::remove leaves a
+          // non-empty one, e.g. a tokenized_path holding other files).
+          fs::remove(train_h5, ec);
+          fs::remove(dir, ec);
+          fs::remove(r.inputs.plan.dir / "data", ec);
+          if (!output_dir_existed) fs::remove(r.inputs.plan.dir, ec);
           throw;
         }
         std::printf("data: tokenized into %s\n%s", dir.c_str(), report.summary().c_str());
@@ -131,14 +150,6 @@ void phase1(Checked& r, const std::string& command, const std::string& ini,
       std::fflush(stdout);
     }
   }
-}
-
-// After phase 1 agreed: every rank opens the token files rank 0 may just have written.
-void phase1_open_data(Checked& r) {
-  const TrainConfig& c = r.config;
-  const int64_t vocab = r.inputs.source->spec().config.vocab_size;
-  if (c.do_train) r.inputs.train_data.emplace(r.train_file, c.cutoff_len, vocab);
-  if (!r.eval_file.empty()) r.inputs.eval_data.emplace(r.eval_file, c.cutoff_len, vocab);
 }
 
 // Waits for every rank without spinning: rank 0 may tokenize for minutes while the others wait,

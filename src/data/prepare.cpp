@@ -19,18 +19,13 @@
 #include "data/tokenizer.h"
 #include "data/tokenizer_config.h"
 #include "io/hash.h"
+#include "io/json_file.h"
 
 namespace fs = std::filesystem;
 
 namespace qlora::data {
 
 namespace {
-
-std::string file_bytes(const fs::path& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw std::invalid_argument(path.string() + ": cannot be read");
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
 
 std::string join(const std::vector<std::string>& items) {
   std::string out;
@@ -132,7 +127,7 @@ std::string prepare_key(const PrepareOptions& o) {
   for (const char* name : kTokenizerFiles) {
     const fs::path p = fs::path(o.model_dir) / name;
     h = io::fnv1a64(name, h);
-    if (fs::is_regular_file(p)) h = io::fnv1a64(file_bytes(p), h);
+    if (fs::is_regular_file(p)) h = io::fnv1a64(io::file_read(p), h);
   }
   for (const auto* list : {&o.dataset, &o.eval_dataset}) {
     h = io::fnv1a64("|files", h);

@@ -8,18 +8,13 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "io/hash.h"
+#include "io/json_file.h"
+
 namespace qlora::data {
 namespace {
 
 using nlohmann::json;
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::invalid_argument(path + ": cannot be read (dataset file)");
-  std::ostringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
 
 bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
@@ -159,14 +154,6 @@ int64_t count_targets(const Sample& s) {
   return n;
 }
 
-// splitmix64: a small generator whose output is the same on every platform.
-uint64_t splitmix64(uint64_t& state) {
-  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
 }  // namespace
 
 Formatting formatting_from_name(const std::string& name) {
@@ -190,7 +177,7 @@ const char* formatting_name(Formatting formatting) {
 }
 
 std::vector<JsonRow> read_json_rows(const std::string& path, int64_t max_rows) {
-  std::string text = read_file(path);
+  std::string text = io::file_read(path, "dataset file");
   if (text.compare(0, 3, "\xEF\xBB\xBF") == 0) text.erase(0, 3);  // UTF-8 byte order mark
   size_t start = 0;
   while (start < text.size() && is_space(text[start])) ++start;
@@ -431,7 +418,7 @@ TrainValSplit split_train_val(int64_t n, double val_size, uint64_t seed) {
     const uint64_t range = static_cast<uint64_t>(i) + 1;
     const uint64_t limit = UINT64_MAX - UINT64_MAX % range;
     uint64_t r;
-    do r = splitmix64(state);
+    do r = io::splitmix64(state);
     while (r >= limit);
     std::swap(perm[i], perm[static_cast<int64_t>(r % range)]);
   }

@@ -17,6 +17,7 @@
 
 #include "data/text_unicode.h"
 #include "io/hash.h"
+#include "io/json_file.h"
 
 namespace qlora::data {
 namespace {
@@ -1000,13 +1001,6 @@ void decode_chain(const Decoder& d, std::vector<std::string>& tokens) {
   }
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw std::invalid_argument(path + ": cannot open the tokenizer file");
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 }  // namespace
 
@@ -1047,7 +1041,7 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
-Tokenizer Tokenizer::from_file(const std::string& path) { return from_json_text(read_file(path), path); }
+Tokenizer Tokenizer::from_file(const std::string& path) { return from_json_text(io::file_read(path, "tokenizer file"), path); }
 
 Tokenizer Tokenizer::from_json_text(const std::string& text, const std::string& where) {
   JsonReader r(where);

@@ -34,14 +34,6 @@ void read_tokens(const json& obj, const std::string& file, TokenizerConfig& conf
   }
 }
 
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::invalid_argument(path.string() + ": cannot be read");
-  std::ostringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
-
 }  // namespace
 
 TokenizerConfig TokenizerConfig::from_dir(const std::string& model_dir) {
@@ -89,7 +81,7 @@ TokenizerConfig TokenizerConfig::from_dir(const std::string& model_dir) {
     read_tokens(map_json, map_path.string(), config);
   }
   const fs::path jinja_path = dir / "chat_template.jinja";
-  if (fs::exists(jinja_path)) config.chat_template = read_text(jinja_path);
+  if (fs::exists(jinja_path)) config.chat_template = io::file_read(jinja_path);
   return config;
 }
 

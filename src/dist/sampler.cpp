@@ -2,20 +2,15 @@
 // per epoch, so the order is fixed by (seed, epoch) on every platform and every world size.
 #include "dist/sampler.h"
 
+#include "io/hash.h"
+
 #include <numeric>
 #include <stdexcept>
 #include <string>
 
 namespace qlora::dist {
 
-namespace {
-uint64_t splitmix64(uint64_t& x) {
-  uint64_t z = (x += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-}  // namespace
+using io::splitmix64;
 
 DistributedSampler::DistributedSampler(int64_t num_rows, int64_t micro_batch, int64_t grad_accum,
                                        int rank, int world_size, uint64_t seed, bool shuffle)

@@ -114,6 +114,7 @@ TEST_F(ConfigTest, FullIniRoundTrips) {
   TrainConfig c;
   c.model_name_or_path = "/models/llama 7b/hf";
   c.adapter_name_or_path = "/adapters/a1";
+  c.tokenizer_name_or_path = "/models/llama 7b/hf";
   c.compute_dtype = "bf16";
   c.device = "cpu";
   c.upcast_layernorm = true;

@@ -145,7 +145,7 @@ TEST(Tokenizer, MalformedFilesNameWhatIsWrong) {
             "tok.json: pre_tokenizer.replacement must be one character, got 'ab'");
   EXPECT_EQ(load_error(with("added_tokens", R"([{"content": "<s>"}])")), "tok.json: added_tokens[0].id is missing");
   const std::string f = invalid_argument_message([] { Tokenizer::from_file("/nonexistent/tokenizer.json"); });
-  EXPECT_EQ(f, "/nonexistent/tokenizer.json: cannot open the tokenizer file");
+  EXPECT_EQ(f, "/nonexistent/tokenizer.json: cannot be read (tokenizer file)");
 }
 
 }  // namespace
