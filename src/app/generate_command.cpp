@@ -197,6 +197,13 @@ int generate_run(const std::vector<std::string>& args) {
     const std::vector<int32_t>& prompt_ids = encoded.at(0);  // encode_oneturn's prompt
     if (prompt_ids.empty())
       throw std::invalid_argument("prompt '" + p.text + "' encodes to no tokens");
+    for (const int32_t id : prompt_ids)
+      if (id < 0 || id >= model.config().vocab_size)
+        throw std::invalid_argument(
+            "prompt '" + p.text + "': token id " + std::to_string(id) + " ('" +
+            tokenizer.id_to_token(id).value_or("?") + "') is outside the model's vocabulary of " +
+            std::to_string(model.config().vocab_size) + " (" + model_dir +
+            ": do tokenizer.json and the model belong together?)");
     const model::GenerateResult r = model::generate(model, prompt_ids, gen);
     const std::string answer = tokenizer.decode(r.ids, /*skip_special_tokens=*/true);
     prefill_tokens += static_cast<int64_t>(prompt_ids.size());

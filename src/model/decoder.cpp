@@ -7,6 +7,8 @@
 //   attention: softmax(q k^T / sqrt(d) + causal (sliding-window) mask) v, k/v heads repeated;
 //              packed rows (position ids given): RoPE at those positions and a block-diagonal
 //              causal mask, a sample starting where its position id is 0
+//   KV cache:  forward_step runs the same block with RoPE at positions past..past+T-1 and the
+//              queries attending to the cached keys / values plus the new ones
 #include "model/decoder.h"
 
 #include <ATen/ATen.h>
