@@ -1,5 +1,5 @@
 // qlora_dist: the one binary. Commands: train (also `qlora_dist config.ini`), eval, quantize,
-// init-model, inspect, export, prep, synth-data, plot. Every error a user
+// init-model, inspect, export, generate, prep, synth-data, plot. Every error a user
 // can cause ends as one line "qlora_dist <command>: error: ..." and exit status 1; usage errors exit 2.
 #include <ATen/core/ScalarType.h>
 #include <boost/program_options.hpp>
@@ -16,6 +16,7 @@
 #include "model/init_model.h"
 #include "quant/quant_state.h"
 #include "app/export_command.h"
+#include "app/generate_command.h"
 #include "app/inspect_command.h"
 #include "app/quantize_command.h"
 #include "app/config.h"
@@ -51,6 +52,9 @@ const char* const kUsage =
     "              QLoRA fine-tuning across MPI ranks; 'qlora_dist train --help' lists every key\n"
     "  eval        config.ini [--section.key=value ...]\n"
     "              eval loss and perplexity of the model (+ adapter) on data.eval_file\n"
+    "  generate    --model DIR [--adapter DIR] (--template NAME | --raw) (--prompt TEXT | --prompts FILE.jsonl)\n"
+    "              [--max_new_tokens 128] [--temperature 0] [--top_p 1] [--seed 0] [--system TEXT]\n"
+    "              text from the 4-bit model (+ adapter) on the CPU with a KV cache; greedy by default\n"
     "  prep        config.ini --out FILE.h5 [--section.key=value ...]\n"
     "              JSON datasets (data.dataset, data.template, ...) -> token HDF5 file(s), with\n"
     "              the model's tokenizer.json; FILE.eval.h5 too with data.eval_dataset or val_size\n"
@@ -275,10 +279,12 @@ int main(int argc, char** argv) {
       return qlora::app::train_command_main("train", args, &argc, &argv);
     }
     if (command == "plot") return run_plot(argc - 1, argv + 1);
+    if (command == "generate")
+      return qlora::app::generate_command_main(std::vector<std::string>(argv + 2, argv + argc));
     if (command == "prep")
       return qlora::app::prep_command_main(std::vector<std::string>(argv + 2, argv + argc));
     throw UsageError("unknown command '" + command +
-                     "' (expected train, eval, prep, quantize, init-model, inspect, export or "
+                     "' (expected train, eval, generate, prep, quantize, init-model, inspect, export or "
                      "synth-data, "
                      "or a config.ini; see qlora_dist --help)");
   } catch (const UsageError& e) {

@@ -7,6 +7,8 @@
 //   attention: softmax(q k^T / sqrt(d) + causal (sliding-window) mask) v, k/v heads repeated;
 //              packed rows (position ids given): RoPE at those positions and a block-diagonal
 //              causal mask, a sample starting where its position id is 0
+//   KV cache:  forward_step runs the same block with RoPE at positions past..past+T-1 and the
+//              queries attending to the cached keys / values plus the new ones
 #include "model/decoder.h"
 
 #include <ATen/ATen.h>
@@ -15,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <utility>
@@ -249,21 +252,78 @@ at::Tensor DecoderModel::embed(const at::Tensor& tokens) const {
   return at::embedding(embed_tokens_, ids);  // [B, T, H]
 }
 
-at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool training,
-                                       std::optional<at::Generator> dropout_gen,
-                                       const at::Tensor& position_ids) const {
+namespace {
+
+// The attention of one block given its queries [B, heads, T, D] and keys / values
+// [B, kv_heads, S, D] after RoPE -> [B, heads, T, D].
+using AttendFn =
+    std::function<at::Tensor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)>;
+
+// One block around `attend`: norms, projections, RoPE with cos / sin [B or 1, T, D], MLP.
+at::Tensor block_apply(const ModelConfig& c, const DecoderBlock& b, const at::Tensor& x,
+                       bool training, const std::optional<at::Generator>& dropout_gen,
+                       at::Tensor cos, at::Tensor sin, const AttendFn& attend) {
+  const int64_t batch = x.size(0), seq = x.size(1), d = c.head_dim;
+  // Attention.
+  const at::Tensor h = rms_norm(x, b.input_layernorm, c.rms_norm_eps);  // [B, T, H]
+  const auto proj = [&](const char* name) {  // [B, T, n * D] -> [B, n, T, D]
+    return b.linear(name)
+        .forward(h, training, dropout_gen)
+        .view({batch, seq, -1, d})
+        .transpose(1, 2);
+  };
+  at::Tensor q = proj("q_proj"), k = proj("k_proj"), v = proj("v_proj");
+  cos = cos.unsqueeze(1);  // [B or 1, 1, T, D]
+  sin = sin.unsqueeze(1);
+  q = q * cos + rotate_half(q) * sin;
+  k = k * cos + rotate_half(k) * sin;
+  at::Tensor attn = attend(q, k, v);                      // [B, heads, T, D]
+  attn = attn.transpose(1, 2).reshape({batch, seq, -1});  // [B, T, heads * D]
+  const at::Tensor hidden = x + b.linear("o_proj").forward(attn, training, dropout_gen);
+
+  // MLP.
+  const at::Tensor h2 = rms_norm(hidden, b.post_attention_layernorm, c.rms_norm_eps);
+  const at::Tensor gate = b.linear("gate_proj").forward(h2, training, dropout_gen);
+  const at::Tensor up = b.linear("up_proj").forward(h2, training, dropout_gen);
+  return hidden + b.linear("down_proj").forward(at::silu(gate) * up, training, dropout_gen);
+}
+
+// Query positions q0..q0+T-1 against key positions 0..S-1 (S = q0 + T): key j is visible to
+// query t when j <= t and, with a window, j > t - window. -> bool [T, S], true = attend.
+at::Tensor causal_mask(int64_t q0, int64_t seq, int64_t keys, int64_t window, c10::Device device) {
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  const at::Tensor qi = at::arange(q0, q0 + seq, opts).unsqueeze(1);  // [T, 1]
+  const at::Tensor kj = at::arange(keys, opts).unsqueeze(0);          // [1, S]
+  at::Tensor allowed = kj <= qi;
+  if (window > 0) allowed = at::logical_and(allowed, kj > qi - window);
+  return allowed;
+}
+
+}  // namespace
+
+const DecoderBlock& DecoderModel::block_checked(int64_t i, const at::Tensor& x,
+                                                const char* what) const {
   const ModelConfig& c = config_;
   if (i < 0 || i >= num_blocks())
     throw std::invalid_argument("block " + std::to_string(i) + " does not exist (the model has " +
                                 std::to_string(num_blocks()) + ")");
   if (x.dim() != 3 || x.size(2) != c.hidden_size)
-    throw std::invalid_argument("block_forward: x must be [batch, seq, " +
+    throw std::invalid_argument(std::string(what) + ": x must be [batch, seq, " +
                                 std::to_string(c.hidden_size) + "], not " +
                                 shape_str(x.sizes().vec()));
   const DecoderBlock& b = blocks_[static_cast<size_t>(i)];
   if (b.linears.size() != lora::block_linear_names().size() || !b.input_layernorm.defined())
-    throw std::logic_error("block_forward: block " + std::to_string(i) + " has no weights bound");
-  const int64_t batch = x.size(0), seq = x.size(1), d = c.head_dim;
+    throw std::logic_error(std::string(what) + ": block " + std::to_string(i) +
+                           " has no weights bound");
+  return b;
+}
+
+at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool training,
+                                       std::optional<at::Generator> dropout_gen,
+                                       const at::Tensor& position_ids) const {
+  const ModelConfig& c = config_;
+  const DecoderBlock& b = block_checked(i, x, "block_forward");
+  const int64_t batch = x.size(0), seq = x.size(1);
   const bool packed = position_ids.defined();
   if (packed && (position_ids.dim() != 2 || position_ids.size(0) != batch ||
                  position_ids.size(1) != seq ||
@@ -274,52 +334,88 @@ at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool trai
                                 shape_str(position_ids.sizes().vec()) + " " +
                                 c10::toString(position_ids.scalar_type()));
   const int64_t n_rep = c.num_attention_heads / c.num_key_value_heads;
-
-  // Attention.
-  const at::Tensor h = rms_norm(x, b.input_layernorm, c.rms_norm_eps);  // [B, T, H]
-  const auto proj = [&](const char* name) {  // [B, T, n * D] -> [B, n, T, D]
-    return b.linear(name)
-        .forward(h, training, dropout_gen)
-        .view({batch, seq, -1, d})
-        .transpose(1, 2);
-  };
-  at::Tensor q = proj("q_proj"), k = proj("k_proj"), v = proj("v_proj");
   const at::Tensor positions = packed ? position_ids.to(x.device()).to(at::kLong) : at::Tensor();
   auto [cos, sin] = packed ? rope_cos_sin_at(rope_inv_freq_.to(x.device()), positions,
                                              x.scalar_type())
                            : rope_cos_sin(rope_inv_freq_.to(x.device()), seq, x.scalar_type());
-  cos = cos.unsqueeze(1);  // [B or 1, 1, T, D]
-  sin = sin.unsqueeze(1);
-  q = q * cos + rotate_half(q) * sin;
-  k = k * cos + rotate_half(k) * sin;
-  const double scaling = std::pow(static_cast<double>(d), -0.5);  // Python's head_dim**-0.5
+  const double scaling = std::pow(static_cast<double>(c.head_dim), -0.5);  // Python's head_dim**-0.5
   const int64_t window = c.attention_window(i);
-  at::Tensor attn;  // [B, heads, T, D]
-  if (packed) {
-    // Every query sees at least itself, so no row of the mask is empty (no NaN from softmax).
-    const at::Tensor mask = packed_causal_mask(positions, window);  // [B, 1, T, T]
-    attn = at::scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, 0.0,
-                                            /*is_causal=*/false, scaling);
-  } else if (window > 0 && seq > window) {
-    // Sliding window: query t sees keys t - window < j <= t (transformers'
-    // sliding_window_overlay on the causal mask).
-    const at::Tensor pos = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(x.device()));
-    const at::Tensor qi = pos.unsqueeze(1), kj = pos.unsqueeze(0);
-    const at::Tensor mask = at::logical_and(kj <= qi, kj > qi - window);  // [T, T] bool
-    attn = at::scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, 0.0,
-                                            /*is_causal=*/false, scaling);
-  } else {
-    attn = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/seq > 1,
+  const auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    if (packed) {
+      // Every query sees at least itself, so no row of the mask is empty (no NaN from softmax).
+      const at::Tensor mask = packed_causal_mask(positions, window);  // [B, 1, T, T]
+      return at::scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask,
+                                              0.0, /*is_causal=*/false, scaling);
+    }
+    if (window > 0 && seq > window) {
+      // Sliding window: query t sees keys t - window < j <= t (transformers'
+      // sliding_window_overlay on the causal mask).
+      const at::Tensor mask = causal_mask(0, seq, seq, window, x.device());  // [T, T] bool
+      return at::scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask,
+                                              0.0, /*is_causal=*/false, scaling);
+    }
+    return at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/seq > 1,
                                             scaling, /*enable_gqa=*/n_rep > 1);
-  }
-  attn = attn.transpose(1, 2).reshape({batch, seq, -1});  // [B, T, heads * D]
-  const at::Tensor hidden = x + b.linear("o_proj").forward(attn, training, dropout_gen);
+  };
+  return block_apply(c, b, x, training, dropout_gen, cos, sin, attend);
+}
 
-  // MLP.
-  const at::Tensor h2 = rms_norm(hidden, b.post_attention_layernorm, c.rms_norm_eps);
-  const at::Tensor gate = b.linear("gate_proj").forward(h2, training, dropout_gen);
-  const at::Tensor up = b.linear("up_proj").forward(h2, training, dropout_gen);
-  return hidden + b.linear("down_proj").forward(at::silu(gate) * up, training, dropout_gen);
+at::Tensor DecoderModel::block_step(int64_t i, const at::Tensor& x, KvCache& cache) const {
+  const ModelConfig& c = config_;
+  const DecoderBlock& b = block_checked(i, x, "block_step");
+  const int64_t batch = x.size(0), seq = x.size(1), past = cache.length;
+  at::Tensor& keys = cache.keys.at(static_cast<size_t>(i));
+  at::Tensor& values = cache.values.at(static_cast<size_t>(i));
+  if (keys.defined() && (keys.size(0) != batch || keys.size(2) != past))
+    throw std::invalid_argument("block_step: the cache of block " + std::to_string(i) + " holds " +
+                                shape_str(keys.sizes().vec()) + " keys, but the input is " +
+                                shape_str(x.sizes().vec()) + " after " + std::to_string(past) +
+                                " cached tokens");
+  const int64_t n_rep = c.num_attention_heads / c.num_key_value_heads;
+  const at::Tensor positions =
+      at::arange(past, past + seq, at::TensorOptions().dtype(at::kLong).device(x.device()))
+          .unsqueeze(0);  // [1, T]
+  auto [cos, sin] = rope_cos_sin_at(rope_inv_freq_.to(x.device()), positions, x.scalar_type());
+  const double scaling = std::pow(static_cast<double>(c.head_dim), -0.5);
+  const int64_t window = c.attention_window(i);
+  const int64_t total = past + seq;
+  const auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    keys = keys.defined() ? at::cat({keys, k}, 2) : k.contiguous();  // [B, kv, S, D]
+    values = values.defined() ? at::cat({values, v}, 2) : v.contiguous();
+    const bool window_cuts = window > 0 && total > window;
+    if (past == 0 && !window_cuts)  // the prompt: block_forward's own call
+      return at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0,
+                                              /*is_causal=*/seq > 1, scaling,
+                                              /*enable_gqa=*/n_rep > 1);
+    if (seq == 1 && !window_cuts)  // one new token sees every cached one
+      return at::scaled_dot_product_attention(q, keys, values, std::nullopt, 0.0,
+                                              /*is_causal=*/false, scaling,
+                                              /*enable_gqa=*/n_rep > 1);
+    const at::Tensor mask = causal_mask(past, seq, total, window, x.device());  // [T, S]
+    return at::scaled_dot_product_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep),
+                                            mask, 0.0, /*is_causal=*/false, scaling);
+  };
+  return block_apply(c, b, x, /*training=*/false, std::nullopt, cos, sin, attend);
+}
+
+at::Tensor DecoderModel::forward_step(const at::Tensor& tokens, KvCache& cache,
+                                      bool last_only) const {
+  if (cache.keys.empty()) {
+    cache.keys.resize(static_cast<size_t>(num_blocks()));
+    cache.values.resize(static_cast<size_t>(num_blocks()));
+  }
+  if (static_cast<int64_t>(cache.keys.size()) != num_blocks() ||
+      cache.values.size() != cache.keys.size())
+    throw std::invalid_argument("forward_step: the cache has " +
+                                std::to_string(cache.keys.size()) + " blocks, the model " +
+                                std::to_string(num_blocks()));
+  at::Tensor x = embed(tokens);  // [B, T, H]
+  if (tokens.size(1) == 0)
+    throw std::invalid_argument("forward_step: no tokens (tokens must be [batch, seq >= 1])");
+  for (int64_t i = 0; i < num_blocks(); ++i) x = block_step(i, x, cache);
+  cache.length += tokens.size(1);
+  if (last_only) x = x.narrow(1, x.size(1) - 1, 1);
+  return logits(final_norm(x));
 }
 
 at::Tensor DecoderModel::final_norm(const at::Tensor& x) const {

@@ -58,6 +58,15 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin_at(const at::Tensor& inv_freq,
 // bool [B, 1, T, T], true = attend. Exposed for tests.
 at::Tensor packed_causal_mask(const at::Tensor& position_ids, int64_t window);
 
+// Keys and values (after RoPE) of the tokens a model has already seen, per block: what
+// DecoderModel::forward_step attends to. Starts empty; forward_step fills and extends it. Every
+// row of the batch holds the same number of tokens (no padding).
+struct KvCache {
+  std::vector<at::Tensor> keys;    // per block [B, kv_heads, length, head_dim]
+  std::vector<at::Tensor> values;  // per block [B, kv_heads, length, head_dim]
+  int64_t length = 0;              // tokens cached = the position of the next token
+};
+
 struct LossResult {
   at::Tensor loss;          // scalar: sum of token losses / num_targets (autograd to hidden)
   int64_t num_targets = 0;  // labels != -100 after the shift
@@ -98,6 +107,14 @@ class DecoderModel {
   at::Tensor forward_logits(const at::Tensor& tokens,
                             const at::Tensor& position_ids = at::Tensor()) const;
 
+  // Incremental decoding: tokens [B, T] at positions cache.length .. cache.length + T - 1, each
+  // attending to every cached token and the earlier new ones (within a layer's sliding window),
+  // -> logits [B, T, V] (of the last token only, [B, 1, V], with last_only); their keys and
+  // values are appended to `cache`. Prefill with the prompt, then one token per call. The logits
+  // equal forward_logits of the whole sequence at those positions up to rounding (the prompt's
+  // call runs block_forward's very operations). No dropout, no autograd needed.
+  at::Tensor forward_step(const at::Tensor& tokens, KvCache& cache, bool last_only = false) const;
+
   // Causal-LM cross-entropy of normed hidden states [B, T, H] against labels [B, T] (shifted
   // by one inside, -100 ignored), divided by `normalizer` (the number of target tokens when
   // <= 0; a batch without targets then has loss 0). Computed chunk_tokens rows at a time through
@@ -118,6 +135,11 @@ class DecoderModel {
   std::vector<at::Tensor> adapter_parameters();  // A, B of every adapted linear, block order
 
  private:
+  // blocks_[i] after checking i, x [B, T, hidden] and that its weights are bound; `what` names
+  // the caller in messages.
+  const DecoderBlock& block_checked(int64_t i, const at::Tensor& x, const char* what) const;
+  at::Tensor block_step(int64_t i, const at::Tensor& x, KvCache& cache) const;
+
   ModelConfig config_;
   at::ScalarType compute_dtype_ = at::kFloat;
   bool upcast_layernorm_ = false;

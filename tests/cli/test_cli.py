@@ -588,3 +588,57 @@ def test_prep_usage_and_file_errors(tmp_path):
     assert not (tmp_path / "x.h5").exists()
     res = run("prep", "--help")
     assert res.returncode == 0 and "--out FILE.h5" in res.stdout
+
+
+def smollm2_tokenizer_into(d):
+    """SmolLM2's tokenizer files (env QLORA_SMOLLM2_DIR, else .models/smollm2) copied into d."""
+    src = os.environ.get("QLORA_SMOLLM2_DIR") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "..", ".models", "smollm2")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if not os.path.isfile(os.path.join(src, f)):
+            pytest.fail(f"{src} has no {f}: run scripts/setup.sh (or set QLORA_SMOLLM2_DIR)")
+        shutil.copy(os.path.join(src, f), os.path.join(d, f))
+
+
+def test_generate_usage_and_file_errors(model, tmp_path):
+    """generate's command line: a template or --raw, exactly one of --prompt / --prompts, values
+    in range (usage, 2); missing or bad files (1). Then a run that works: the tiny model (vocab
+    2048) with SmolLM2's tokenizer on a raw prompt whose ids fit, and its JSON Lines output."""
+    assert_error(run("generate", "--model", model, "--prompt", "a"), "generate", 2,
+                 "--template NAME is required", "--raw")
+    assert_error(run("generate", "--model", model, "--raw"), "generate", 2, "--prompt", "--prompts")
+    assert_error(run("generate", "--model", model, "--raw", "--prompt", "a", "--prompts", "f"),
+                 "generate", 2, "--prompt TEXT or --prompts FILE.jsonl")
+    assert_error(run("generate", "--model", model, "--template", "nope", "--prompt", "a"),
+                 "generate", 2, "unknown chat template 'nope'")
+    assert_error(run("generate", "--model", model, "--raw", "--prompt", "a", "--top_p", "0"),
+                 "generate", 2, "--top_p")
+    assert_error(run("generate", "--model", model, "--raw", "--prompt", "a", "--temperature", "-1"),
+                 "generate", 2, "--temperature")
+    assert_error(run("generate", "--model", model, "--raw", "--prompt", "a", "--colour", "x"),
+                 "generate", 2, "colour")
+    assert_error(run("generate", "--model", tmp_path / "none", "--raw", "--prompt", "a"),
+                 "generate", 1, "none", "does not exist")
+    assert_error(run("generate", "--model", model, "--raw", "--prompt", "a"), "generate", 1,
+                 "no tokenizer.json")
+    smollm2_tokenizer_into(model)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    assert_error(run("generate", "--model", model, "--raw", "--prompts", bad), "generate", 1,
+                 "bad.jsonl:2", '"prompt"')
+    # chatml's <|im_start|> is id 1, "user" id 4093: outside the tiny model's 2048 ids.
+    assert_error(run("generate", "--model", model, "--template", "chatml", "--prompt", "a"),
+                 "generate", 1, "token id 4093 ('user')", "vocabulary of 2048")
+    res = run("generate", "--model", model, "--raw", "--prompt", "a b", "--max_new_tokens", "3",
+              "--print_ids")
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout)
+    assert row["prompt"] == "a b" and row["tokens"] == 3 and len(row["ids"]) == 3
+    assert all(0 <= i < 2048 for i in row["ids"])
+    assert res.stderr.startswith("generate: 1 prompt(s)") and "decode 2 tokens" in res.stderr
+    help_text = run("generate", "--help").stdout
+    for option in ("--model", "--adapter", "--template", "--raw", "--prompts", "--max_new_tokens",
+                   "--temperature", "--top_p", "--seed", "--system", "--print_ids",
+                   "--quantization_type"):
+        assert option in help_text, option
+    assert "generate" in run("--help").stdout
