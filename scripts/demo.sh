@@ -1,45 +1,69 @@
 #!/usr/bin/env bash
-# The main job: set up, make the tiny LLaMA (4 layers, hidden 256) and a synthetic copy-task
-# dataset, quantize the model to NF4 units, fine-tune a LoRA on it with 2 MPI ranks (sharded,
-# ZeRO-3 style) while evaluating, and check the saved adapter with peft. Each run writes a new
-# directory under out/ and never touches an earlier one.
+# The main job, on a real model: set up (which also turns SmolLM2-135M-Instruct's GGUF into a
+# cached Hugging Face directory, .models/smollm2), build a small instruction dataset from the
+# NAME lines of this machine's man pages, quantize the model to NF4 units, ask the base model
+# the held-back questions, fine-tune a LoRA with 2 MPI ranks (sharded, ZeRO-3 style, neat
+# packing, evaluation), plot the curves, and ask the tuned model the same questions: the answers
+# side by side. Prints the wall time of each phase. Each run writes a new directory under out/
+# and never touches an earlier one.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/setup.sh" qlora_dist  # the only binary it runs; scripts/test.sh builds the rest
 cd "$root"
 bin=${QLORA_BUILD_DIR:-build}/qlora_dist
 np=${QLORA_NP:-2}
+model=.models/smollm2
 run_dir=out/demo-$(date +%Y%m%d-%H%M%S)-$$
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
+mkdir -p "$run_dir"
+
+times=()
+phase() {  # phase NAME COMMAND...: runs it and records its wall time
+  local name=$1 start end
+  shift
+  echo
+  echo "== $name"
+  start=$(date +%s%N)
+  "$@"
+  end=$(date +%s%N)
+  local ds=$(( (end - start) / 100000000 ))
+  times+=("$(printf '%-16s %4d.%d s' "$name" $((ds / 10)) $((ds % 10)))")
+}
+
+phase "data" python3 scripts/demo_data.py "$run_dir/data"
+phase "quantize" "$bin" quantize --model "$model" --out "$run_dir/smollm2-nf4.h5" --format h5
+phase "base answers" sh -c "'$bin' generate --model '$model' --template smollm2 \
+  --prompts '$run_dir/data/prompts.jsonl' --max_new_tokens 32 > '$run_dir/answers_base.jsonl'"
+phase "train (np $np)" mpirun --oversubscribe -np "$np" "$bin" configs/demo.ini \
+  --model.model_name_or_path="$run_dir/smollm2-nf4.h5" --model.tokenizer_name_or_path="$model" \
+  --data.dataset="$run_dir/data/train.jsonl" --output.output_dir="$run_dir/run"
+phase "plot" "$bin" plot "$run_dir/run" --out "$run_dir/curves.png"
+phase "tuned answers" sh -c "'$bin' generate --model '$model' --adapter '$run_dir/run' \
+  --template smollm2 --prompts '$run_dir/data/prompts.jsonl' --max_new_tokens 32 \
+  > '$run_dir/answers_tuned.jsonl'"
+
 echo
-"$bin" init-model --preset tiny --out "$run_dir/tiny" --seed 0
-"$bin" quantize --model "$run_dir/tiny" --out "$run_dir/tiny.h5" --format h5
-"$bin" synth-data --out "$run_dir/train.h5" --vocab 64 --seq-len 64 --rows 2400 --task copy --seed 1
-"$bin" synth-data --out "$run_dir/eval.h5" --vocab 64 --seq-len 64 --rows 64 --task copy --seed 2
-echo
-mpirun --oversubscribe -np "$np" "$bin" configs/demo.ini \
-  --model.model_name_or_path="$run_dir/tiny.h5" \
-  --data.train_file="$run_dir/train.h5" --data.eval_file="$run_dir/eval.h5" \
-  --output.output_dir="$run_dir/run"
-echo
-echo "Loading the adapter with peft on the base model (the reference stack, CPU):"
-.venv/bin/python - "$run_dir" <<'PY' 2>&1 | grep -v -i -E "warn|kernels-community|Loading weights"
+echo "== held-back questions (not in the training data): base model, tuned adapter, man page"
+python3 - "$run_dir" <<'PY'
 import json, sys
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 run = sys.argv[1]
-metrics = [json.loads(l) for l in open(f"{run}/run/metrics.jsonl")]
-train = [m for m in metrics if "loss" in m]
-evals = [m for m in metrics if "eval_loss" in m]
-print(f"  train loss {train[0]['loss']:.3f} (step {train[0]['step']}) -> {train[-1]['loss']:.3f} "
-      f"(step {train[-1]['step']}); eval loss {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}")
-base = AutoModelForCausalLM.from_pretrained(f"{run}/tiny", torch_dtype=torch.float32)
-model = PeftModel.from_pretrained(base, f"{run}/run")
-n = sum(1 for name, _ in model.named_parameters() if "lora_" in name)
-prompt = torch.tensor([[5, 17, 33, 9, 41, 12, 60, 3, 2]])
-with torch.no_grad():
-    logits = model(prompt).logits
-print(f"  peft loaded {n} LoRA tensors; logits {tuple(logits.shape)}, finite: {bool(torch.isfinite(logits).all())}")
+def rows(name):
+    return [json.loads(l) for l in open(f"{run}/{name}")]
+for p, b, t in zip(rows("data/prompts.jsonl"), rows("answers_base.jsonl"), rows("answers_tuned.jsonl")):
+    print(f"Q: {p['prompt']}")
+    print(f"   base : {b['answer'].strip()[:150]!r}")
+    print(f"   tuned: {t['answer'].strip()[:150]!r}")
+    print(f"   man  : {p['reference']!r}")
+m = [json.loads(l) for l in open(f"{run}/run/metrics.jsonl")]
+train = [x for x in m if "loss" in x]
+evals = [x for x in m if "eval_loss" in x]
+print(f"\ntrain loss {train[0]['loss']:.3f} (step {train[0]['step']}) -> {train[-1]['loss']:.3f} "
+      f"(step {train[-1]['step']}); eval loss {evals[0]['eval_loss']:.3f} (step {evals[0]['step']}) "
+      f"-> {evals[-1]['eval_loss']:.3f} (step {evals[-1]['step']})")
 PY
-echo "Outputs in $run_dir: tiny/ (base), tiny.h5 (4-bit units), train.h5 + eval.h5, run/ (adapter, checkpoints, metrics.jsonl)"
+echo
+echo "== wall time per phase (after set-up)"
+printf '%s\n' "${times[@]}"
+echo "Outputs in $run_dir: data/ (train.jsonl, prompts.jsonl), smollm2-nf4.h5 (4-bit units),"
+echo "  run/ (adapter, checkpoints, metrics.jsonl, data/ = the tokenized rows), curves.png,"
+echo "  answers_base.jsonl, answers_tuned.jsonl"
