@@ -26,8 +26,9 @@ ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIR
            OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
 REL = 1e-5
 STEPS = 12
-# Observed on this machine: 2.40 -> 0.96 after 12 steps. The margin asks for a third of that.
-MIN_DROP = 0.5
+# Observed on this machine (AVX-512, 2 cores): 3.8031 -> 2.1585 after 12 steps (a drop of 1.64).
+# The margin asks for half of that.
+MIN_DROP = 0.8
 
 
 def qlora(*args, np_=None, timeout=900):
@@ -103,6 +104,7 @@ def test_base_eval_loss_matches_transformers_bitsandbytes(setup):
     d, _ = setup
     ours = our_eval(setup)
     ref = reference_loss(d / "q4", d / "rows.eval.h5")
+    print(f"\nSmolLM2 NF4 base eval loss: ours {ours:.7f}, transformers + bitsandbytes {ref:.7f}")
     assert ours == pytest.approx(ref, rel=REL), (ours, ref)
 
 
@@ -122,4 +124,5 @@ def test_training_lowers_eval_loss_and_adapter_matches_peft(setup):
     ours = our_eval(setup, f"--model.adapter_name_or_path={d / 'run'}")
     assert ours == pytest.approx(after, rel=REL)
     ref = reference_loss(d / "q4", d / "rows.eval.h5", adapter=d / "run")
+    print(f"with the adapter: ours {ours:.7f}, transformers + bitsandbytes + peft {ref:.7f}")
     assert ours == pytest.approx(ref, rel=REL), (ours, ref)
