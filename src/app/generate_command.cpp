@@ -1,6 +1,8 @@
 // The generate command: see generate_command.h. Output: the decoded answer per prompt
 // (skip_special_tokens), or JSON Lines {"prompt", "answer", "tokens"} (+ "prompt_ids", "ids" with
-// --print_ids) for --prompts FILE.jsonl or --print_ids; one timing line on stderr.
+// --print_ids) for --prompts FILE.jsonl or --print_ids; one timing line on stderr. The model is a
+// Hugging Face directory (DecoderModel::load) or our HDF5 unit file (whole units, world size 1,
+// bound into a skeleton once; the tokenizer then comes from --tokenizer DIR).
 #include "app/generate_command.h"
 
 #include <ATen/Parallel.h>
@@ -9,12 +11,16 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <stdexcept>
 
 #include "app/usage_error.h"
+#include "dist/communicator.h"
+#include "dist/device_context.h"
+#include "dist/sharded_unit.h"
 #include "data/chat_template.h"
 #include "data/tokenizer.h"
 #include "data/tokenizer_config.h"
@@ -23,6 +29,7 @@
 #include "model/generate.h"
 #include "quant4_format.h"
 #include "quant/quant_state.h"
+#include "train/sharded_model.h"
 
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
@@ -33,6 +40,10 @@ namespace {
 const char* const kGenerateUsage =
     "usage: qlora_dist generate --model DIR [--adapter DIR] (--template NAME | --raw)\n"
     "                           (--prompt TEXT | --prompts FILE.jsonl) [options]\n"
+    "       qlora_dist generate --model FILE.h5 --tokenizer DIR [--adapter DIR] ...\n"
+    "--model FILE.h5: the HDF5 unit file of `qlora_dist quantize --format h5` (its own 4-bit\n"
+    "settings; the --quantization_* options are for a directory only), on one process without\n"
+    "MPI; its tokenizer files (tokenizer.json, tokenizer_config.json) come from --tokenizer DIR.\n"
     "Greedy decoding by default (argmax, lowest id on ties); --temperature > 0 samples with\n"
     "--top_p from a generator seeded by --seed. Stops at the template's EOS or a stop word, or\n"
     "after --max_new_tokens. The prompt is LLaMA-Factory's template applied to [user prompt] +\n"
@@ -41,6 +52,59 @@ const char* const kGenerateUsage =
     "feeds the prompt text as it is (template 'empty').\n"
     "--prompts FILE.jsonl: rows {\"prompt\": ..., \"system\": ... (optional)}; output is JSON Lines\n"
     "{\"prompt\", \"answer\", \"tokens\"} (tokens: new tokens, a final EOS included). Timing on stderr.\n";
+
+// The communicator of whole (unsharded) units on one process: ShardedUnit asks for one, and never
+// uses it when it is not sharded. Any collective is a bug (std::logic_error).
+class NoCommunicator final : public dist::Communicator {
+ public:
+  int rank() const override { return 0; }
+  int world_size() const override { return 1; }
+  std::string backend_name() const override { return "none"; }
+  dist::Work all_gather_start(const at::Tensor&, const at::Tensor&) override { return fail(); }
+  dist::Work reduce_scatter_start(const at::Tensor&, const at::Tensor&) override { return fail(); }
+  dist::Work all_reduce_start(const at::Tensor&, dist::ReduceOp) override { return fail(); }
+  dist::Work broadcast_start(const at::Tensor&, int) override { return fail(); }
+  dist::Work barrier_start() override { return fail(); }
+
+ private:
+  [[noreturn]] static dist::Work fail() {
+    throw std::logic_error("generate: a collective on the single-process communicator");
+  }
+};
+
+// The decoder from an HDF5 unit file: every base unit read whole (CPU, storage = compute dtype,
+// as the trainer stores it) and bound for good; the bound views keep the unit buffers alive.
+model::DecoderModel model_from_units(const std::string& path, const model::LoadOptions& load) {
+  const std::unique_ptr<train::UnitSource> source = train::UnitSource::open(path, load.quant);
+  const train::UnitsSpec& spec = source->spec();
+  model::DecoderModel m = model::DecoderModel::skeleton(spec.config, load);
+  NoCommunicator comm;
+  const dist::DeviceContext device(dist::Device::cpu, load.compute_dtype, comm);
+  const std::vector<dist::UnitLayout> layouts = train::base_units(spec);
+  const int64_t blocks = spec.config.num_hidden_layers;
+  if (static_cast<int64_t>(layouts.size()) != blocks + 2)
+    throw std::logic_error("generate: " + std::to_string(layouts.size()) + " base units for " +
+                           std::to_string(blocks) + " blocks");
+  for (size_t u = 0; u < layouts.size(); ++u) {
+    dist::ShardedUnit unit(layouts[u], load.compute_dtype, device, /*sharded=*/false, nullptr,
+                           /*is_base=*/true);
+    const at::Tensor buffer = unit.shard();  // the whole unit
+    source->read(unit.layout(), 0, unit.layout().nbytes, unit.shard_bytes().data_ptr<uint8_t>());
+    if (u == 0) {
+      train::bind_embed(m, unit, buffer);
+    } else if (u + 1 == layouts.size()) {
+      train::bind_head(m, unit, buffer);
+    } else {
+      const uint8_t* data = unit.shard_bytes().data_ptr<uint8_t>();
+      const std::vector<float> offsets = train::block_nested_offsets(
+          spec, unit.layout(),
+          [&](size_t begin, size_t end, uint8_t* out) { std::memcpy(out, data + begin, end - begin); });
+      train::bind_block(m, static_cast<int64_t>(u) - 1, spec, unit, buffer, offsets, nullptr,
+                        at::Tensor(), lora::LoraConfig());
+    }
+  }
+  return m;
+}
 
 struct Prompt {
   std::string text;
@@ -76,14 +140,15 @@ std::vector<Prompt> prompts_read(const std::string& path, const std::string& def
 }
 
 int generate_run(const std::vector<std::string>& args) {
-  std::string model_dir, adapter_dir, template_name, prompt, prompts_file, system;
+  std::string model_dir, tokenizer_dir, adapter_dir, template_name, prompt, prompts_file, system;
   std::string quant_type = "nf4", double_quant = "true";
   int64_t max_new_tokens = 128, seed = 0;
   int blocksize = 64;
   double temperature = 0.0, top_p = 1.0;
   po::options_description desc("qlora_dist generate options");
   desc.add_options()("help", "show this help")
-      ("model", po::value(&model_dir)->required(), "Hugging Face model directory with tokenizer.json: unquantized (quantized on load) or a bitsandbytes 4-bit checkpoint")
+      ("model", po::value(&model_dir)->required(), "Hugging Face model directory with tokenizer.json: unquantized (quantized on load) or a bitsandbytes 4-bit checkpoint; or an HDF5 unit file (quantize --format h5, needs --tokenizer)")
+      ("tokenizer", po::value(&tokenizer_dir), "directory with tokenizer.json (+ tokenizer_config.json): required with an HDF5 unit file --model, default the model directory")
       ("adapter", po::value(&adapter_dir), "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
       ("template", po::value(&template_name), "LLaMA-Factory chat template name (chatml, llama3, qwen, alpaca, ...); required unless --raw")
       ("raw", po::bool_switch(), "no chat template: the prompt text as it is (LLaMA-Factory's 'empty')")
@@ -148,23 +213,33 @@ int generate_run(const std::vector<std::string>& args) {
     throw UsageError(std::string("--template: ") + e.what());
   }
 
+  // A regular file is the HDF5 unit file (UnitSource::open says so when it is not HDF5).
+  const bool unit_file = fs::is_regular_file(model_dir);
+  if (unit_file && tokenizer_dir.empty())
+    throw UsageError("--model " + model_dir + " is a file (an HDF5 unit file has no tokenizer): "
+                     "give --tokenizer DIR, the directory with the model's tokenizer.json");
+  if (unit_file)
+    for (const char* option : {"quantization_type", "quantization_blocksize", "double_quantization"})
+      if (!vm[option].defaulted())
+        throw UsageError(std::string("--") + option + " is for quantizing a model directory on "
+                         "load; the HDF5 unit file " + model_dir + " keeps its own 4-bit settings");
+  if (tokenizer_dir.empty()) tokenizer_dir = model_dir;
+
   // Files: from here on, errors are the user's files (exit 1).
-  if (fs::is_regular_file(model_dir))
-    throw std::invalid_argument(model_dir + ": generate reads a Hugging Face model directory "
-                                "(config.json, weights, tokenizer.json); an HDF5 unit file has no "
-                                "tokenizer and is not supported here");
-  if (!fs::is_directory(model_dir))
+  if (!unit_file && !fs::is_directory(model_dir))
     throw std::invalid_argument(model_dir + ": model directory does not exist");
-  const fs::path tokenizer_json = fs::path(model_dir) / "tokenizer.json";
+  if (!fs::is_directory(tokenizer_dir))
+    throw std::invalid_argument(tokenizer_dir + ": tokenizer directory does not exist");
+  const fs::path tokenizer_json = fs::path(tokenizer_dir) / "tokenizer.json";
   if (!fs::is_regular_file(tokenizer_json))
-    throw std::invalid_argument(model_dir + ": no tokenizer.json (generate needs the Hugging Face "
-                                "tokenizer files beside the model)");
+    throw std::invalid_argument(tokenizer_dir + ": no tokenizer.json (generate needs the Hugging "
+                                "Face tokenizer files beside the model, or in --tokenizer DIR)");
   std::vector<Prompt> prompts = prompts_file.empty() ? std::vector<Prompt>{{prompt, system}}
                                                      : prompts_read(prompts_file, system);
   if (const int threads = vm["threads"].as<int>(); threads > 0) at::set_num_threads(threads);
 
   const data::Tokenizer tokenizer = data::Tokenizer::from_file(tokenizer_json.string());
-  const data::TokenizerConfig tok_config = data::TokenizerConfig::from_dir(model_dir);
+  const data::TokenizerConfig tok_config = data::TokenizerConfig::from_dir(tokenizer_dir);
   const data::TemplateTokenizer template_tokenizer(
       [&](std::string_view text) { return tokenizer.encode(text, false); },
       [&](std::string_view token) { return tokenizer.token_to_id(token); },
@@ -182,7 +257,8 @@ int generate_run(const std::vector<std::string>& args) {
 
   using clock = std::chrono::steady_clock;
   const auto t_load = clock::now();
-  model::DecoderModel model = model::DecoderModel::load(model_dir, load);
+  model::DecoderModel model = unit_file ? model_from_units(model_dir, load)
+                                        : model::DecoderModel::load(model_dir, load);
   if (!adapter_dir.empty()) model.adapters_load(lora::peft_adapter_read(adapter_dir));
   const double load_seconds = std::chrono::duration<double>(clock::now() - t_load).count();
 
@@ -202,7 +278,7 @@ int generate_run(const std::vector<std::string>& args) {
         throw std::invalid_argument(
             "prompt '" + p.text + "': token id " + std::to_string(id) + " ('" +
             tokenizer.id_to_token(id).value_or("?") + "') is outside the model's vocabulary of " +
-            std::to_string(model.config().vocab_size) + " (" + model_dir +
+            std::to_string(model.config().vocab_size) + " (" + tokenizer_json.string() + ", " + model_dir +
             ": do tokenizer.json and the model belong together?)");
     const model::GenerateResult r = model::generate(model, prompt_ids, gen);
     const std::string answer = tokenizer.decode(r.ids, /*skip_special_tokens=*/true);

@@ -642,3 +642,32 @@ def test_generate_usage_and_file_errors(model, tmp_path):
                    "--quantization_type"):
         assert option in help_text, option
     assert "generate" in run("--help").stdout
+
+
+def test_generate_h5_usage_and_file_errors(tiny, model, tmp_path):
+    """generate --model FILE.h5 (quantize --format h5): --tokenizer DIR is required and the
+    quantize-on-load options are refused (usage, 2); a missing tokenizer directory, one without
+    tokenizer.json and a file that is not HDF5 (1). Then it runs (the reference test compares its
+    ids with transformers)."""
+    units = tmp_path / "q.h5"
+    res = run("quantize", "--model", tiny, "--out", units, "--format", "h5")
+    assert res.returncode == 0, res.stderr
+    assert_error(run("generate", "--model", units, "--raw", "--prompt", "a"), "generate", 2,
+                 "q.h5", "--tokenizer DIR")
+    assert_error(run("generate", "--model", units, "--tokenizer", model, "--raw", "--prompt", "a",
+                     "--quantization_type", "fp4"), "generate", 2, "--quantization_type", "q.h5")
+    assert_error(run("generate", "--model", units, "--tokenizer", tmp_path / "none", "--raw",
+                     "--prompt", "a"), "generate", 1, "none", "tokenizer directory does not exist")
+    assert_error(run("generate", "--model", units, "--tokenizer", model, "--raw", "--prompt", "a"),
+                 "generate", 1, "no tokenizer.json", "--tokenizer")
+    smollm2_tokenizer_into(model)
+    text = tmp_path / "model.txt"
+    text.write_text("not HDF5\n")
+    assert_error(run("generate", "--model", text, "--tokenizer", model, "--raw", "--prompt", "a"),
+                 "generate", 1, "model.txt", "not an HDF5 file")
+    res = run("generate", "--model", units, "--tokenizer", model, "--raw", "--prompt", "a b",
+              "--max_new_tokens", "3", "--print_ids")
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout)
+    assert row["tokens"] == 3 and all(0 <= i < 2048 for i in row["ids"])
+    assert "--tokenizer" in run("generate", "--help").stdout

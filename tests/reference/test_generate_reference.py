@@ -8,7 +8,10 @@ which our printed prompt_ids must equal. transformers runs model.generate(do_sam
 LLaMA-Factory's stop ids (template.get_stop_token_ids) as eos_token_id; the new ids, a final EOS
 included, must be equal. Models: (a) a tiny random LLaMA (GQA 6/2 heads) carrying SmolLM2's
 tokenizer files (vocab 49152), (b) the real SmolLM2-135M (.models/smollm2, env
-QLORA_SMOLLM2_DIR), 2 prompts x 24 new tokens. Both sides print their speed.
+QLORA_SMOLLM2_DIR), 2 prompts x 24 new tokens. Both sides print their speed. (c) The tiny LLaMA
+as our HDF5 unit file (quantize --format h5: the same nf4/64/double quantization) with
+--tokenizer DIR, with and without the adapter: transformers' ids again (without the adapter:
+the plain bitsandbytes model, which our model directory must match too).
 Every weight row here is a whole number of 64-blocks, so bitsandbytes' native CPU dequantize is
 exact (conftest.use_generic_bnb_cpu_dequantize explains the case where it is not); its generic
 replacement would make transformers' SmolLM2 generate ~20x slower (0.2 tokens/s).
@@ -84,7 +87,8 @@ def hf_generate(model_dir, adapter_dir, prompt_ids, stop_ids, pad_id, max_new_to
     for mod in m.modules():  # the training path (dequantize + matmul), as in bnb_reference_model
         if isinstance(mod, bnbm.nn.Linear4bit):
             mod.support_avx512bf16_for_cpu = False
-    m = PeftModel.from_pretrained(m, adapter_dir)
+    if adapter_dir is not None:
+        m = PeftModel.from_pretrained(m, adapter_dir)
     m.eval()
     out, new_tokens, seconds = [], 0, 0.0
     for ids in prompt_ids:
@@ -102,11 +106,14 @@ def hf_generate(model_dir, adapter_dir, prompt_ids, stop_ids, pad_id, max_new_to
     return out
 
 
-def ours_generate(model_dir, adapter_dir, prompts, max_new_tokens, tmp):
+def ours_generate(model_dir, adapter_dir, prompts, max_new_tokens, tmp, tokenizer_dir=None):
     path = tmp / "prompts.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    res = run([binary("qlora_dist"), "generate", "--model", str(model_dir), "--adapter",
-               str(adapter_dir), "--template", TEMPLATE, "--prompts", str(path),
+    extra = [] if adapter_dir is None else ["--adapter", str(adapter_dir)]
+    if tokenizer_dir is not None:
+        extra += ["--tokenizer", str(tokenizer_dir)]
+    res = run([binary("qlora_dist"), "generate", "--model", str(model_dir), *extra,
+               "--template", TEMPLATE, "--prompts", str(path),
                "--max_new_tokens", str(max_new_tokens), "--print_ids"])
     print(res.stderr.strip())
     rows = [json.loads(line) for line in res.stdout.splitlines()]
@@ -114,20 +121,24 @@ def ours_generate(model_dir, adapter_dir, prompts, max_new_tokens, tmp):
     return rows
 
 
-def compare(model_dir, adapter_dir, prompts, max_new_tokens, tmp):
+def compare(model_dir, adapter_dir, prompts, max_new_tokens, tmp, ours_models=None):
+    """`ours_models`: (model, tokenizer dir or None) pairs to run ours on; default the model
+    directory itself. Each must give transformers' ids."""
     prompt_ids, stop_ids, tok = lf_prompt_ids(model_dir, prompts)
-    ours = ours_generate(model_dir, adapter_dir, prompts, max_new_tokens, tmp)
     ref = hf_generate(model_dir, adapter_dir, prompt_ids, stop_ids, tok.pad_token_id or stop_ids[0],
                       max_new_tokens)
-    for p, want_prompt, want, row in zip(prompts, prompt_ids, ref, ours):
-        assert row["prompt_ids"] == want_prompt, f"prompt ids of {p}"
-        assert row["ids"] == want, f"{p}:\nours {row['ids']}\nref  {want}"
-        assert row["tokens"] == len(want)
-        assert row["answer"] == tok.decode(want, skip_special_tokens=True), p
+    for model, tokenizer_dir in ours_models or [(model_dir, None)]:
+        ours = ours_generate(model, adapter_dir, prompts, max_new_tokens, tmp, tokenizer_dir)
+        for p, want_prompt, want, row in zip(prompts, prompt_ids, ref, ours):
+            assert row["prompt_ids"] == want_prompt, f"{model}: prompt ids of {p}"
+            assert row["ids"] == want, f"{model}: {p}:\nours {row['ids']}\nref  {want}"
+            assert row["tokens"] == len(want)
+            assert row["answer"] == tok.decode(want, skip_special_tokens=True), p
     return ours
 
 
-def test_tiny_llama_with_smollm2_tokenizer(tmp_path):
+def tiny_llama(tmp_path):
+    """A tiny random LLaMA (GQA 6/2 heads) with SmolLM2's tokenizer files, in tmp_path/base."""
     src = smollm2_dir()
     base = tmp_path / "base"
     torch.manual_seed(1234)
@@ -142,8 +153,30 @@ def test_tiny_llama_with_smollm2_tokenizer(tmp_path):
     model.save_pretrained(base)
     for f in TOKENIZER_FILES:
         shutil.copy(os.path.join(src, f), base / f)
+    return base
+
+
+def test_tiny_llama_with_smollm2_tokenizer(tmp_path):
+    base = tiny_llama(tmp_path)
     make_adapter(base, tmp_path / "adapter", 7)
     rows = compare(base, tmp_path / "adapter", PROMPTS, 20, tmp_path)
+    assert all(r["tokens"] > 0 for r in rows)
+
+
+def test_tiny_llama_h5_units(tmp_path):
+    """generate --model q.h5 --tokenizer DIR (the unit file of quantize --format h5) gives
+    transformers' ids, with and without the adapter; the model directory too without it."""
+    base = tiny_llama(tmp_path)
+    units = tmp_path / "q.h5"
+    res = run([binary("qlora_dist"), "quantize", "--model", str(base), "--out", str(units),
+               "--format", "h5"])
+    assert res.returncode == 0, res.stderr
+    make_adapter(base, tmp_path / "adapter", 7)
+    # Without the adapter the third prompt meets a near tie at its 5th new token (transformers'
+    # top two logits 5.53288 / 5.53273: fp32 summation order decides), so two prompts there.
+    rows = compare(base, None, PROMPTS[:2], 20, tmp_path, [(units, base), (base, None)])
+    assert all(r["tokens"] > 0 for r in rows)
+    rows = compare(base, tmp_path / "adapter", PROMPTS, 20, tmp_path, [(units, base)])
     assert all(r["tokens"] > 0 for r in rows)
 
 
