@@ -32,13 +32,15 @@ phase() {  # phase NAME COMMAND...: runs it and records its wall time
 
 phase "data" python3 scripts/demo_data.py "$run_dir/data"
 phase "quantize" "$bin" quantize --model "$model" --out "$run_dir/smollm2-nf4.h5" --format h5
-phase "base answers" sh -c "'$bin' generate --model '$model' --template smollm2 --threads 2 \
+phase "base answers" sh -c "'$bin' generate --model '$run_dir/smollm2-nf4.h5' --tokenizer '$model' \
+  --template smollm2 --threads 2 \
   --prompts '$run_dir/data/prompts.jsonl' --max_new_tokens 32 > '$run_dir/answers_base.jsonl'"
 phase "train (np $np)" mpirun --oversubscribe -np "$np" "$bin" configs/demo.ini \
   --model.model_name_or_path="$run_dir/smollm2-nf4.h5" --model.tokenizer_name_or_path="$model" \
   --data.dataset="$run_dir/data/train.jsonl" --output.output_dir="$run_dir/run"
 phase "plot" "$bin" plot "$run_dir/run" --out "$run_dir/curves.png"
-phase "tuned answers" sh -c "'$bin' generate --model '$model' --adapter '$run_dir/run' \
+phase "tuned answers" sh -c "'$bin' generate --model '$run_dir/smollm2-nf4.h5' --tokenizer '$model' \
+  --adapter '$run_dir/run' \
   --template smollm2 --threads 2 --prompts '$run_dir/data/prompts.jsonl' --max_new_tokens 32 \
   > '$run_dir/answers_tuned.jsonl'"
 
