@@ -11,19 +11,13 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <stdexcept>
 
 #include "app/usage_error.h"
-#include "dist/communicator.h"
-#include "dist/device_context.h"
-#include "dist/sharded_unit.h"
-#include "data/chat_template.h"
-#include "data/tokenizer.h"
-#include "data/tokenizer_config.h"
+#include "data/model_tokenizer.h"
+#include "data/sft_dataset.h"
 #include "lora/peft_adapter.h"
 #include "model/decoder.h"
 #include "model/generate.h"
@@ -53,84 +47,23 @@ const char* const kGenerateUsage =
     "--prompts FILE.jsonl: rows {\"prompt\": ..., \"system\": ... (optional)}; output is JSON Lines\n"
     "{\"prompt\", \"answer\", \"tokens\"} (tokens: new tokens, a final EOS included). Timing on stderr.\n";
 
-// The communicator of whole (unsharded) units on one process: ShardedUnit asks for one, and never
-// uses it when it is not sharded. Any collective is a bug (std::logic_error).
-class NoCommunicator final : public dist::Communicator {
- public:
-  int rank() const override { return 0; }
-  int world_size() const override { return 1; }
-  std::string backend_name() const override { return "none"; }
-  dist::Work all_gather_start(const at::Tensor&, const at::Tensor&) override { return fail(); }
-  dist::Work reduce_scatter_start(const at::Tensor&, const at::Tensor&) override { return fail(); }
-  dist::Work all_reduce_start(const at::Tensor&, dist::ReduceOp) override { return fail(); }
-  dist::Work broadcast_start(const at::Tensor&, int) override { return fail(); }
-  dist::Work barrier_start() override { return fail(); }
-
- private:
-  [[noreturn]] static dist::Work fail() {
-    throw std::logic_error("generate: a collective on the single-process communicator");
-  }
-};
-
-// The decoder from an HDF5 unit file: every base unit read whole (CPU, storage = compute dtype,
-// as the trainer stores it) and bound for good; the bound views keep the unit buffers alive.
-model::DecoderModel model_from_units(const std::string& path, const model::LoadOptions& load) {
-  const std::unique_ptr<train::UnitSource> source = train::UnitSource::open(path, load.quant);
-  const train::UnitsSpec& spec = source->spec();
-  model::DecoderModel m = model::DecoderModel::skeleton(spec.config, load);
-  NoCommunicator comm;
-  const dist::DeviceContext device(dist::Device::cpu, load.compute_dtype, comm);
-  const std::vector<dist::UnitLayout> layouts = train::base_units(spec);
-  const int64_t blocks = spec.config.num_hidden_layers;
-  if (static_cast<int64_t>(layouts.size()) != blocks + 2)
-    throw std::logic_error("generate: " + std::to_string(layouts.size()) + " base units for " +
-                           std::to_string(blocks) + " blocks");
-  for (size_t u = 0; u < layouts.size(); ++u) {
-    dist::ShardedUnit unit(layouts[u], load.compute_dtype, device, /*sharded=*/false, nullptr,
-                           /*is_base=*/true);
-    const at::Tensor buffer = unit.shard();  // the whole unit
-    source->read(unit.layout(), 0, unit.layout().nbytes, unit.shard_bytes().data_ptr<uint8_t>());
-    if (u == 0) {
-      train::bind_embed(m, unit, buffer);
-    } else if (u + 1 == layouts.size()) {
-      train::bind_head(m, unit, buffer);
-    } else {
-      const uint8_t* data = unit.shard_bytes().data_ptr<uint8_t>();
-      const std::vector<float> offsets = train::block_nested_offsets(
-          spec, unit.layout(),
-          [&](size_t begin, size_t end, uint8_t* out) { std::memcpy(out, data + begin, end - begin); });
-      train::bind_block(m, static_cast<int64_t>(u) - 1, spec, unit, buffer, offsets, nullptr,
-                        at::Tensor(), lora::LoraConfig());
-    }
-  }
-  return m;
-}
-
 struct Prompt {
   std::string text;
   std::string system;
 };
 
+// Rows {"prompt", "system" (optional)} of a JSON Lines (or JSON array) file, read by the dataset
+// reader (which names file and line of a parse error).
 std::vector<Prompt> prompts_read(const std::string& path, const std::string& default_system) {
-  std::ifstream in(path);
-  if (!in) throw std::invalid_argument(path + ": cannot open the prompts file");
   std::vector<Prompt> out;
-  std::string line;
-  for (int64_t n = 1; std::getline(in, line); ++n) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const std::string where = path + ":" + std::to_string(n);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      throw std::invalid_argument(where + ": not JSON (" + e.what() + ")");
-    }
-    if (!j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
-      throw std::invalid_argument(where + ": expected an object with a string \"prompt\"");
+  for (const data::JsonRow& row : data::read_json_rows(path)) {
+    const nlohmann::json& j = row.value;
+    if (!j.contains("prompt") || !j["prompt"].is_string())
+      throw std::invalid_argument(row.where + ": expected an object with a string \"prompt\"");
     Prompt p{j["prompt"].get<std::string>(), default_system};
     if (j.contains("system") && !j["system"].is_null()) {
       if (!j["system"].is_string())
-        throw std::invalid_argument(where + ": \"system\" must be a string");
+        throw std::invalid_argument(row.where + ": \"system\" must be a string");
       p.system = j["system"].get<std::string>();
     }
     out.push_back(std::move(p));
@@ -230,34 +163,26 @@ int generate_run(const std::vector<std::string>& args) {
     throw std::invalid_argument(model_dir + ": model directory does not exist");
   if (!fs::is_directory(tokenizer_dir))
     throw std::invalid_argument(tokenizer_dir + ": tokenizer directory does not exist");
-  const fs::path tokenizer_json = fs::path(tokenizer_dir) / "tokenizer.json";
-  if (!fs::is_regular_file(tokenizer_json))
-    throw std::invalid_argument(tokenizer_dir + ": no tokenizer.json (generate needs the Hugging "
-                                "Face tokenizer files beside the model, or in --tokenizer DIR)");
   std::vector<Prompt> prompts = prompts_file.empty() ? std::vector<Prompt>{{prompt, system}}
                                                      : prompts_read(prompts_file, system);
   if (const int threads = vm["threads"].as<int>(); threads > 0) at::set_num_threads(threads);
 
-  const data::Tokenizer tokenizer = data::Tokenizer::from_file(tokenizer_json.string());
-  const data::TokenizerConfig tok_config = data::TokenizerConfig::from_dir(tokenizer_dir);
-  const data::TemplateTokenizer template_tokenizer(
-      [&](std::string_view text) { return tokenizer.encode(text, false); },
-      [&](std::string_view token) { return tokenizer.token_to_id(token); },
-      tokenizer.vocab_size(), tok_config, *chat_template);
+  const std::unique_ptr<data::ModelTokenizer> model_tokenizer = data::ModelTokenizer::open(
+      tokenizer_dir, template_name,
+      "generate needs the Hugging Face tokenizer files beside the model, or in --tokenizer DIR");
+  const data::Tokenizer& tokenizer = model_tokenizer->tokenizer();
+  const data::TemplateTokenizer& template_tokenizer = model_tokenizer->templated();
+  const fs::path tokenizer_json = fs::path(tokenizer_dir) / "tokenizer.json";
   model::GenerateOptions gen;
   gen.max_new_tokens = max_new_tokens;
   gen.temperature = temperature;
   gen.top_p = top_p;
   gen.seed = static_cast<uint64_t>(seed);
-  // LLaMA-Factory generates with eos_token_id = [EOS] + the template's stop words.
-  if (template_tokenizer.eos_token_id()) gen.stop_ids.push_back(*template_tokenizer.eos_token_id());
-  for (const auto& [token, id] : template_tokenizer.template_tokens())
-    for (const std::string& w : chat_template->stop_words)
-      if (w == token) gen.stop_ids.push_back(id);
+  gen.stop_ids = model_tokenizer->stop_ids();  // LLaMA-Factory generates with these
 
   using clock = std::chrono::steady_clock;
   const auto t_load = clock::now();
-  model::DecoderModel model = unit_file ? model_from_units(model_dir, load)
+  model::DecoderModel model = unit_file ? train::unit_file_model(model_dir, load)
                                         : model::DecoderModel::load(model_dir, load);
   if (!adapter_dir.empty()) model.adapters_load(lora::peft_adapter_read(adapter_dir));
   const double load_seconds = std::chrono::duration<double>(clock::now() - t_load).count();

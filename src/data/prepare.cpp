@@ -13,11 +13,9 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "data/chat_template.h"
+#include "data/model_tokenizer.h"
 #include "data/packing.h"
 #include "data/sft_dataset.h"
-#include "data/tokenizer.h"
-#include "data/tokenizer_config.h"
 #include "io/hash.h"
 #include "io/json_file.h"
 
@@ -150,19 +148,16 @@ std::string prepare_key(const PrepareOptions& o) {
 
 PrepareReport prepare_write(const PrepareOptions& o, const std::string& train_out,
                             const std::string& eval_out) {
-  const fs::path tokenizer_json = fs::path(o.model_dir) / "tokenizer.json";
-  if (!fs::is_regular_file(tokenizer_json))
-    throw std::invalid_argument(o.model_dir + ": no tokenizer.json (data.dataset needs the "
-                                "Hugging Face tokenizer files in model.model_name_or_path)");
-  const Tokenizer tokenizer = Tokenizer::from_file(tokenizer_json.string());
-  const TokenizerConfig config = TokenizerConfig::from_dir(o.model_dir);
   // Plain text needs no chat template: LLaMA-Factory's "empty" adds nothing around it.
   const std::string template_name = o.template_name.empty() ? "empty" : o.template_name;
-  const ChatTemplate& chat_template = chat_template_by_name(template_name);
-  const TemplateTokenizer template_tokenizer(
-      [&](std::string_view text) { return tokenizer.encode(text, false); },
-      [&](std::string_view token) { return tokenizer.token_to_id(token); },
-      tokenizer.vocab_size(), config, chat_template);
+  const std::unique_ptr<ModelTokenizer> model_tokenizer = ModelTokenizer::open(
+      o.model_dir, template_name,
+      "data.dataset needs the Hugging Face tokenizer files in model.model_name_or_path or "
+      "model.tokenizer_name_or_path");
+  const Tokenizer& tokenizer = model_tokenizer->tokenizer();
+  const TokenizerConfig& config = model_tokenizer->config();
+  const ChatTemplate& chat_template = model_tokenizer->chat_template();
+  const TemplateTokenizer& template_tokenizer = model_tokenizer->templated();
   const bool packing = o.packing || o.neat_packing;
   const int32_t pad_id =
       config.pad_token ? token_id_or_throw(tokenizer, *config.pad_token, "pad_token", o.model_dir)

@@ -12,6 +12,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "dist/communicator.h"
+#include "dist/device_context.h"
 #include "io/h5_file.h"
 #include "io/hf_config.h"
 #include "model/model_reader.h"
@@ -455,5 +457,60 @@ void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
 }
 
 void unbind_block(model::DecoderModel& m, int64_t i) { m.block(i) = model::DecoderBlock(); }
+
+namespace {
+
+// The communicator of whole (unsharded) units on one process: ShardedUnit asks for one, and never
+// uses it when it is not sharded. Any collective is a bug (std::logic_error).
+class NoCommunicator final : public dist::Communicator {
+ public:
+  int rank() const override { return 0; }
+  int world_size() const override { return 1; }
+  std::string backend_name() const override { return "none"; }
+  dist::Work all_gather_start(const at::Tensor&, const at::Tensor&) override { return fail(); }
+  dist::Work reduce_scatter_start(const at::Tensor&, const at::Tensor&) override { return fail(); }
+  dist::Work all_reduce_start(const at::Tensor&, dist::ReduceOp) override { return fail(); }
+  dist::Work broadcast_start(const at::Tensor&, int) override { return fail(); }
+  dist::Work barrier_start() override { return fail(); }
+
+ private:
+  [[noreturn]] static dist::Work fail() {
+    throw std::logic_error("unit_file_model: a collective on the single-process communicator");
+  }
+};
+
+}  // namespace
+
+model::DecoderModel unit_file_model(const std::string& path, const model::LoadOptions& load) {
+  const std::unique_ptr<train::UnitSource> source = train::UnitSource::open(path, load.quant);
+  const train::UnitsSpec& spec = source->spec();
+  model::DecoderModel m = model::DecoderModel::skeleton(spec.config, load);
+  NoCommunicator comm;
+  const dist::DeviceContext device(dist::Device::cpu, load.compute_dtype, comm);
+  const std::vector<dist::UnitLayout> layouts = train::base_units(spec);
+  const int64_t blocks = spec.config.num_hidden_layers;
+  if (static_cast<int64_t>(layouts.size()) != blocks + 2)
+    throw std::logic_error("unit_file_model: " + std::to_string(layouts.size()) + " base units for " +
+                           std::to_string(blocks) + " blocks");
+  for (size_t u = 0; u < layouts.size(); ++u) {
+    dist::ShardedUnit unit(layouts[u], load.compute_dtype, device, /*sharded=*/false, nullptr,
+                           /*is_base=*/true);
+    const at::Tensor buffer = unit.shard();  // the whole unit
+    source->read(unit.layout(), 0, unit.layout().nbytes, unit.shard_bytes().data_ptr<uint8_t>());
+    if (u == 0) {
+      train::bind_embed(m, unit, buffer);
+    } else if (u + 1 == layouts.size()) {
+      train::bind_head(m, unit, buffer);
+    } else {
+      const uint8_t* data = unit.shard_bytes().data_ptr<uint8_t>();
+      const std::vector<float> offsets = train::block_nested_offsets(
+          spec, unit.layout(),
+          [&](size_t begin, size_t end, uint8_t* out) { std::memcpy(out, data + begin, end - begin); });
+      train::bind_block(m, static_cast<int64_t>(u) - 1, spec, unit, buffer, offsets, nullptr,
+                        at::Tensor(), lora::LoraConfig());
+    }
+  }
+  return m;
+}
 
 }  // namespace qlora::train

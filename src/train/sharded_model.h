@@ -88,6 +88,11 @@ void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
                 const at::Tensor& lora_buffer, const lora::LoraConfig& lora_config);
 void unbind_block(model::DecoderModel& m, int64_t i);
 
+// The whole decoder from an HDF5 unit file on one process, without MPI (generation): every base
+// unit read whole on the CPU (storage = compute dtype, as the trainer stores it) and bound once;
+// the bound views keep the unit buffers alive. No adapter bound (DecoderModel::adapters_load).
+model::DecoderModel unit_file_model(const std::string& path, const model::LoadOptions& load);
+
 // The fp32 view of LoRA segment `name` ("<module>.lora_A.weight" / "lora_B") in a LoRA buffer.
 at::Tensor lora_view(const dist::UnitLayout& unit, const at::Tensor& buffer,
                      const std::string& name);
