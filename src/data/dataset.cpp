@@ -203,55 +203,50 @@ void TokenDataset::read(const std::vector<int64_t>& rows, at::Tensor& input_ids,
   std::vector<int32_t> buffer(static_cast<size_t>(file_seq_len_));  // one row, uncut
 
   const auto vocab_text = "[0, " + std::to_string(model_vocab_) + ")";
+  // One row of an int32 dataset, cut to seq_len_, into out; `bad(v)` says what is wrong with a
+  // value ("" when nothing), and the message names file, dataset, row and column.
+  auto read_row = [&](const char* name, int64_t row, int64_t* out, auto&& bad) {
+    as_user_error([&] { file_->read_int32_rows(name, row, 1, buffer.data()); });
+    for (int64_t c = 0; c < seq_len_; ++c) {
+      const int64_t v = buffer[static_cast<size_t>(c)];
+      if (const std::string why = bad(v); !why.empty())
+        throw std::invalid_argument(path_ + ": " + name + " row " + std::to_string(row) +
+                                    ", column " + std::to_string(c) + ": " + why);
+      out[c] = v;
+    }
+  };
+  at::Tensor positions;
+  int64_t* pos_out = nullptr;
+  if (position_ids && has_position_ids_) {
+    positions = at::empty({n, seq_len_}, at::TensorOptions().dtype(at::kLong));  // [n, seq_len]
+    pos_out = positions.data_ptr<int64_t>();
+  }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = rows[static_cast<size_t>(i)];
     if (row < 0 || row >= rows_)
       throw std::invalid_argument(path_ + ": row " + std::to_string(row) + " is outside [0, " +
                                   std::to_string(rows_) + ") (the file has " +
                                   std::to_string(rows_) + " rows)");
-    as_user_error([&] { file_->read_int32_rows("input_ids", row, 1, buffer.data()); });
-    for (int64_t c = 0; c < seq_len_; ++c) {
-      const int64_t id = buffer[static_cast<size_t>(c)];
-      if (id < 0 || id >= model_vocab_)
-        throw std::invalid_argument(path_ + ": input_ids row " + std::to_string(row) +
-                                    ", column " + std::to_string(c) + ": token id " +
-                                    std::to_string(id) + " is outside the model's vocabulary " +
-                                    vocab_text);
-      ids_out[i * seq_len_ + c] = id;
-    }
-    as_user_error([&] { file_->read_int32_rows("labels", row, 1, buffer.data()); });
-    for (int64_t c = 0; c < seq_len_; ++c) {
-      const int64_t label = buffer[static_cast<size_t>(c)];
-      if (label != kIgnoreLabel && (label < 0 || label >= model_vocab_))
-        throw std::invalid_argument(path_ + ": labels row " + std::to_string(row) + ", column " +
-                                    std::to_string(c) + ": token id " + std::to_string(label) +
-                                    " is outside the model's vocabulary " + vocab_text +
-                                    " and is not -100 (no loss)");
-      labels_out[i * seq_len_ + c] = label;
-    }
+    read_row("input_ids", row, ids_out + i * seq_len_, [&](int64_t id) {
+      return id < 0 || id >= model_vocab_ ? "token id " + std::to_string(id) +
+                                                " is outside the model's vocabulary " + vocab_text
+                                          : std::string();
+    });
+    read_row("labels", row, labels_out + i * seq_len_, [&](int64_t label) {
+      return label != kIgnoreLabel && (label < 0 || label >= model_vocab_)
+                 ? "token id " + std::to_string(label) + " is outside the model's vocabulary " +
+                       vocab_text + " and is not -100 (no loss)"
+                 : std::string();
+    });
+    if (pos_out)
+      read_row("position_ids", row, pos_out + i * seq_len_, [&](int64_t p) {
+        return p < 0 || p >= file_seq_len_
+                   ? "position " + std::to_string(p) + " is outside [0, " +
+                         std::to_string(file_seq_len_) + ") (the row length)"
+                   : std::string();
+      });
   }
-  if (position_ids) *position_ids = has_position_ids_ ? read_positions(rows) : at::Tensor();
-}
-
-at::Tensor TokenDataset::read_positions(const std::vector<int64_t>& rows) const {
-  const auto n = static_cast<int64_t>(rows.size());
-  at::Tensor out = at::empty({n, seq_len_}, at::TensorOptions().dtype(at::kLong));  // [n, seq_len]
-  int64_t* pos_out = out.data_ptr<int64_t>();
-  std::vector<int32_t> buffer(static_cast<size_t>(file_seq_len_));  // one row, uncut
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t row = rows[static_cast<size_t>(i)];  // checked by read()
-    as_user_error([&] { file_->read_int32_rows("position_ids", row, 1, buffer.data()); });
-    for (int64_t c = 0; c < seq_len_; ++c) {
-      const int64_t p = buffer[static_cast<size_t>(c)];
-      if (p < 0 || p >= file_seq_len_)
-        throw std::invalid_argument(path_ + ": position_ids row " + std::to_string(row) +
-                                    ", column " + std::to_string(c) + ": position " +
-                                    std::to_string(p) + " is outside [0, " +
-                                    std::to_string(file_seq_len_) + ") (the row length)");
-      pos_out[i * seq_len_ + c] = p;
-    }
-  }
-  return out;
+  if (position_ids) *position_ids = positions;
 }
 
 size_t TokenDataset::bytes_read() const { return file_->bytes_read(); }

@@ -44,7 +44,6 @@ class TokenDataset {
   size_t bytes_read() const;
 
  private:
-  at::Tensor read_positions(const std::vector<int64_t>& rows) const;  // [rows.size(), seq_len]
 
   std::unique_ptr<io::H5File> file_;
   std::string path_;
