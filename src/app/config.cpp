@@ -145,8 +145,24 @@ const std::vector<KeyDef>& key_defs() {
       {"data", "dataset_skip_bad", &C::dataset_skip_bad,
        "true | false: skip bad rows (missing fields, wrong roles, nothing left to learn) and "
        "count them, instead of refusing the dataset."},
+      {"train", "stage", &C::stage,
+       "sft | dpo: supervised fine-tuning on answers, or preference training on pairs of a "
+       "chosen and a rejected answer (train.pref_loss)."},
+      {"train", "pref_beta", &C::pref_beta,
+       "Preference temperature (> 0): DPO/IPO beta, the ORPO weight of the odds-ratio term, "
+       "SimPO beta."},
+      {"train", "pref_loss", &C::pref_loss,
+       "sigmoid | ipo | orpo | simpo: DPO's loss, IPO (length-normalised log ratios), ORPO and "
+       "SimPO (both without a reference forward)."},
+      {"train", "simpo_gamma", &C::simpo_gamma, "SimPO's target reward margin (>= 0)."},
+      {"train", "pref_ftx", &C::pref_ftx,
+       "Weight (>= 0) of an SFT term added to the preference loss: the mean negative "
+       "log-likelihood of the chosen answers' tokens (TRL's loss_type sft)."},
+      {"train", "dpo_label_smoothing", &C::dpo_label_smoothing,
+       "cDPO label smoothing in [0, 0.5): the assumed probability that a pair's preference is "
+       "flipped (sigmoid and simpo losses)."},
       {"train", "per_device_train_batch_size", &C::per_device_train_batch_size,
-       "Rows per rank per micro-batch (>= 1)."},
+       "Rows per rank per micro-batch (>= 1); with stage = dpo, pairs (twice as many rows)."},
       {"train", "gradient_accumulation_steps", &C::gradient_accumulation_steps,
        "Micro-batches per optimizer step (>= 1)."},
       {"train", "learning_rate", &C::learning_rate, "Peak AdamW learning rate (>= 0)."},
@@ -498,6 +514,23 @@ void config_validate(TrainConfig& c, const Where& where) {
         ": data.template is required with data.dataset (default | alpaca | chatml | qwen | llama2 "
         "| llama3 | mistral | smollm2 | empty), unless data.formatting = text");
 
+  check_enum(where("train.stage"), "train.stage", c.stage, {"sft", "dpo"});
+  check_enum(where("train.pref_loss"), "train.pref_loss", c.pref_loss,
+             {"sigmoid", "ipo", "orpo", "simpo"});
+  range("train.pref_beta", c.pref_beta > 0, dtext(c.pref_beta), "> 0");
+  range("train.simpo_gamma", c.simpo_gamma >= 0, dtext(c.simpo_gamma), ">= 0");
+  range("train.pref_ftx", c.pref_ftx >= 0, dtext(c.pref_ftx), ">= 0");
+  range("train.dpo_label_smoothing", c.dpo_label_smoothing >= 0 && c.dpo_label_smoothing < 0.5,
+        dtext(c.dpo_label_smoothing), "0 <= dpo_label_smoothing < 0.5");
+  if (c.stage == "dpo" && c.dpo_label_smoothing > 0 &&
+      (c.pref_loss == "ipo" || c.pref_loss == "orpo"))
+    throw std::invalid_argument(where("train.dpo_label_smoothing") +
+                                ": train.dpo_label_smoothing applies to pref_loss = sigmoid or "
+                                "simpo, not " + c.pref_loss);
+  if (c.stage == "dpo" && (c.packing || c.neat_packing))
+    throw std::invalid_argument(where("data.packing") +
+                                ": data.packing does not apply to train.stage = dpo (each pair "
+                                "is one row of chosen and one of rejected tokens)");
   range("train.per_device_train_batch_size", c.per_device_train_batch_size >= 1,
         itext(c.per_device_train_batch_size), ">= 1");
   range("train.gradient_accumulation_steps", c.gradient_accumulation_steps >= 1,

@@ -56,6 +56,12 @@ struct TrainConfig {
   std::string tokenized_path;  // "" = output_dir/data/<key>
   bool dataset_skip_bad = false;
   // [train]
+  std::string stage = "sft";         // sft | dpo (LLaMA-Factory's names)
+  double pref_beta = 0.1;            // DPO beta (ORPO lambda, SimPO beta)
+  std::string pref_loss = "sigmoid";  // sigmoid | ipo | orpo | simpo
+  double simpo_gamma = 0.5;          // SimPO target reward margin
+  double pref_ftx = 0.0;             // weight of an SFT term on the chosen answers
+  double dpo_label_smoothing = 0.0;  // cDPO: probability that a pair's labels are flipped
   int64_t per_device_train_batch_size = 1;
   int64_t gradient_accumulation_steps = 1;
   double learning_rate = 1e-4;

@@ -116,6 +116,7 @@ data::PrepareOptions prepare_options(const TrainConfig& c) {
   o.val_size = c.val_size;
   o.seed = static_cast<uint64_t>(c.seed);
   o.skip_bad = c.dataset_skip_bad;
+  o.pairwise = c.stage == "dpo";
   return o;
 }
 

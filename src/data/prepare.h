@@ -26,6 +26,7 @@ struct PrepareOptions {
   double val_size = 0.0;    // < 1 fraction, >= 1 count; 0 = none
   uint64_t seed = 42;
   bool skip_bad = false;
+  bool pairwise = false;  // train.stage = dpo: preference pairs (chosen / rejected answers)
 };
 
 // What one written file holds.
