@@ -67,6 +67,12 @@ train::JobOptions job_options(const TrainConfig& c) {
   t.quant.quant_type = quant::quant_type_from_name(c.quantization_type);
   t.quant.blocksize = static_cast<int32_t>(c.quantization_blocksize);
   t.quant.double_quant = c.double_quantization;
+  t.preference = c.stage == "dpo";
+  t.pref.loss = train::pref_loss_from_name(c.pref_loss);
+  t.pref.beta = c.pref_beta;
+  t.pref.simpo_gamma = c.simpo_gamma;
+  t.pref.ftx = c.pref_ftx;
+  t.pref.label_smoothing = c.dpo_label_smoothing;
 
   o.schedule.learning_rate = c.learning_rate;
   o.schedule.type = train::lr_scheduler_from_name(c.lr_scheduler_type);

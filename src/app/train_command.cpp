@@ -75,10 +75,12 @@ struct Checked {
 void phase1_open_data(Checked& r) {
   const TrainConfig& c = r.config;
   const int64_t vocab = r.inputs.source->spec().config.vocab_size;
-  if (c.do_train && !r.inputs.train_data)
-    r.inputs.train_data.emplace(r.train_file, c.cutoff_len, vocab);
-  if (!r.eval_file.empty() && !r.inputs.eval_data)
-    r.inputs.eval_data.emplace(r.eval_file, c.cutoff_len, vocab);
+  const auto open = [&](const std::string& path) {
+    return c.stage == "dpo" ? train::BatchData(data::PairDataset(path, c.cutoff_len, vocab))
+                            : train::BatchData(data::TokenDataset(path, c.cutoff_len, vocab));
+  };
+  if (c.do_train && !r.inputs.train_data) r.inputs.train_data.emplace(open(r.train_file));
+  if (!r.eval_file.empty() && !r.inputs.eval_data) r.inputs.eval_data.emplace(open(r.eval_file));
 }
 
 // Phase 1 on this rank; throws what the user must fix.

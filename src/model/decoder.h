@@ -123,6 +123,13 @@ class DecoderModel {
   LossResult loss(const at::Tensor& normed, const at::Tensor& labels, int64_t chunk_tokens = 1024,
                   double normalizer = 0.0) const;
 
+  // Per-row sums of the target tokens' log-probabilities (preference losses): normed [B, T, H],
+  // labels [B, T] as for loss (shifted by one inside, -100 ignored) -> [B] fp32, differentiable
+  // to `normed`, chunked the same way (never more than [chunk_tokens, V] logits). A row without
+  // targets sums to 0.
+  at::Tensor row_logps(const at::Tensor& normed, const at::Tensor& labels,
+                       int64_t chunk_tokens = 1024) const;
+
   // The adapter lifecycle of lora/adapter_slots.h on this model's linears.
   // LoRA on the named linears of every block (peft's init from a CPU generator seeded `seed`).
   void adapters_init(const lora::LoraConfig& config, const std::vector<std::string>& targets,

@@ -68,39 +68,107 @@ struct ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
   }
 };
 
-}  // namespace
+// log p(t_n | h_n) of each target: [N] fp32. d logp_n / d logits_n = onehot(t_n) - softmax.
+struct ChunkedTokenLogps : public torch::autograd::Function<ChunkedTokenLogps> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden,
+                            const at::Tensor& weight, const at::Tensor& targets, int64_t chunk) {
+    ctx->save_for_backward({hidden, weight, targets});
+    ctx->saved_data["chunk"] = chunk;
+    const int64_t n = hidden.size(0);
+    at::Tensor out = at::empty({n}, hidden.options().dtype(at::kFloat));
+    for (int64_t begin = 0; begin < n; begin += chunk) {
+      const int64_t len = std::min(chunk, n - begin);
+      const at::Tensor logp = chunk_log_softmax(hidden.narrow(0, begin, len), weight);  // [len, V]
+      out.narrow(0, begin, len)
+          .copy_(logp.gather(1, targets.narrow(0, begin, len).unsqueeze(1)).squeeze(1));
+    }
+    return out;
+  }
 
-LossResult DecoderModel::loss(const at::Tensor& normed, const at::Tensor& labels,
-                              int64_t chunk_tokens, double normalizer) const {
-  const int64_t h = config_.hidden_size, v = config_.vocab_size;
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& hidden = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& targets = saved[2];
+    at::Tensor grad_hidden;
+    if (ctx->needs_input_grad(0)) {
+      const int64_t chunk = ctx->saved_data["chunk"].toInt();
+      const at::Tensor g = grad_outputs[0].to(at::kFloat);  // [N]
+      grad_hidden = at::empty_like(hidden);
+      const int64_t n = hidden.size(0);
+      for (int64_t begin = 0; begin < n; begin += chunk) {
+        const int64_t len = std::min(chunk, n - begin);
+        // (onehot - softmax) * g = -(softmax - onehot) * g
+        at::Tensor grad_logits = chunk_log_softmax(hidden.narrow(0, begin, len), weight).exp_();
+        const at::Tensor t = targets.narrow(0, begin, len).unsqueeze(1);
+        grad_logits.scatter_add_(1, t, at::full({len, 1}, -1.0f, grad_logits.options()));
+        grad_logits.mul_(g.narrow(0, begin, len).neg().unsqueeze(1));  // [len, V]
+        grad_hidden.narrow(0, begin, len)
+            .copy_(at::matmul(grad_logits.to(hidden.scalar_type()), weight));  // [len, H]
+      }
+    }
+    return {grad_hidden, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// The shifted target rows of normed [B, T, H] / labels [B, T], checked: hidden [N, H], targets
+// [N] and each target's row.
+struct Targets {
+  at::Tensor hidden, targets, rows;
+};
+
+Targets targets_select(const ModelConfig& config, const at::Tensor& normed,
+                       const at::Tensor& labels, int64_t chunk_tokens, const char* who) {
+  const int64_t h = config.hidden_size, v = config.vocab_size;
   if (normed.dim() != 3 || normed.size(2) != h)
-    throw std::invalid_argument("loss: hidden states must be [batch, seq, " + std::to_string(h) +
-                                "], not " + shape_str(normed.sizes().vec()));
+    throw std::invalid_argument(std::string(who) + ": hidden states must be [batch, seq, " +
+                                std::to_string(h) + "], not " + shape_str(normed.sizes().vec()));
   if (labels.dim() != 2 || labels.size(0) != normed.size(0) || labels.size(1) != normed.size(1) ||
       !at::isIntegralType(labels.scalar_type(), /*includeBool=*/false))
-    throw std::invalid_argument("loss: labels must be integers [" + std::to_string(normed.size(0)) +
-                                ", " + std::to_string(normed.size(1)) + "], not " +
+    throw std::invalid_argument(std::string(who) + ": labels must be integers [" +
+                                std::to_string(normed.size(0)) + ", " +
+                                std::to_string(normed.size(1)) + "], not " +
                                 shape_str(labels.sizes().vec()) + " " +
                                 c10::toString(labels.scalar_type()));
   if (chunk_tokens < 1)
-    throw std::invalid_argument("loss: chunk_tokens " + std::to_string(chunk_tokens) +
-                                " must be >= 1");
+    throw std::invalid_argument(std::string(who) + ": chunk_tokens " +
+                                std::to_string(chunk_tokens) + " must be >= 1");
   // Position t predicts label t + 1 (transformers' ForCausalLMLoss shift).
   const int64_t shifted = std::max<int64_t>(normed.size(1) - 1, 0);
-  at::Tensor hidden = normed.narrow(1, 0, shifted).reshape({-1, h});  // [B*(T-1), H]
-  at::Tensor targets = labels.narrow(1, std::min<int64_t>(1, labels.size(1)), shifted)
-                           .reshape({-1})
-                           .to(at::kLong);  // [B*(T-1)]
-  const at::Tensor keep = (targets != -100).nonzero().squeeze(1);
-  targets = targets.index_select(0, keep);
-  hidden = hidden.index_select(0, keep);  // [N, H]
-  if (targets.numel() > 0 && targets.device().is_cpu()) {  // device: checked on the host rows
-    const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+  Targets out;
+  out.hidden = normed.narrow(1, 0, shifted).reshape({-1, h});  // [B*(T-1), H]
+  out.targets = labels.narrow(1, std::min<int64_t>(1, labels.size(1)), shifted)
+                    .reshape({-1})
+                    .to(at::kLong);  // [B*(T-1)]
+  const at::Tensor keep = (out.targets != -100).nonzero().squeeze(1);
+  out.targets = out.targets.index_select(0, keep);
+  out.hidden = out.hidden.index_select(0, keep);  // [N, H]
+  out.rows = shifted > 0 ? at::floor_divide(keep, shifted) : keep;
+  if (out.targets.numel() > 0 && out.targets.device().is_cpu()) {  // device: checked on the host
+    const int64_t lo = out.targets.min().item<int64_t>(), hi = out.targets.max().item<int64_t>();
     if (lo < 0 || hi >= v)
-      throw std::invalid_argument("loss: label " + std::to_string(lo < 0 ? lo : hi) +
-                                  " is out of range [0, " + std::to_string(v) +
+      throw std::invalid_argument(std::string(who) + ": label " +
+                                  std::to_string(lo < 0 ? lo : hi) + " is out of range [0, " +
+                                  std::to_string(v) +
                                   ") (-100 marks a position without a target)");
   }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor DecoderModel::row_logps(const at::Tensor& normed, const at::Tensor& labels,
+                                   int64_t chunk_tokens) const {
+  const Targets t = targets_select(config_, normed, labels, chunk_tokens, "row_logps");
+  const at::Tensor logps = ChunkedTokenLogps::apply(t.hidden, lm_head_, t.targets, chunk_tokens);
+  return at::zeros({normed.size(0)}, logps.options()).index_add(0, t.rows, logps);
+}
+
+LossResult DecoderModel::loss(const at::Tensor& normed, const at::Tensor& labels,
+                              int64_t chunk_tokens, double normalizer) const {
+  const Targets t = targets_select(config_, normed, labels, chunk_tokens, "loss");
+  const at::Tensor& targets = t.targets;
+  const at::Tensor& hidden = t.hidden;
   LossResult result;
   result.num_targets = targets.numel();
   double norm = normalizer > 0.0 ? normalizer : static_cast<double>(result.num_targets);

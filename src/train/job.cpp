@@ -47,8 +47,8 @@ const char* signal_name(int signo) {
 
 // Eval micro-batches of this rank: rows split evenly, every rank the same number of
 // micro-batches (rows past the end repeat row 0 with no targets).
-std::vector<Batch> eval_batches(const data::TokenDataset& data, int64_t micro, int rank, int world) {
-  const int64_t per_rank = (data.rows() + world - 1) / world;
+std::vector<Batch> eval_batches(const BatchData& data, int64_t micro, int rank, int world) {
+  const int64_t per_rank = (data.items() + world - 1) / world;
   const int64_t n_micro = (per_rank + micro - 1) / micro;
   std::vector<Batch> out;
   for (int64_t k = 0; k < n_micro; ++k) {
@@ -57,15 +57,11 @@ std::vector<Batch> eval_batches(const data::TokenDataset& data, int64_t micro, i
     for (int64_t j = 0; j < micro; ++j) {
       const int64_t local = k * micro + j;
       const int64_t row = rank * per_rank + local;
-      const bool ok = local < per_rank && row < data.rows();
+      const bool ok = local < per_rank && row < data.items();
       rows.push_back(ok ? row : 0);
       real.push_back(ok);
     }
-    Batch b;
-    data.read(rows, b.input_ids, b.labels, &b.position_ids);
-    for (int64_t j = 0; j < micro; ++j)
-      if (!real[static_cast<size_t>(j)]) b.labels[j].fill_(-100);
-    out.push_back(std::move(b));
+    out.push_back(data.read(rows, real));
   }
   return out;
 }
@@ -75,7 +71,15 @@ struct MetricWindow {
   double loss = 0.0, grad_norm = 0.0, seconds = 0.0, wait = 0.0;
   size_t comm_bytes = 0;
   int64_t steps = 0, tokens = 0;
-  void add(const StepResult& r, int64_t tokens_per_step) {
+  // Preference training: the TRL metrics, each the mean of the steps' means over pairs.
+  std::vector<std::pair<std::string, double>> pref;
+  void add(const StepResult& r, int64_t tokens_per_step, bool preference) {
+    if (preference) {
+      const auto m = r.pref.metrics("");
+      if (pref.empty())
+        for (const auto& [name, value] : m) pref.emplace_back(name, 0.0);
+      for (size_t i = 0; i < m.size(); ++i) pref[i].second += m[i].second;
+    }
     loss += r.loss;
     grad_norm += r.grad_norm;
     seconds += r.seconds;
@@ -85,6 +89,34 @@ struct MetricWindow {
     ++steps;
   }
 };
+
+}  // namespace
+
+int64_t BatchData::items() const {
+  return std::visit([](const auto& d) { return d.rows(); }, data_);
+}
+
+int64_t BatchData::seq_len() const {
+  return std::visit([](const auto& d) { return d.seq_len(); }, data_);
+}
+
+Batch BatchData::read(const std::vector<int64_t>& items, const std::vector<bool>& real) const {
+  Batch b;
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (const auto* rows = std::get_if<data::TokenDataset>(&data_)) {
+    rows->read(items, b.input_ids, b.labels, &b.position_ids);
+  } else {
+    std::get<data::PairDataset>(data_).read(items, b.input_ids, b.labels);
+  }
+  for (int64_t j = 0; j < static_cast<int64_t>(real.size()); ++j)
+    if (!real[static_cast<size_t>(j)]) {
+      b.labels[j].fill_(-100);
+      if (pairs()) b.labels[n + j].fill_(-100);
+    }
+  return b;
+}
+
+namespace {
 
 class Job {
  public:
@@ -128,7 +160,16 @@ void Job::trainer_build() {
   }
   const auto t_load = Clock::now();
   trainer_ = std::make_unique<Trainer>(device_, std::move(in_.source), opts);
-  if (!o_.adapter_path.empty()) trainer_->adapter_load(start_adapter);
+  if (!o_.adapter_path.empty()) {
+    trainer_->adapter_load(start_adapter);
+    // DPO / IPO against the model the training starts from (TRL's reference for a model that
+    // starts from an adapter), whatever a resume loads next.
+    if (opts.preference && opts.pref.needs_reference()) {
+      trainer_->set_reference_adapter();
+      log("reference model: the base with the starting adapter " + o_.adapter_path +
+          " (frozen)");
+    }
+  }
   log("loaded " + o_.model_path + " in " + fmt("%.2f", seconds_since(t_load)) +
       " s: this rank holds " + fmt("%.2f", trainer_->stats().resident_bytes / 1048576.0) +
       " MiB of " + fmt("%.2f", trainer_->base_total_bytes() / 1048576.0) +
@@ -140,9 +181,21 @@ nlohmann::ordered_json Job::evaluate(int64_t step) {
   const auto t0 = Clock::now();
   const Trainer::EvalSums s = trainer_->eval(
       eval_batches(*in_.eval_data, o_.loop.per_device_batch, comm_.rank(), comm_.world_size()));
-  const double loss = s.num_targets > 0 ? s.loss_sum / static_cast<double>(s.num_targets) : 0.0;
   nlohmann::ordered_json j;
   j["step"] = step;
+  if (o_.trainer.preference) {
+    const double loss = s.pref.loss(o_.trainer.pref.ftx);
+    j["eval_loss"] = loss;
+    for (const auto& [name, value] : s.pref.metrics("eval_")) j[name] = value;
+    j["eval_pairs"] = static_cast<int64_t>(std::llround(s.pref.pairs));
+    log("eval step " + std::to_string(step) + ": eval_loss " + fmt("%.4f", loss) +
+        " rewards/accuracies " + fmt("%.3f", j["eval_rewards/accuracies"].get<double>()) +
+        " rewards/margins " + fmt("%.4f", j["eval_rewards/margins"].get<double>()) + " (" +
+        std::to_string(j["eval_pairs"].get<int64_t>()) + " pairs, " +
+        fmt("%.1f", seconds_since(t0)) + " s)");
+    return j;
+  }
+  const double loss = s.num_targets > 0 ? s.loss_sum / static_cast<double>(s.num_targets) : 0.0;
   j["eval_loss"] = loss;
   j["eval_perplexity"] = std::exp(loss);
   j["eval_tokens"] = s.num_targets;
@@ -195,6 +248,7 @@ nlohmann::ordered_json Job::metrics_line(MetricWindow& w, int64_t done, double l
   j["loss"] = w.loss / steps;
   j["learning_rate"] = lr;
   j["grad_norm"] = w.grad_norm / steps;
+  for (const auto& [name, value] : w.pref) j[name] = value / steps;
   j["tokens_per_second"] = static_cast<double>(w.tokens) / w.seconds;
   j["comm_bytes"] = static_cast<double>(w.comm_bytes) / steps;
   j["comm_wait_share"] = red[1];
@@ -223,9 +277,9 @@ int Job::run() {
     return 0;
   }
 
-  const data::TokenDataset& train_data = *in_.train_data;
+  const BatchData& train_data = *in_.train_data;
   const LoopOptions& loop = o_.loop;
-  dist::DistributedSampler sampler(train_data.rows(), loop.per_device_batch, loop.accumulation,
+  dist::DistributedSampler sampler(train_data.items(), loop.per_device_batch, loop.accumulation,
                                    comm_.rank(), comm_.world_size(), o_.trainer.seed);
   total_ = loop.max_steps > 0
                ? loop.max_steps
@@ -233,7 +287,8 @@ int Job::run() {
                                                 static_cast<double>(sampler.steps_per_epoch())));
   const int64_t start = resume(sampler);
   MetricSinks sinks(o_.output.dir, o_.output.report_to, main_rank_, "metrics.jsonl", start);
-  const int64_t tokens_per_step = sampler.global_batch() * train_data.seq_len();
+  const int64_t tokens_per_step =
+      sampler.global_batch() * train_data.seq_len() * (train_data.pairs() ? 2 : 1);
   log("training " + std::to_string(total_) + " steps (" + std::to_string(sampler.steps_per_epoch()) +
       " per epoch), global batch " + std::to_string(sampler.global_batch()) + " x " +
       std::to_string(train_data.seq_len()) + " tokens, warmup " +
@@ -246,11 +301,9 @@ int Job::run() {
   for (int64_t step = start; step < total_; ++step) {
     const double lr = lr_at(o_.schedule, step, total_);
     std::vector<Batch> batches(static_cast<size_t>(loop.accumulation));
-    for (int64_t k = 0; k < loop.accumulation; ++k)
-      train_data.read(sampler.rows(step, k), batches[k].input_ids, batches[k].labels,
-                      &batches[k].position_ids);
+    for (int64_t k = 0; k < loop.accumulation; ++k) batches[k] = train_data.read(sampler.rows(step, k));
     const StepResult res = trainer_->step(batches, lr);
-    window.add(res, tokens_per_step);
+    window.add(res, tokens_per_step, o_.trainer.preference);
 
     const int64_t done = step + 1;
     const double eta = seconds_since(t_train) / static_cast<double>(done - start) *

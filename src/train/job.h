@@ -9,6 +9,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <variant>
+#include <vector>
 
 #include "data/dataset.h"
 #include "dist/device_context.h"
@@ -40,10 +42,27 @@ struct JobOptions {
   std::string config_ini;    // the resolved configuration: written to output_dir and checkpoints
 };
 
+// A training or evaluation file as the step loop reads it: token rows (stage sft) or preference
+// pairs (stage dpo: each item is two rows, see PrefOptions).
+class BatchData {
+ public:
+  explicit BatchData(data::TokenDataset rows) : data_(std::move(rows)) {}
+  explicit BatchData(data::PairDataset pairs) : data_(std::move(pairs)) {}
+  bool pairs() const { return std::holds_alternative<data::PairDataset>(data_); }
+  int64_t items() const;    // rows, or pairs
+  int64_t seq_len() const;  // of each row
+  // The micro-batch of these items ([n, T], or [2n, T] for pairs); items whose `real` is false
+  // (padding of an evaluation) get no targets.
+  Batch read(const std::vector<int64_t>& items, const std::vector<bool>& real = {}) const;
+
+ private:
+  std::variant<data::TokenDataset, data::PairDataset> data_;
+};
+
 // Opened and checked by the application before any heavy work (phase 1, on every rank).
 struct JobInputs {
   std::unique_ptr<UnitSource> source;
-  std::optional<data::TokenDataset> train_data, eval_data;
+  std::optional<BatchData> train_data, eval_data;
   OutputPlan plan;
   // Before MPI_Finalize: parallel HDF5 shuts itself down there, and a file closed after that
   // fails with HDF5's diagnostics on stderr.

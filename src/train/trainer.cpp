@@ -40,12 +40,120 @@ int64_t targets_of(const at::Tensor& labels) {
   return n;
 }
 
-void batch_check(const Batch& b, const char* who) {
+// Target tokens of each row (labels shifted by one), counted on the host.
+std::vector<int64_t> row_targets(const at::Tensor& labels) {
+  const at::Tensor l = labels.contiguous().to(at::kLong);
+  const int64_t rows = l.size(0), cols = l.size(1);
+  const int64_t* p = l.data_ptr<int64_t>();
+  std::vector<int64_t> n(static_cast<size_t>(rows), 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 1; c < cols; ++c) n[static_cast<size_t>(r)] += p[r * cols + c] != -100;
+  return n;
+}
+
+// Pairs of a preference micro-batch [2b, T] that count (both answers have targets), and the
+// chosen answers' target tokens of those pairs.
+std::pair<int64_t, int64_t> pair_counts(const Batch& b) {
+  const std::vector<int64_t> n = row_targets(b.labels);
+  const size_t half = n.size() / 2;
+  int64_t pairs = 0, chosen = 0;
+  for (size_t i = 0; i < half; ++i)
+    if (n[i] > 0 && n[half + i] > 0) {
+      ++pairs;
+      chosen += n[i];
+    }
+  return {pairs, chosen};
+}
+
+// log(1 - e^x) for x < 0, accurate on both sides of -log 2, with finite values (and gradients)
+// on the branch where() does not take.
+at::Tensor log1mexp(const at::Tensor& x) {
+  const double ln2 = std::log(2.0);
+  const at::Tensor near = at::log(-at::expm1(x.clamp_min(-ln2)));
+  const at::Tensor far = at::log1p(-at::exp(x.clamp_max(-ln2)));
+  return at::where(x > -ln2, near, far);
+}
+
+// The preference objective of one micro-batch (see PrefOptions): `policy` [2b] fp32 summed
+// log-probabilities (with a graph), `reference` [2b] (no graph; undefined for orpo / simpo),
+// `counts` [2b] target tokens per row. Returns this rank's share of the loss (divided by the
+// global normalizers) and the micro-batch's sums [PrefSums::kCount - 2] in PrefSums order from
+// pair_loss on.
+std::pair<at::Tensor, at::Tensor> pref_objective(const PrefOptions& o, const at::Tensor& policy,
+                                                 const at::Tensor& reference,
+                                                 const at::Tensor& counts, double pairs_norm,
+                                                 double chosen_norm) {
+  const int64_t b = policy.size(0) / 2;
+  const at::Tensor p = policy.to(at::kDouble);
+  const at::Tensor pc = p.narrow(0, 0, b), pr = p.narrow(0, b, b);
+  const at::Tensor nc = counts.narrow(0, 0, b), nr = counts.narrow(0, b, b);
+  const at::Tensor valid = at::logical_and(nc > 0, nr > 0).to(at::kDouble);
+  const at::Tensor ac = pc / nc.clamp_min(1.0), ar = pr / nr.clamp_min(1.0);
+  const double beta = o.beta, eps = o.label_smoothing;
+  const auto smoothed = [eps](const at::Tensor& z) {  // -(1 - eps) log sig(z) - eps log sig(-z)
+    at::Tensor l = -(1.0 - eps) * at::log_sigmoid(z);
+    return eps > 0.0 ? l - eps * at::log_sigmoid(-z) : l;
+  };
+  at::Tensor l, rew_c, rew_r, lp_c, lp_r;
+  switch (o.loss) {
+    case PrefLoss::sigmoid:
+    case PrefLoss::ipo: {
+      const at::Tensor r = reference.to(at::kDouble);
+      const at::Tensor rc = r.narrow(0, 0, b), rr = r.narrow(0, b, b);
+      if (o.loss == PrefLoss::sigmoid) {
+        l = smoothed(beta * ((pc - rc) - (pr - rr)));
+      } else {
+        const at::Tensor d = (pc - rc) / nc.clamp_min(1.0) - (pr - rr) / nr.clamp_min(1.0);
+        l = (d - 1.0 / (2.0 * beta)).pow(2);
+      }
+      rew_c = beta * (pc - rc).detach();
+      rew_r = beta * (pr - rr).detach();
+      lp_c = pc.detach();
+      lp_r = pr.detach();
+      break;
+    }
+    case PrefLoss::orpo: {
+      const at::Tensor odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar));
+      l = -ac - beta * at::log_sigmoid(odds);
+      rew_c = beta * ac.detach();
+      rew_r = beta * ar.detach();
+      lp_c = ac.detach();
+      lp_r = ar.detach();
+      break;
+    }
+    case PrefLoss::simpo:
+      l = smoothed(beta * ((ac - ar) - o.simpo_gamma / beta));
+      rew_c = beta * ac.detach();
+      rew_r = beta * ar.detach();
+      lp_c = ac.detach();
+      lp_r = ar.detach();
+      break;
+  }
+  // Invalid pairs (padding) are masked out; where() keeps their possibly non-finite values out
+  // of the sums and the gradients.
+  const at::Tensor keep = valid > 0;
+  const auto masked = [&](const at::Tensor& t) { return at::where(keep, t, at::zeros_like(t)); };
+  const at::Tensor pair_loss = masked(l).sum();
+  const at::Tensor nll = masked(-pc).sum();
+  at::Tensor loss = pair_loss / std::max(1.0, pairs_norm);
+  if (o.ftx > 0.0) loss = loss + o.ftx * nll / std::max(1.0, chosen_norm);
+  const at::Tensor sums = at::stack(
+      {pair_loss.detach(), nll.detach(), masked(rew_c).sum(), masked(rew_r).sum(),
+       masked((rew_c > rew_r).to(at::kDouble)).sum(), masked(rew_c - rew_r).sum(),
+       masked(lp_c).sum(), masked(lp_r).sum()});
+  return {loss, sums};
+}
+
+void batch_check(const Batch& b, const char* who, bool pairs) {
   if (b.input_ids.dim() != 2 || b.labels.sizes() != b.input_ids.sizes() ||
       (b.position_ids.defined() && b.position_ids.sizes() != b.input_ids.sizes()))
     throw std::invalid_argument(std::string(who) +
                                 ": input_ids, labels (and position_ids when given) must all be "
                                 "[batch, seq]");
+  if (pairs && b.input_ids.size(0) % 2 != 0)
+    throw std::invalid_argument(std::string(who) + ": a preference micro-batch holds 2b rows "
+                                "(b chosen, then b rejected), not " +
+                                std::to_string(b.input_ids.size(0)));
 }
 
 // The batch's position ids on the device as int64, or undefined when it has none.
@@ -63,6 +171,50 @@ void shard_from_full(dist::ShardedUnit& unit, const at::Tensor& full) {
 
 size_t received(size_t padded_bytes, int world_size) {
   return padded_bytes / static_cast<size_t>(world_size) * static_cast<size_t>(world_size - 1);
+}
+
+}  // namespace
+
+PrefLoss pref_loss_from_name(const std::string& name) {
+  if (name == "sigmoid") return PrefLoss::sigmoid;
+  if (name == "ipo") return PrefLoss::ipo;
+  if (name == "orpo") return PrefLoss::orpo;
+  if (name == "simpo") return PrefLoss::simpo;
+  throw std::invalid_argument("pref_loss '" + name + "' is not one of sigmoid, ipo, orpo, simpo");
+}
+
+double PrefSums::loss(double ftx) const {
+  double l = pairs > 0 ? pair_loss / pairs : 0.0;
+  if (ftx > 0 && chosen_tokens > 0) l += ftx * chosen_nll / chosen_tokens;
+  return l;
+}
+
+std::vector<std::pair<std::string, double>> PrefSums::metrics(const std::string& prefix) const {
+  const double n = std::max(1.0, pairs);
+  return {{prefix + "rewards/chosen", rewards_chosen / n},
+          {prefix + "rewards/rejected", rewards_rejected / n},
+          {prefix + "rewards/accuracies", accuracies / n},
+          {prefix + "rewards/margins", margins / n},
+          {prefix + "logps/chosen", logps_chosen / n},
+          {prefix + "logps/rejected", logps_rejected / n}};
+}
+
+namespace {
+
+// PrefSums from the all-reduced [pairs, chosen_tokens] and the 8 sums of pref_objective.
+PrefSums pref_sums(double pairs, double chosen, const double* s) {
+  PrefSums p;
+  p.pairs = pairs;
+  p.chosen_tokens = chosen;
+  p.pair_loss = s[0];
+  p.chosen_nll = s[1];
+  p.rewards_chosen = s[2];
+  p.rewards_rejected = s[3];
+  p.accuracies = s[4];
+  p.margins = s[5];
+  p.logps_chosen = s[6];
+  p.logps_rejected = s[7];
+  return p;
 }
 
 }  // namespace
@@ -187,16 +339,24 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
 
   // The global number of target tokens: every rank's loss is divided by it, so the summed
   // gradients are those of the mean over the whole global batch. Counted on the host rows.
-  double count = 0.0;
+  // Preference training: the global numbers of pairs and of chosen answer tokens instead.
+  const bool pref = options_.preference;
+  double counts[3] = {0.0, 0.0, 0.0};  // targets, pairs, chosen answer tokens
   for (const Batch& b : micro_batches) {
-    batch_check(b, "step");
-    count += static_cast<double>(targets_of(b.labels));
+    batch_check(b, "step", pref);
+    counts[0] += static_cast<double>(targets_of(b.labels));
+    if (pref) {
+      const auto [pairs, chosen] = pair_counts(b);
+      counts[1] += static_cast<double>(pairs);
+      counts[2] += static_cast<double>(chosen);
+    }
   }
-  comm_.all_reduce_host(&count, 1, dist::ReduceOp::sum);
-  result.num_targets = static_cast<int64_t>(std::llround(count));
-  const double normalizer = std::max(1.0, count);
+  comm_.all_reduce_host(counts, pref ? 3 : 1, dist::ReduceOp::sum);
+  result.num_targets = static_cast<int64_t>(std::llround(counts[0]));
+  const double normalizer = std::max(1.0, counts[0]);
+  const bool reference = pref && options_.pref.needs_reference();
 
-  dist::UnitPipeline pipe(schedule(g, /*backward=*/true), options_.prefetch);
+  dist::UnitPipeline pipe(schedule(g, /*backward=*/true, reference), options_.prefetch);
 
   struct Pending {
     dist::Work work;
@@ -206,23 +366,39 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   };
   std::vector<Pending> pending;
   at::Tensor loss_sum = device_.zeros({}, at::kDouble);  // this rank's share of the loss
+  at::Tensor pref_sum = device_.zeros({PrefSums::kCount - 2}, at::kDouble);
   size_t k = 0;
   for (int64_t m = 0; m < g; ++m) {
     const at::Tensor tokens = device_.to_device(micro_batches[m].input_ids).to(at::kLong);
     const at::Tensor labels = device_.to_device(micro_batches[m].labels).to(at::kLong);
     const at::Tensor positions = positions_on_device(device_, micro_batches[m]);  // or undefined
+    const at::Tensor ref =
+        reference ? reference_logps(pipe, k, tokens, labels, positions) : at::Tensor();
     std::vector<at::Tensor> xs;  // block inputs [m, T, H], and x_L
-    forward_no_grad(pipe, k, tokens, positions, /*training=*/true, m, &xs);
+    forward_no_grad(pipe, k, tokens, positions, /*training=*/true, m, &xs, &lora_);
 
     at::Tensor dy;  // dL/dx of the current block's output
     {
       const auto& e = pipe.acquire(k);
       bind_head(model_, *base_.back(), e[0]);
       const at::Tensor x_last = xs[layers].detach().requires_grad_(true);
-      const model::LossResult lr_result =
-          model_.loss(model_.final_norm(x_last), labels, options_.chunk_tokens, normalizer);
-      dy = torch::autograd::grad({lr_result.loss}, {x_last})[0];
-      loss_sum += lr_result.loss.detach().to(at::kDouble);
+      at::Tensor loss;
+      if (pref) {
+        const std::vector<int64_t> n = row_targets(micro_batches[m].labels);
+        const at::Tensor row_counts = device_.to_device(
+            at::tensor(std::vector<double>(n.begin(), n.end()), at::kDouble));
+        const at::Tensor policy =
+            model_.row_logps(model_.final_norm(x_last), labels, options_.chunk_tokens);
+        at::Tensor sums;
+        std::tie(loss, sums) =
+            pref_objective(options_.pref, policy, ref, row_counts, counts[1], counts[2]);
+        pref_sum += sums;
+      } else {
+        loss = model_.loss(model_.final_norm(x_last), labels, options_.chunk_tokens, normalizer)
+                   .loss;
+      }
+      dy = torch::autograd::grad({loss}, {x_last})[0];
+      loss_sum += loss.detach().to(at::kDouble);
       bind_head(model_, *base_.back(), at::Tensor());
       pipe.release(k++);
       xs[layers] = at::Tensor();
@@ -287,12 +463,16 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   // holds the whole, already reduced gradient).
   at::Tensor sumsq = device_.zeros({}, at::kDouble);
   for (const at::Tensor& gr : grad_) sumsq += gr.to(at::kDouble).pow(2).sum();
-  const at::Tensor host = dist::DeviceContext::to_host(at::stack({sumsq, loss_sum}));
-  const double local_sumsq = host.data_ptr<double>()[0];
-  double red[2] = {sharded() ? local_sumsq : 0.0, host.data_ptr<double>()[1]};
-  comm_.all_reduce_host(red, 2, dist::ReduceOp::sum);
+  const at::Tensor host =
+      dist::DeviceContext::to_host(at::cat({at::stack({sumsq, loss_sum}), pref_sum}));
+  const double* h = host.data_ptr<double>();
+  const double local_sumsq = h[0];
+  double red[PrefSums::kCount] = {sharded() ? local_sumsq : 0.0, h[1]};
+  for (int i = 0; i < PrefSums::kCount - 2; ++i) red[2 + i] = h[2 + i];
+  comm_.all_reduce_host(red, pref ? PrefSums::kCount : 2, dist::ReduceOp::sum);
   const double norm = std::sqrt(sharded() ? red[0] : local_sumsq);
   result.loss = red[1];
+  if (pref) result.pref = pref_sums(counts[1], counts[2], red + 2);
   result.grad_norm = norm;
   if (options_.max_grad_norm > 0.0) {
     // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
@@ -316,10 +496,18 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
 }
 
 std::vector<std::vector<dist::ShardedUnit*>> Trainer::schedule(int64_t micro_batches,
-                                                               bool backward) {
+                                                               bool backward, bool reference) {
   const int64_t layers = model_.num_blocks();
   std::vector<std::vector<dist::ShardedUnit*>> out;
   for (int64_t m = 0; m < micro_batches; ++m) {
+    if (reference) {
+      out.push_back({base_.front().get()});
+      for (int64_t i = 0; i < layers; ++i) {
+        out.push_back({base_[i + 1].get()});
+        if (!ref_lora_.empty()) out.back().push_back(ref_lora_[i].get());
+      }
+      out.push_back({base_.back().get()});
+    }
     out.push_back({base_.front().get()});
     for (int64_t i = 0; i < layers; ++i) out.push_back({base_[i + 1].get(), lora_[i].get()});
     out.push_back({base_.back().get()});
@@ -331,7 +519,8 @@ std::vector<std::vector<dist::ShardedUnit*>> Trainer::schedule(int64_t micro_bat
 
 at::Tensor Trainer::forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
                                     const at::Tensor& positions, bool training, int64_t micro,
-                                    std::vector<at::Tensor>* inputs) {
+                                    std::vector<at::Tensor>* inputs,
+                                    const std::vector<std::unique_ptr<dist::ShardedUnit>>* loras) {
   at::AutoGradMode no_grad(false);
   const auto& e = pipe.acquire(k);
   bind_embed(model_, *base_.front(), e[0]);
@@ -341,8 +530,9 @@ at::Tensor Trainer::forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const a
   for (int64_t i = 0; i < model_.num_blocks(); ++i) {
     if (inputs) inputs->push_back(x);
     const auto& bufs = pipe.acquire(k);
-    bind_block(model_, i, spec_, *base_[i + 1], bufs[0], nested_offsets_[i], lora_[i].get(),
-               bufs[1], options_.lora);
+    bind_block(model_, i, spec_, *base_[i + 1], bufs[0], nested_offsets_[i],
+               loras ? (*loras)[i].get() : nullptr, loras ? bufs[1] : at::Tensor(),
+               options_.lora);
     // Training draws the dropout masks the backward recompute draws again.
     x = training ? model_.block_forward(
                        i, x, true, dropout_generator(device_, options_.seed, step_, micro, i),
@@ -355,33 +545,80 @@ at::Tensor Trainer::forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const a
   return x;
 }
 
+at::Tensor Trainer::reference_logps(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
+                                    const at::Tensor& labels, const at::Tensor& positions) {
+  at::AutoGradMode no_grad(false);
+  const at::Tensor x = forward_no_grad(pipe, k, tokens, positions, /*training=*/false, 0, nullptr,
+                                       reference_loras());
+  const auto& h = pipe.acquire(k);
+  bind_head(model_, *base_.back(), h[0]);
+  const at::Tensor out = model_.row_logps(model_.final_norm(x), labels, options_.chunk_tokens);
+  bind_head(model_, *base_.back(), at::Tensor());
+  pipe.release(k++);
+  return out;
+}
+
+void Trainer::set_reference_adapter() {
+  ref_lora_.clear();
+  for (const auto& unit : lora_) {
+    ref_lora_.push_back(std::make_unique<dist::ShardedUnit>(unit->layout(), at::kFloat, device_,
+                                                            sharded(), &stats_,
+                                                            /*is_base=*/false));
+    ref_lora_.back()->shard().copy_(unit->shard());
+  }
+}
+
 Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
-  dist::UnitPipeline pipe(schedule(static_cast<int64_t>(micro_batches.size()), /*backward=*/false),
-                         options_.prefetch);
+  const bool pref = options_.preference;
+  const bool reference = pref && options_.pref.needs_reference();
+  dist::UnitPipeline pipe(
+      schedule(static_cast<int64_t>(micro_batches.size()), /*backward=*/false, reference),
+      options_.prefetch);
   at::AutoGradMode no_grad(false);
   at::Tensor loss_sum = device_.zeros({}, at::kDouble);
-  int64_t targets = 0;
+  at::Tensor pref_sum = device_.zeros({PrefSums::kCount - 2}, at::kDouble);
+  double counts[3] = {0.0, 0.0, 0.0};  // targets, pairs, chosen answer tokens
   size_t k = 0;
   for (const Batch& b : micro_batches) {
-    batch_check(b, "eval");
+    batch_check(b, "eval", pref);
+    const at::Tensor tokens = device_.to_device(b.input_ids).to(at::kLong);
     const at::Tensor labels = device_.to_device(b.labels).to(at::kLong);
-    const at::Tensor x = forward_no_grad(pipe, k, device_.to_device(b.input_ids).to(at::kLong),
-                                         positions_on_device(device_, b), /*training=*/false, 0,
-                                         nullptr);
+    const at::Tensor positions = positions_on_device(device_, b);
+    const at::Tensor ref =
+        reference ? reference_logps(pipe, k, tokens, labels, positions) : at::Tensor();
+    const at::Tensor x =
+        forward_no_grad(pipe, k, tokens, positions, /*training=*/false, 0, nullptr, &lora_);
     const auto& h = pipe.acquire(k);
     bind_head(model_, *base_.back(), h[0]);
-    const model::LossResult r =
-        model_.loss(model_.final_norm(x), labels, options_.chunk_tokens, /*normalizer=*/1.0);
+    if (pref) {
+      const std::vector<int64_t> n = row_targets(b.labels);
+      const auto [pairs, chosen] = pair_counts(b);
+      counts[1] += static_cast<double>(pairs);
+      counts[2] += static_cast<double>(chosen);
+      const at::Tensor row_counts = device_.to_device(
+          at::tensor(std::vector<double>(n.begin(), n.end()), at::kDouble));
+      const at::Tensor policy =
+          model_.row_logps(model_.final_norm(x), labels, options_.chunk_tokens);
+      pref_sum += pref_objective(options_.pref, policy, ref, row_counts, 1.0, 1.0).second;
+    } else {
+      const model::LossResult r =
+          model_.loss(model_.final_norm(x), labels, options_.chunk_tokens, /*normalizer=*/1.0);
+      loss_sum += r.loss.detach().to(at::kDouble);
+      counts[0] += static_cast<double>(r.num_targets);
+    }
     bind_head(model_, *base_.back(), at::Tensor());
     pipe.release(k++);
-    loss_sum += r.loss.detach().to(at::kDouble);
-    targets += r.num_targets;
   }
   pipe.drain();
-  double red[2] = {dist::DeviceContext::to_host(loss_sum).data_ptr<double>()[0],
-                   static_cast<double>(targets)};
-  comm_.all_reduce_host(red, 2, dist::ReduceOp::sum);
-  return {red[0], static_cast<int64_t>(std::llround(red[1]))};
+  const at::Tensor host = dist::DeviceContext::to_host(at::cat({loss_sum.unsqueeze(0), pref_sum}));
+  // loss sum, targets, pairs, chosen answer tokens, then pref_objective's sums
+  constexpr int kReduced = 4 + PrefSums::kCount - 2;
+  double red[kReduced] = {host.data_ptr<double>()[0], counts[0], counts[1], counts[2]};
+  for (int i = 0; i < PrefSums::kCount - 2; ++i) red[4 + i] = host.data_ptr<double>()[1 + i];
+  comm_.all_reduce_host(red, pref ? kReduced : 2, dist::ReduceOp::sum);
+  EvalSums out{red[0], static_cast<int64_t>(std::llround(red[1]))};
+  if (pref) out.pref = pref_sums(red[2], red[3], red + 4);
+  return out;
 }
 
 void Trainer::adapter_load(const lora::PeftAdapter& adapter) {

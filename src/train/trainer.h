@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dist/adamw.h"
@@ -36,6 +37,48 @@ namespace qlora::train {
 // sharded) or none (every rank holds everything; gradients all-reduced).
 enum class Sharding { full, none };
 
+// Preference training (stage = dpo): each micro-batch holds b pairs as 2b rows, the chosen
+// sequences first, then the rejected ones of the same pairs in the same order. Per pair, with
+// pc, pr the policy's and rc, rr the reference's summed log-probabilities of the answer tokens
+// (nc, nr of them), ac = pc / nc, ar = pr / nr, beta, gamma, eps the options:
+//   sigmoid (DPO, cDPO with eps): d = (pc - rc) - (pr - rr),
+//            l = -(1 - eps) log sig(beta d) - eps log sig(-beta d); rewards beta (pc - rc), ...
+//   ipo:     d = (pc - rc) / nc - (pr - rr) / nr, l = (d - 1 / (2 beta))^2; rewards as sigmoid
+//   orpo:    o = (ac - ar) - (log(1 - e^ac) - log(1 - e^ar)), l = -ac - beta log sig(o);
+//            rewards beta ac, beta ar
+//   simpo:   z = ac - ar - gamma / beta, l = -(1 - eps) log sig(beta z) - eps log sig(-beta z);
+//            rewards beta ac, beta ar
+// loss = sum of l over the pairs of every rank / number of pairs (global)
+//      + ftx * sum of -log p over the chosen answers' tokens / their number (global).
+// The reference (sigmoid, ipo) is the model the training started from: the base with no
+// adapter, or the frozen starting adapter (set_reference_adapter). orpo and simpo need none.
+// TRL's logs: logps/* are the sums (sigmoid, ipo) or the means per token (orpo, simpo).
+enum class PrefLoss { sigmoid, ipo, orpo, simpo };
+PrefLoss pref_loss_from_name(const std::string& name);  // throws naming the valid ones
+
+struct PrefOptions {
+  PrefLoss loss = PrefLoss::sigmoid;
+  double beta = 0.1;
+  double simpo_gamma = 0.5;
+  double ftx = 0.0;
+  double label_smoothing = 0.0;
+  bool needs_reference() const { return loss == PrefLoss::sigmoid || loss == PrefLoss::ipo; }
+};
+
+// Sums over the pairs of a step or an evaluation, every rank's (all-reduced).
+struct PrefSums {
+  static constexpr int kCount = 10;
+  double pairs = 0, chosen_tokens = 0;  // the normalizers
+  double pair_loss = 0, chosen_nll = 0;
+  double rewards_chosen = 0, rewards_rejected = 0, accuracies = 0, margins = 0;
+  double logps_chosen = 0, logps_rejected = 0;
+  // loss = pair_loss / pairs + ftx * chosen_nll / chosen_tokens (0 where a count is 0)
+  double loss(double ftx) const;
+  // TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+  // logps/chosen, logps/rejected (means over pairs), with `prefix` ("" or "eval_").
+  std::vector<std::pair<std::string, double>> metrics(const std::string& prefix) const;
+};
+
 struct TrainerOptions {
   Sharding sharding = Sharding::full;
   int prefetch = 1;      // [dist] prefetch = 0 | 1 | 2
@@ -47,6 +90,8 @@ struct TrainerOptions {
   std::vector<std::string> targets;  // block linear short names
   bool upcast_layernorm = false;     // norms in fp32 (the compute dtype is the device context's)
   quant::QuantizeOptions quant;      // for an unquantized model: how block linears are quantized
+  bool preference = false;           // stage = dpo: micro-batches are pairs (see PrefOptions)
+  PrefOptions pref;
 };
 
 struct Batch {
@@ -64,6 +109,7 @@ struct StepResult {
   size_t bytes_reduce_scattered = 0;  // this rank, this step
   double comm_wait_seconds = 0.0;     // main thread blocked on collectives
   double seconds = 0.0;
+  PrefSums pref;  // preference training: this step's sums (num_targets counts both sides)
 };
 
 class Trainer {
@@ -86,6 +132,7 @@ class Trainer {
   struct EvalSums {
     double loss_sum = 0.0;
     int64_t num_targets = 0;
+    PrefSums pref;  // preference training: the sums over pairs (loss_sum, num_targets unused)
   };
   EvalSums eval(const std::vector<Batch>& micro_batches);
 
@@ -108,6 +155,12 @@ class Trainer {
                                           size_t end, uint8_t* out)>;
   void optimizer_load(const MomentReader& read);
 
+  // Preference training: the current LoRA weights (after adapter_load) become the frozen
+  // reference of sigmoid / ipo, as TRL does for a model that starts from an adapter. Without
+  // this call the reference is the base model with no adapter. Call before any step, and
+  // again after a resume's adapter_load is not needed: the reference is the starting adapter.
+  void set_reference_adapter();
+
   // Gathers the adapter (a collective: every rank calls it; every rank gets it).
   lora::PeftAdapter adapter_gather();
 
@@ -126,12 +179,24 @@ class Trainer {
   void lora_init();
   // The units each position of a step uses: per micro-batch embed, blocks up, head and, with
   // `backward`, blocks down again.
-  std::vector<std::vector<dist::ShardedUnit*>> schedule(int64_t micro_batches, bool backward);
+  // With `reference`, each micro-batch starts with the reference forward: embed, blocks with
+  // the reference adapter (or none), head.
+  std::vector<std::vector<dist::ShardedUnit*>> schedule(int64_t micro_batches, bool backward,
+                                                        bool reference = false);
   // Embed and blocks 0..L-1 without a graph, using pipeline positions k, k+1, ...; each block's
-  // input (and last x_L) is appended to `inputs` when given. Returns x_L [m, T, H].
+  // input (and last x_L) is appended to `inputs` when given. Returns x_L [m, T, H]. `loras`:
+  // the adapter units bound to the blocks (nullptr: none).
   at::Tensor forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
                              const at::Tensor& positions, bool training, int64_t micro,
-                             std::vector<at::Tensor>* inputs);
+                             std::vector<at::Tensor>* inputs,
+                             const std::vector<std::unique_ptr<dist::ShardedUnit>>* loras);
+  // The reference's summed answer log-probabilities of each row [2b] (no graph), at pipeline
+  // positions k, k+1, ... (embed, blocks, head).
+  at::Tensor reference_logps(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
+                             const at::Tensor& labels, const at::Tensor& positions);
+  const std::vector<std::unique_ptr<dist::ShardedUnit>>* reference_loras() const {
+    return ref_lora_.empty() ? nullptr : &ref_lora_;
+  }
 
   bool sharded() const { return options_.sharding == Sharding::full; }
 
@@ -145,6 +210,7 @@ class Trainer {
   dist::BufferPool pool_{3};  // gather buffers of base units, reused (1 + prefetch live)
   std::vector<std::unique_ptr<dist::ShardedUnit>> base_;  // embed, block.0.., head
   std::vector<std::unique_ptr<dist::ShardedUnit>> lora_;  // lora.0..
+  std::vector<std::unique_ptr<dist::ShardedUnit>> ref_lora_;  // frozen copy (preference), or none
   std::vector<std::vector<float>> nested_offsets_;        // per block, from the owning ranks
   std::vector<at::Tensor> grad_;                          // [S] fp32 per LoRA unit
   std::vector<dist::AdamWState> adam_;
