@@ -1,6 +1,8 @@
 // Token datasets: checks an HDF5 file of input_ids / labels int32 [rows, seq_len] once when opened,
 // then reads the rows a rank asks for one hyperslab each, cut to cutoff_len and range-checked
-// against the model's vocabulary. synth-data writes such a file: prompt, separator, answer, end.
+// against the model's vocabulary; preference-pair files (chosen_ / rejected_ input_ids and
+// labels) the same way through the same checks. synth-data writes a token file: prompt,
+// separator, answer, end.
 #include "io/atomic_write.h"
 #include "data/dataset.h"
 #include "io/shape_str.h"
@@ -14,6 +16,8 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "io/h5_file.h"
@@ -124,10 +128,11 @@ void synth_options_check(const SynthOptions& o) {
 
 }  // namespace
 
-// ---- TokenDataset ----
+// ---- checks and row reads shared by TokenDataset and PairDataset ----
 
-TokenDataset::TokenDataset(const std::string& path, int64_t cutoff_len, int64_t model_vocab)
-    : path_(path), model_vocab_(model_vocab) {
+namespace {
+
+void open_args_check(const std::string& path, int64_t cutoff_len, int64_t model_vocab) {
   if (cutoff_len < 2)
     throw std::invalid_argument(path + ": cutoff_len " + std::to_string(cutoff_len) +
                                 " is too short (expected 2 or more: the model predicts token t+1 "
@@ -135,31 +140,151 @@ TokenDataset::TokenDataset(const std::string& path, int64_t cutoff_len, int64_t 
   if (model_vocab < 1)
     throw std::invalid_argument(path + ": model vocabulary " + std::to_string(model_vocab) +
                                 " (expected 1 or more)");
+}
+
+// A token file where a pair file is expected, or the other way round: one line naming the file
+// and the train.stage each is for. Told apart by the datasets, else by the format attribute.
+void file_kind_check(const io::H5File& f, const std::string& path, bool want_pairs) {
+  const std::string format = as_user_error([&] {
+    return f.has_attr("/", "format") ? f.attr_string("/", "format") : std::string();
+  });
+  const bool pairs = f.has("chosen_input_ids") || format == "qlora_dist.pairs";
+  const bool tokens = f.has("input_ids") || format == "qlora_dist.tokens";
+  if (want_pairs && tokens && !f.has("chosen_input_ids"))
+    throw std::invalid_argument(path + ": a token file (input_ids, labels) for train.stage = sft; "
+                                "train.stage = dpo reads preference-pair files (chosen_input_ids, "
+                                "chosen_labels, rejected_input_ids, rejected_labels), which "
+                                "`qlora_dist prep` writes with train.stage = dpo");
+  if (!want_pairs && pairs && !f.has("input_ids"))
+    throw std::invalid_argument(path + ": a preference-pair file (chosen_/rejected_ input_ids and "
+                                "labels) for train.stage = dpo; train.stage = sft reads token files "
+                                "(input_ids, labels): set train.stage = dpo or give a token file");
+}
+
+// The datasets `names` (input ids and labels of each side): present, 2-D, one shape of 1 row or
+// more of 2 tokens or more, integer. Returns the shape.
+std::vector<int64_t> rows_shape_check(const io::H5File& f, const std::string& path,
+                                      const std::vector<std::string>& names, const char* what) {
+  std::string listed;
+  for (const std::string& n : names) listed += (listed.empty() ? "'" : "', '") + n;
+  listed += "'";
+  for (const std::string& n : names)
+    if (!f.has(n))
+      throw std::invalid_argument(path + ": no dataset '" + n + "' (expected " + listed +
+                                  ", int32 [" + what + ", seq_len])");
+  std::vector<std::vector<int64_t>> shapes;
+  std::string all;
+  for (const std::string& n : names) {
+    shapes.push_back(as_user_error([&] { return f.shape(n); }));
+    all += (all.empty() ? "'" : ", '") + n + "' " + io::shape_str(shapes.back());
+  }
+  const std::vector<int64_t>& shape = shapes.front();
+  for (const auto& sh : shapes)
+    if (sh.size() != 2)
+      throw std::invalid_argument(path + ": " + all + " (expected " + (names.size() == 2 ? "both" : "all") +
+                                  " 2-D [" + what + ", seq_len])");
+  for (const auto& sh : shapes)
+    if (sh != shape) throw std::invalid_argument(path + ": " + all + " (expected the same shape)");
+  if (shape[0] < 1)
+    throw std::invalid_argument(path + ": " + all + " (expected 1 " + (names.size() == 2 ? "row" : "pair") + " or more)");
+  if (shape[1] < 2)
+    throw std::invalid_argument(path + ": " + all + " (expected seq_len 2 or more)");
+  // Reading zero rows checks the element type (integers only) without reading any data.
+  for (const std::string& n : names) as_user_error([&] { f.read_int32_rows(n, 0, 0, nullptr); });
+  return shape;
+}
+
+// The root attributes vocab_size and pad_token_id, checked against each other and the model.
+std::pair<int64_t, int64_t> vocab_attrs_check(const io::H5File& f, const std::string& path,
+                                              int64_t model_vocab) {
+  for (const char* name : {"vocab_size", "pad_token_id"})
+    if (!as_user_error([&] { return f.has_attr("/", name); }))
+      throw std::invalid_argument(path + ": no attribute '" + name +
+                                  "' on the root group (expected integer attributes vocab_size "
+                                  "and pad_token_id)");
+  const int64_t vocab_size = as_user_error([&] { return f.attr_int64("/", "vocab_size"); });
+  const int64_t pad_token_id = as_user_error([&] { return f.attr_int64("/", "pad_token_id"); });
+  if (vocab_size < 1)
+    throw std::invalid_argument(path + ": vocab_size " + std::to_string(vocab_size) +
+                                " (expected 1 or more)");
+  if (pad_token_id < 0 || pad_token_id >= vocab_size)
+    throw std::invalid_argument(path + ": pad_token_id " + std::to_string(pad_token_id) +
+                                " is outside [0, " + std::to_string(vocab_size) +
+                                ") (vocab_size " + std::to_string(vocab_size) + ")");
+  if (vocab_size > model_vocab)
+    throw std::invalid_argument(path + ": vocab_size " + std::to_string(vocab_size) +
+                                " is larger than the model's vocabulary " +
+                                std::to_string(model_vocab));
+  return {vocab_size, pad_token_id};
+}
+
+// Reads rows of a checked file: one row of an int32 dataset at a time, cut to seq_len, each
+// value checked; an error names file, dataset, row and column.
+class RowReader {
+ public:
+  RowReader(const io::H5File& file, const std::string& path, int64_t file_seq_len, int64_t seq_len,
+            int64_t model_vocab)
+      : file_(file), path_(path), seq_len_(seq_len), model_vocab_(model_vocab),
+        buffer_(static_cast<size_t>(file_seq_len)),
+        vocab_text_("[0, " + std::to_string(model_vocab) + ")") {}
+
+  // `bad(v)` says what is wrong with a value ("" when nothing).
+  template <typename Bad>
+  void row(const std::string& name, int64_t row, int64_t* out, Bad&& bad) {
+    as_user_error([&] { file_.read_int32_rows(name, row, 1, buffer_.data()); });
+    for (int64_t c = 0; c < seq_len_; ++c) {
+      const int64_t v = buffer_[static_cast<size_t>(c)];
+      if (const std::string why = bad(v); !why.empty())
+        throw std::invalid_argument(path_ + ": " + name + " row " + std::to_string(row) +
+                                    ", column " + std::to_string(c) + ": " + why);
+      out[c] = v;
+    }
+  }
+  void ids(const std::string& name, int64_t row, int64_t* out) {
+    this->row(name, row, out, [&](int64_t id) {
+      return id < 0 || id >= model_vocab_ ? "token id " + std::to_string(id) +
+                                                " is outside the model's vocabulary " + vocab_text_
+                                          : std::string();
+    });
+  }
+  void labels(const std::string& name, int64_t row, int64_t* out) {
+    this->row(name, row, out, [&](int64_t label) {
+      return label != kIgnoreLabel && (label < 0 || label >= model_vocab_)
+                 ? "token id " + std::to_string(label) + " is outside the model's vocabulary " +
+                       vocab_text_ + " and is not -100 (no loss)"
+                 : std::string();
+    });
+  }
+
+ private:
+  const io::H5File& file_;
+  const std::string& path_;
+  int64_t seq_len_, model_vocab_;
+  std::vector<int32_t> buffer_;  // one row, uncut
+  std::string vocab_text_;
+};
+
+void row_index_check(const std::string& path, int64_t row, int64_t rows, const char* what) {
+  if (row < 0 || row >= rows)
+    throw std::invalid_argument(path + ": " + what + " " + std::to_string(row) + " is outside [0, " +
+                                std::to_string(rows) + ") (the file has " + std::to_string(rows) +
+                                " " + what + "s)");
+}
+
+}  // namespace
+
+// ---- TokenDataset ----
+
+TokenDataset::TokenDataset(const std::string& path, int64_t cutoff_len, int64_t model_vocab)
+    : path_(path), model_vocab_(model_vocab) {
+  open_args_check(path, cutoff_len, model_vocab);
   file_ = std::make_unique<io::H5File>(as_user_error([&] { return io::H5File::open_read(path); }));
   const io::H5File& f = *file_;
-
-  for (const char* name : {"input_ids", "labels"})
-    if (!f.has(name))
-      throw std::invalid_argument(path + ": no dataset '" + name +
-                                  "' (expected 'input_ids' and 'labels', int32 [rows, seq_len])");
-  const std::vector<int64_t> ids_shape = as_user_error([&] { return f.shape("input_ids"); });
-  const std::vector<int64_t> labels_shape = as_user_error([&] { return f.shape("labels"); });
-  const std::string both = "'input_ids' " + io::shape_str(ids_shape) + ", 'labels' " +
-                           io::shape_str(labels_shape);
-  if (ids_shape.size() != 2 || labels_shape.size() != 2)
-    throw std::invalid_argument(path + ": " + both + " (expected both 2-D [rows, seq_len])");
-  if (ids_shape != labels_shape)
-    throw std::invalid_argument(path + ": " + both + " (expected the same shape)");
-  if (ids_shape[0] < 1)
-    throw std::invalid_argument(path + ": " + both + " (expected 1 row or more)");
-  if (ids_shape[1] < 2)
-    throw std::invalid_argument(path + ": " + both + " (expected seq_len 2 or more)");
+  file_kind_check(f, path, /*want_pairs=*/false);
+  const std::vector<int64_t> ids_shape = rows_shape_check(f, path, {"input_ids", "labels"}, "rows");
   rows_ = ids_shape[0];
   file_seq_len_ = ids_shape[1];
   seq_len_ = std::min(file_seq_len_, cutoff_len);
-  // Reading zero rows checks the element type (integers only) without reading any data.
-  for (const char* name : {"input_ids", "labels"})
-    as_user_error([&] { f.read_int32_rows(name, 0, 0, nullptr); });
   has_position_ids_ = f.has("position_ids");
   if (has_position_ids_) {
     const std::vector<int64_t> pos_shape = as_user_error([&] { return f.shape("position_ids"); });
@@ -169,25 +294,7 @@ TokenDataset::TokenDataset(const std::string& path, int64_t cutoff_len, int64_t 
                                   " (expected the same shape)");
     as_user_error([&] { f.read_int32_rows("position_ids", 0, 0, nullptr); });
   }
-
-  for (const char* name : {"vocab_size", "pad_token_id"})
-    if (!as_user_error([&] { return f.has_attr("/", name); }))
-      throw std::invalid_argument(path + ": no attribute '" + name +
-                                  "' on the root group (expected integer attributes vocab_size "
-                                  "and pad_token_id)");
-  vocab_size_ = as_user_error([&] { return f.attr_int64("/", "vocab_size"); });
-  pad_token_id_ = as_user_error([&] { return f.attr_int64("/", "pad_token_id"); });
-  if (vocab_size_ < 1)
-    throw std::invalid_argument(path + ": vocab_size " + std::to_string(vocab_size_) +
-                                " (expected 1 or more)");
-  if (pad_token_id_ < 0 || pad_token_id_ >= vocab_size_)
-    throw std::invalid_argument(path + ": pad_token_id " + std::to_string(pad_token_id_) +
-                                " is outside [0, " + std::to_string(vocab_size_) +
-                                ") (vocab_size " + std::to_string(vocab_size_) + ")");
-  if (vocab_size_ > model_vocab_)
-    throw std::invalid_argument(path + ": vocab_size " + std::to_string(vocab_size_) +
-                                " is larger than the model's vocabulary " +
-                                std::to_string(model_vocab_));
+  std::tie(vocab_size_, pad_token_id_) = vocab_attrs_check(f, path, model_vocab_);
 }
 
 TokenDataset::~TokenDataset() = default;
@@ -200,21 +307,7 @@ void TokenDataset::read(const std::vector<int64_t>& rows, at::Tensor& input_ids,
   labels = at::empty({n, seq_len_}, at::TensorOptions().dtype(at::kLong));     // [n, seq_len]
   int64_t* ids_out = input_ids.data_ptr<int64_t>();
   int64_t* labels_out = labels.data_ptr<int64_t>();
-  std::vector<int32_t> buffer(static_cast<size_t>(file_seq_len_));  // one row, uncut
-
-  const auto vocab_text = "[0, " + std::to_string(model_vocab_) + ")";
-  // One row of an int32 dataset, cut to seq_len_, into out; `bad(v)` says what is wrong with a
-  // value ("" when nothing), and the message names file, dataset, row and column.
-  auto read_row = [&](const char* name, int64_t row, int64_t* out, auto&& bad) {
-    as_user_error([&] { file_->read_int32_rows(name, row, 1, buffer.data()); });
-    for (int64_t c = 0; c < seq_len_; ++c) {
-      const int64_t v = buffer[static_cast<size_t>(c)];
-      if (const std::string why = bad(v); !why.empty())
-        throw std::invalid_argument(path_ + ": " + name + " row " + std::to_string(row) +
-                                    ", column " + std::to_string(c) + ": " + why);
-      out[c] = v;
-    }
-  };
+  RowReader reader(*file_, path_, file_seq_len_, seq_len_, model_vocab_);
   at::Tensor positions;
   int64_t* pos_out = nullptr;
   if (position_ids && has_position_ids_) {
@@ -223,23 +316,11 @@ void TokenDataset::read(const std::vector<int64_t>& rows, at::Tensor& input_ids,
   }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = rows[static_cast<size_t>(i)];
-    if (row < 0 || row >= rows_)
-      throw std::invalid_argument(path_ + ": row " + std::to_string(row) + " is outside [0, " +
-                                  std::to_string(rows_) + ") (the file has " +
-                                  std::to_string(rows_) + " rows)");
-    read_row("input_ids", row, ids_out + i * seq_len_, [&](int64_t id) {
-      return id < 0 || id >= model_vocab_ ? "token id " + std::to_string(id) +
-                                                " is outside the model's vocabulary " + vocab_text
-                                          : std::string();
-    });
-    read_row("labels", row, labels_out + i * seq_len_, [&](int64_t label) {
-      return label != kIgnoreLabel && (label < 0 || label >= model_vocab_)
-                 ? "token id " + std::to_string(label) + " is outside the model's vocabulary " +
-                       vocab_text + " and is not -100 (no loss)"
-                 : std::string();
-    });
+    row_index_check(path_, row, rows_, "row");
+    reader.ids("input_ids", row, ids_out + i * seq_len_);
+    reader.labels("labels", row, labels_out + i * seq_len_);
     if (pos_out)
-      read_row("position_ids", row, pos_out + i * seq_len_, [&](int64_t p) {
+      reader.row("position_ids", row, pos_out + i * seq_len_, [&](int64_t p) {
         return p < 0 || p >= file_seq_len_
                    ? "position " + std::to_string(p) + " is outside [0, " +
                          std::to_string(file_seq_len_) + ") (the row length)"
@@ -250,6 +331,46 @@ void TokenDataset::read(const std::vector<int64_t>& rows, at::Tensor& input_ids,
 }
 
 size_t TokenDataset::bytes_read() const { return file_->bytes_read(); }
+
+// ---- PairDataset ----
+
+PairDataset::PairDataset(const std::string& path, int64_t cutoff_len, int64_t model_vocab)
+    : path_(path), model_vocab_(model_vocab) {
+  open_args_check(path, cutoff_len, model_vocab);
+  file_ = std::make_unique<io::H5File>(as_user_error([&] { return io::H5File::open_read(path); }));
+  const io::H5File& f = *file_;
+  file_kind_check(f, path, /*want_pairs=*/true);
+  const std::vector<int64_t> shape = rows_shape_check(
+      f, path, {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"},
+      "pairs");
+  rows_ = shape[0];
+  file_seq_len_ = shape[1];
+  seq_len_ = std::min(file_seq_len_, cutoff_len);
+  std::tie(vocab_size_, pad_token_id_) = vocab_attrs_check(f, path, model_vocab_);
+}
+
+PairDataset::~PairDataset() = default;
+PairDataset::PairDataset(PairDataset&&) noexcept = default;
+
+void PairDataset::read(const std::vector<int64_t>& pairs, at::Tensor& input_ids,
+                       at::Tensor& labels) const {
+  const auto n = static_cast<int64_t>(pairs.size());
+  input_ids = at::empty({2 * n, seq_len_}, at::TensorOptions().dtype(at::kLong));  // [2n, seq_len]
+  labels = at::empty({2 * n, seq_len_}, at::TensorOptions().dtype(at::kLong));     // [2n, seq_len]
+  int64_t* ids_out = input_ids.data_ptr<int64_t>();
+  int64_t* labels_out = labels.data_ptr<int64_t>();
+  RowReader reader(*file_, path_, file_seq_len_, seq_len_, model_vocab_);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t pair = pairs[static_cast<size_t>(i)];
+    row_index_check(path_, pair, rows_, "pair");
+    for (const auto& [side, out_row] : {std::pair{"chosen_", i}, std::pair{"rejected_", n + i}}) {
+      reader.ids(std::string(side) + "input_ids", pair, ids_out + out_row * seq_len_);
+      reader.labels(std::string(side) + "labels", pair, labels_out + out_row * seq_len_);
+    }
+  }
+}
+
+size_t PairDataset::bytes_read() const { return file_->bytes_read(); }
 
 // ---- synth-data ----
 

@@ -2,6 +2,8 @@
 // loss), optionally `position_ids` int32 [rows, seq_len] (neat packing: positions restart at 0 for
 // every sample of a row), attributes `vocab_size` and `pad_token_id`. A rank reads only the rows
 // it trains on (one hyperslab per row). Rows longer than cutoff_len are cut to cutoff_len.
+// Preference-pair files (train.stage = dpo) hold `chosen_input_ids`, `chosen_labels`,
+// `rejected_input_ids`, `rejected_labels` of one shape instead (PairDataset).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -50,6 +52,42 @@ class TokenDataset {
   int64_t rows_ = 0, file_seq_len_ = 0, seq_len_ = 0, vocab_size_ = 0, pad_token_id_ = 0;
   int64_t model_vocab_ = 0;
   bool has_position_ids_ = false;
+};
+
+// Preference pairs (train.stage = dpo) in HDF5, as `qlora_dist prep` writes them with
+// train.stage = dpo: chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels,
+// int32 [pairs, seq_len] (labels -100 on the prompt and the padding), attributes vocab_size and
+// pad_token_id (format = "qlora_dist.pairs"). Pair i is row i of the four datasets. Checked and
+// read as TokenDataset does; rows longer than cutoff_len are cut to cutoff_len. A token file
+// (input_ids / labels, for train.stage = sft) is refused with one line saying so, as
+// TokenDataset refuses a pair file.
+class PairDataset {
+ public:
+  // Opens and checks the file: the four datasets present, 2-D, one shape, integer; vocab_size
+  // and pad_token_id present and sane; std::invalid_argument naming the file and what is wrong.
+  // `model_vocab`: token ids must be < it (checked per row when read).
+  PairDataset(const std::string& path, int64_t cutoff_len, int64_t model_vocab);
+  ~PairDataset();
+  PairDataset(PairDataset&&) noexcept;
+
+  int64_t rows() const { return rows_; }        // pairs
+  int64_t seq_len() const { return seq_len_; }  // after the cutoff
+  int64_t vocab_size() const { return vocab_size_; }
+  int64_t pad_token_id() const { return pad_token_id_; }
+  const std::string& path() const { return path_; }
+
+  // The given pairs as int64 tensors [2 * pairs.size(), seq_len]: rows 0..n-1 the chosen
+  // sequences of pairs[0..n-1], rows n..2n-1 the rejected sequences of the same pairs in the
+  // same order. Ids and labels are checked as TokenDataset::read checks them; an error names
+  // the file, the dataset (chosen_... / rejected_...), the pair and the column.
+  void read(const std::vector<int64_t>& pairs, at::Tensor& input_ids, at::Tensor& labels) const;
+  size_t bytes_read() const;
+
+ private:
+  std::unique_ptr<io::H5File> file_;
+  std::string path_;
+  int64_t rows_ = 0, file_seq_len_ = 0, seq_len_ = 0, vocab_size_ = 0, pad_token_id_ = 0;
+  int64_t model_vocab_ = 0;
 };
 
 enum class SynthTask { copy, reverse, sort };

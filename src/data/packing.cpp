@@ -1,6 +1,7 @@
 // Token rows from samples: padding one sample per row, LLaMA-Factory's greedy-knapsack packing
 // (bins of cutoff_len - 1 tokens, rows of cutoff_len), neat packing's restarting position ids,
-// and the HDF5 token file writer (through io::H5File; no libtorch here).
+// padded preference pairs, and the HDF5 token and pair file writers (one checked, atomic writer
+// for both, through io::H5File; no libtorch here).
 #include "data/packing.h"
 
 #include <algorithm>
@@ -65,6 +66,34 @@ TokenRows rows_pad(const std::vector<Sample>& samples, int32_t pad_token_id, Pac
     tokens += static_cast<int64_t>(s.input_ids.size());
   }
   report_fill(report, out, static_cast<int64_t>(samples.size()), 0, tokens);
+  return out;
+}
+
+PairRows rows_pad_pairs(const std::vector<PairSample>& pairs, int32_t pad_token_id,
+                        PackReport* report) {
+  size_t longest = 0;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    sample_check(pairs[i].chosen, i, "rows_pad_pairs (chosen)");
+    sample_check(pairs[i].rejected, i, "rows_pad_pairs (rejected)");
+    longest = std::max({longest, pairs[i].chosen.input_ids.size(), pairs[i].rejected.input_ids.size()});
+  }
+  const auto n = static_cast<int64_t>(pairs.size());
+  PairRows out{rows_alloc(n, static_cast<int64_t>(longest), pad_token_id, false),
+               rows_alloc(n, static_cast<int64_t>(longest), pad_token_id, false)};
+  int64_t tokens = 0;
+  for (size_t r = 0; r < pairs.size(); ++r)
+    for (auto [s, rows] : {std::pair{&pairs[r].chosen, &out.chosen}, std::pair{&pairs[r].rejected, &out.rejected}}) {
+      std::copy(s->input_ids.begin(), s->input_ids.end(), rows->input_ids.begin() + r * longest);
+      std::copy(s->labels.begin(), s->labels.end(), rows->labels.begin() + r * longest);
+      tokens += static_cast<int64_t>(s->input_ids.size());
+    }
+  if (report) {
+    *report = PackReport{};
+    report->samples = n;
+    report->rows = n;
+    report->tokens = tokens;
+    report->padding = 2 * n * static_cast<int64_t>(longest) - tokens;
+  }
   return out;
 }
 
@@ -154,22 +183,19 @@ TokenRows rows_pack(const std::vector<Sample>& samples, int64_t cutoff_len, bool
   return out;
 }
 
-void token_rows_write(const std::string& path, const TokenRows& rows, int64_t vocab_size,
-                      int64_t pad_token_id,
-                      const std::map<std::string, std::string>& string_attrs) {
-  // What the file will hold, checked as TokenDataset will check it.
-  if (rows.rows < 1 || rows.seq_len < 2)
-    throw std::invalid_argument(path + ": " + std::to_string(rows.rows) + " rows of " +
-                                std::to_string(rows.seq_len) +
-                                " tokens (expected 1 row or more of 2 tokens or more)");
-  const auto numel = static_cast<size_t>(rows.rows * rows.seq_len);
-  if (rows.input_ids.size() != numel || rows.labels.size() != numel ||
-      (!rows.position_ids.empty() && rows.position_ids.size() != numel))
-    throw std::invalid_argument(path + ": input_ids " + std::to_string(rows.input_ids.size()) +
-                                ", labels " + std::to_string(rows.labels.size()) +
-                                ", position_ids " + std::to_string(rows.position_ids.size()) +
-                                " values (expected rows x seq_len = " + std::to_string(numel) +
-                                " each, position_ids also 0)");
+namespace {
+
+// One set of rows in a file: its datasets are `prefix` + input_ids, labels, position_ids.
+struct NamedRows {
+  std::string prefix;
+  const TokenRows* rows;
+};
+
+// The writer token and pair files share: each set's values checked as the readers will check
+// them, every dataset written to a hidden sibling of `path` and renamed, never over a file.
+void rows_file_write(const std::string& path, const std::vector<NamedRows>& sets, int64_t vocab_size,
+                     int64_t pad_token_id, const std::map<std::string, std::string>& string_attrs,
+                     const char* format, const char* who) {
   if (vocab_size < 1 || vocab_size > std::numeric_limits<int32_t>::max())
     throw std::invalid_argument(path + ": vocab_size " + std::to_string(vocab_size) +
                                 " (expected 1 to 2147483647: ids are stored as int32)");
@@ -178,36 +204,52 @@ void token_rows_write(const std::string& path, const TokenRows& rows, int64_t vo
                                 " is outside [0, " + std::to_string(vocab_size) + ")");
   for (const char* reserved : {"vocab_size", "pad_token_id", "format"})
     if (string_attrs.count(reserved))
-      throw std::invalid_argument(path + ": attribute '" + reserved +
-                                  "' is written by token_rows_write itself (pass another name)");
-  const auto where = [&](const char* what, size_t i) {
-    return path + ": " + what + " row " + std::to_string(i / static_cast<size_t>(rows.seq_len)) +
-           ", column " + std::to_string(i % static_cast<size_t>(rows.seq_len)) + ": ";
-  };
-  for (size_t i = 0; i < numel; ++i) {
-    if (rows.input_ids[i] < 0 || rows.input_ids[i] >= vocab_size)
-      throw std::invalid_argument(where("input_ids", i) + "token id " +
-                                  std::to_string(rows.input_ids[i]) + " is outside [0, " +
-                                  std::to_string(vocab_size) + ")");
-    const int32_t label = rows.labels[i];
-    if (label != kIgnoreLabel && (label < 0 || label >= vocab_size))
-      throw std::invalid_argument(where("labels", i) + "token id " + std::to_string(label) +
-                                  " is outside [0, " + std::to_string(vocab_size) +
-                                  ") and is not -100 (no loss)");
-    if (!rows.position_ids.empty() &&
-        (rows.position_ids[i] < 0 || rows.position_ids[i] >= rows.seq_len))
-      throw std::invalid_argument(where("position_ids", i) + "position " +
-                                  std::to_string(rows.position_ids[i]) + " is outside [0, " +
-                                  std::to_string(rows.seq_len) + ")");
+      throw std::invalid_argument(path + ": attribute '" + reserved + "' is written by " + who +
+                                  " itself (pass another name)");
+  for (const auto& [prefix, rows_ptr] : sets) {
+    const TokenRows& rows = *rows_ptr;
+    const std::string side = prefix.empty() ? "" : prefix.substr(0, prefix.size() - 1) + ": ";
+    if (rows.rows < 1 || rows.seq_len < 2)
+      throw std::invalid_argument(path + ": " + side + std::to_string(rows.rows) + " rows of " +
+                                  std::to_string(rows.seq_len) +
+                                  " tokens (expected 1 row or more of 2 tokens or more)");
+    const auto numel = static_cast<size_t>(rows.rows * rows.seq_len);
+    if (rows.input_ids.size() != numel || rows.labels.size() != numel ||
+        (!rows.position_ids.empty() && rows.position_ids.size() != numel))
+      throw std::invalid_argument(path + ": " + prefix + "input_ids " + std::to_string(rows.input_ids.size()) +
+                                  ", " + prefix + "labels " + std::to_string(rows.labels.size()) +
+                                  ", " + prefix + "position_ids " + std::to_string(rows.position_ids.size()) +
+                                  " values (expected rows x seq_len = " + std::to_string(numel) +
+                                  " each, position_ids also 0)");
+    const auto where = [&](const char* what, size_t i) {
+      return path + ": " + prefix + what + " row " + std::to_string(i / static_cast<size_t>(rows.seq_len)) +
+             ", column " + std::to_string(i % static_cast<size_t>(rows.seq_len)) + ": ";
+    };
+    for (size_t i = 0; i < numel; ++i) {
+      if (rows.input_ids[i] < 0 || rows.input_ids[i] >= vocab_size)
+        throw std::invalid_argument(where("input_ids", i) + "token id " +
+                                    std::to_string(rows.input_ids[i]) + " is outside [0, " +
+                                    std::to_string(vocab_size) + ")");
+      const int32_t label = rows.labels[i];
+      if (label != kIgnoreLabel && (label < 0 || label >= vocab_size))
+        throw std::invalid_argument(where("labels", i) + "token id " + std::to_string(label) +
+                                    " is outside [0, " + std::to_string(vocab_size) +
+                                    ") and is not -100 (no loss)");
+      if (!rows.position_ids.empty() &&
+          (rows.position_ids[i] < 0 || rows.position_ids[i] >= rows.seq_len))
+        throw std::invalid_argument(where("position_ids", i) + "position " +
+                                    std::to_string(rows.position_ids[i]) + " is outside [0, " +
+                                    std::to_string(rows.seq_len) + ")");
+    }
   }
 
   const fs::path out(path);
   const std::string name = out.filename().string();
   if (name.empty() || name == "." || name == "..")
     throw std::invalid_argument(path + ": not a file name (expected e.g. data/train.h5)");
+  const std::string exists = path + ": exists; token files are never overwritten";
   std::error_code ec;
-  if (fs::exists(fs::symlink_status(out, ec)))
-    throw std::invalid_argument(path + ": exists; token files are never overwritten");
+  if (fs::exists(fs::symlink_status(out, ec))) throw std::invalid_argument(exists);
   const fs::path dir = out.has_parent_path() ? out.parent_path() : fs::path(".");
   if (!fs::is_directory(dir, ec))
     throw std::invalid_argument(path + ": directory '" + dir.string() +
@@ -215,20 +257,46 @@ void token_rows_write(const std::string& path, const TokenRows& rows, int64_t vo
 
   io::commit_atomic(out, /*directory=*/false, [&](const fs::path& tmp) {
     io::H5File file = io::H5File::create(tmp.string());
-    file.write_int32_2d("input_ids", rows.input_ids.data(), rows.rows, rows.seq_len);
-    file.write_int32_2d("labels", rows.labels.data(), rows.rows, rows.seq_len);
-    if (!rows.position_ids.empty())
-      file.write_int32_2d("position_ids", rows.position_ids.data(), rows.rows, rows.seq_len);
+    for (const auto& [prefix, rows] : sets) {
+      file.write_int32_2d(prefix + "input_ids", rows->input_ids.data(), rows->rows, rows->seq_len);
+      file.write_int32_2d(prefix + "labels", rows->labels.data(), rows->rows, rows->seq_len);
+      if (!rows->position_ids.empty())
+        file.write_int32_2d(prefix + "position_ids", rows->position_ids.data(), rows->rows, rows->seq_len);
+    }
     file.set_attr_int64("/", "vocab_size", vocab_size);
     file.set_attr_int64("/", "pad_token_id", pad_token_id);
-    file.set_attr_string("/", "format", "qlora_dist.tokens");
+    file.set_attr_string("/", "format", format);
     for (const auto& [key, value] : string_attrs) file.set_attr_string("/", key, value);
     file.close();
     // Checked again: the rename would replace a file that appeared while we were writing.
     std::error_code ec2;
-    if (fs::exists(fs::symlink_status(out, ec2)))
-      throw std::invalid_argument(path + ": exists; token files are never overwritten");
+    if (fs::exists(fs::symlink_status(out, ec2))) throw std::invalid_argument(exists);
   });
+}
+
+}  // namespace
+
+void token_rows_write(const std::string& path, const TokenRows& rows, int64_t vocab_size,
+                      int64_t pad_token_id,
+                      const std::map<std::string, std::string>& string_attrs) {
+  rows_file_write(path, {{"", &rows}}, vocab_size, pad_token_id, string_attrs,
+                  "qlora_dist.tokens", "token_rows_write");
+}
+
+void pair_rows_write(const std::string& path, const PairRows& pairs, int64_t vocab_size,
+                     int64_t pad_token_id,
+                     const std::map<std::string, std::string>& string_attrs) {
+  if (pairs.chosen.rows != pairs.rejected.rows || pairs.chosen.seq_len != pairs.rejected.seq_len)
+    throw std::invalid_argument(path + ": chosen rows [" + std::to_string(pairs.chosen.rows) + ", " +
+                                std::to_string(pairs.chosen.seq_len) + "], rejected rows [" +
+                                std::to_string(pairs.rejected.rows) + ", " +
+                                std::to_string(pairs.rejected.seq_len) +
+                                "] (expected the same shape: one of each per pair)");
+  if (!pairs.chosen.position_ids.empty() || !pairs.rejected.position_ids.empty())
+    throw std::invalid_argument(path + ": preference pairs have no position ids (they are never "
+                                "packed)");
+  rows_file_write(path, {{"chosen_", &pairs.chosen}, {"rejected_", &pairs.rejected}}, vocab_size,
+                  pad_token_id, string_attrs, "qlora_dist.pairs", "pair_rows_write");
 }
 
 TokenRows rows_chunk(const std::vector<Sample>& samples, int64_t block_size,

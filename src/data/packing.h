@@ -4,6 +4,7 @@
 //              samples into rows of cutoff_len tokens, at most cutoff_len - 1 of them sample
 //              tokens; with `neat`, position ids restart at 0 for every sample (the model then
 //              attends within each sample only: a segment starts where the position id is 0).
+//   rows_pad_pairs: preference pairs, chosen and rejected rows right-padded to one length.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +45,16 @@ inline constexpr int64_t kPackGroupSamples = 1000;
 TokenRows rows_pad(const std::vector<Sample>& samples, int32_t pad_token_id,
                    PackReport* report = nullptr);
 
+// Preference pairs as rows: pair i is row i of `chosen` and row i of `rejected`, both padded
+// (ids pad_token_id, labels kIgnoreLabel) to one seq_len, the longest sequence of either side.
+struct PairRows {
+  TokenRows chosen, rejected;  // [pairs, seq_len] each, no position ids
+};
+// report: samples = pairs, rows = pairs, tokens / padding over both sides (2 x pairs x seq_len
+// slots). A side whose ids and labels differ in length is std::invalid_argument naming the pair.
+PairRows rows_pad_pairs(const std::vector<PairSample>& pairs, int32_t pad_token_id,
+                        PackReport* report = nullptr);
+
 // LLaMA-Factory 0.9.5 packing with `cutoff_len` its user-facing value (it subtracts one when
 // packing): per group of `group_samples` samples in order, samples longer than cutoff_len - 1 are
 // dropped, the rest go into bins of capacity cutoff_len - 1 by greedy_knapsack (ascending
@@ -80,5 +91,14 @@ std::vector<std::vector<int64_t>> greedy_knapsack_bins(const std::vector<int64_t
 void token_rows_write(const std::string& path, const TokenRows& rows, int64_t vocab_size,
                       int64_t pad_token_id,
                       const std::map<std::string, std::string>& string_attrs = {});
+
+// Writes preference pairs as our pair file (see PairDataset in dataset.h): chosen_input_ids,
+// chosen_labels, rejected_input_ids, rejected_labels int32 [pairs, seq_len], root attributes
+// vocab_size, pad_token_id (int64), format = "qlora_dist.pairs" and `string_attrs`. The same
+// checks, atomic write and refusal of an existing path as token_rows_write; both sides must have
+// the same rows and seq_len and no position ids.
+void pair_rows_write(const std::string& path, const PairRows& pairs, int64_t vocab_size,
+                     int64_t pad_token_id,
+                     const std::map<std::string, std::string>& string_attrs = {});
 
 }  // namespace qlora::data

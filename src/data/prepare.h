@@ -1,7 +1,8 @@
 // From a user's JSON datasets to our token HDF5 files: tokenizer.json and tokenizer_config.json
 // of the model directory, a chat template, the dataset format, LLaMA-Factory's supervised (or
 // pre-training) processing, an optional seeded validation split, padding or packing, and the
-// files written atomically with attributes naming their sources. Used by `qlora_dist prep` and
+// files written atomically with attributes naming their sources. With `pairwise` (train.stage =
+// dpo): preference rows, LLaMA-Factory's pairwise processing, padded pairs, pair files. Used by `qlora_dist prep` and
 // by `qlora_dist train` with data.dataset (rank 0 prepares, the other ranks wait).
 #pragma once
 
@@ -29,7 +30,8 @@ struct PrepareOptions {
   bool pairwise = false;  // train.stage = dpo: preference pairs (chosen / rejected answers)
 };
 
-// What one written file holds.
+// What one written file holds. For a pair file: samples = rows = pairs, tokens and
+// target_tokens over both sides, packing_efficiency = tokens / (2 * rows * seq_len).
 struct PrepareCounts {
   int64_t rows_read = 0;   // dataset rows read
   int64_t samples = 0;     // samples kept
@@ -45,18 +47,21 @@ struct PrepareCounts {
 struct PrepareReport {
   PrepareCounts train, eval;
   bool has_eval = false;
+  bool pairs = false;  // the files are pair files (options.pairwise)
   std::vector<std::string> skipped_rows;  // "FILE:LINE: reason" of the first skipped rows
   std::string summary() const;            // the lines `prep` prints
 };
 
 // A key (16 hex digits) of everything the written files depend on: the tokenizer files' bytes,
-// each dataset file's path, size and modification time, and the options. Equal keys = the files
-// can be re-used.
+// each dataset file's path, size and modification time, and the options (pairwise included).
+// Equal keys = the files can be re-used.
 std::string prepare_key(const PrepareOptions& options);
 
 // Tokenizes and writes `train_out` (and `eval_out` when there is evaluation data: eval_dataset
 // or val_size; "" otherwise). An existing output file is an error, never overwritten. Throws
-// std::invalid_argument naming file, line and reason for bad input.
+// std::invalid_argument naming file, line and reason for bad input. With options.pairwise both
+// files are pair files (PairDataset in dataset.h; the val_size split takes whole pairs) and
+// packing is refused.
 PrepareReport prepare_write(const PrepareOptions& options, const std::string& train_out,
                             const std::string& eval_out);
 

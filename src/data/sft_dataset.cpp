@@ -53,19 +53,14 @@ bool optional_string(const json& row, const char* key, std::string& out, std::st
 
 ConvertResult bad(std::string reason) { return ConvertResult{std::nullopt, std::move(reason)}; }
 
-// AlpacaDatasetConverter with columns instruction, input, output, system, history.
-ConvertResult convert_alpaca(const json& row) {
-  std::string instruction, input, output, system, reason;
+// AlpacaDatasetConverter's prompt (columns instruction, input, system, history): the history
+// turns, then the user query "instruction\ninput" (leaving out an empty one).
+ConvertResult alpaca_prompt(const json& row) {
+  std::string instruction, input, system, reason;
   if (!optional_string(row, "instruction", instruction, reason) ||
       !optional_string(row, "input", input, reason) || !optional_string(row, "system", system, reason))
     return bad(reason);
-  if (!row.contains("output") || !row["output"].is_string())
-    return bad(row.contains("output") ? "\"output\" must be a string, got " + short_dump(row["output"])
-                                      : "no \"output\" (alpaca rows need instruction, output)");
-  output = row["output"].get<std::string>();
   if (instruction.empty() && input.empty()) return bad("\"instruction\" and \"input\" are both empty");
-  if (output.empty()) return bad("\"output\" is empty");
-
   Conversation c;
   c.system = system;
   if (row.contains("history") && !row["history"].is_null()) {
@@ -79,15 +74,41 @@ ConvertResult convert_alpaca(const json& row) {
       c.messages.push_back({Role::assistant, h[i][1].get<std::string>()});
     }
   }
-  std::string query = instruction;  // "instruction\ninput", leaving out an empty one
+  std::string query = instruction;
   if (!input.empty()) query += (query.empty() ? "" : "\n") + input;
   c.messages.push_back({Role::user, query});
-  c.messages.push_back({Role::assistant, output});
   return ConvertResult{std::move(c), ""};
 }
 
-// SharegptDatasetConverter (also for OpenAI messages: the same converter with other tags).
-ConvertResult convert_sharegpt(const json& row, const Tags& tags) {
+// A required non-empty string answer of an alpaca row ("output", "chosen", "rejected").
+bool alpaca_answer(const json& row, const char* key, const char* needed, std::string& out,
+                   std::string& reason) {
+  if (!row.contains(key) || row[key].is_null())
+    reason = std::string("no \"") + key + "\" (" + needed + ")";
+  else if (!row[key].is_string())
+    reason = std::string("\"") + key + "\" must be a string, got " + short_dump(row[key]);
+  else if (row[key].get<std::string>().empty())
+    reason = std::string("\"") + key + "\" is empty";
+  else
+    out = row[key].get<std::string>();
+  return reason.empty();
+}
+
+// AlpacaDatasetConverter with columns instruction, input, output, system, history.
+ConvertResult convert_alpaca(const json& row) {
+  std::string output, reason;
+  if (!alpaca_answer(row, "output", "alpaca rows need instruction, output", output, reason))
+    return bad(reason);
+  ConvertResult c = alpaca_prompt(row);
+  if (!c.conversation) return c;
+  c.conversation->messages.push_back({Role::assistant, output});
+  return c;
+}
+
+// SharegptDatasetConverter's turns (also for OpenAI messages: the same converter with other
+// tags): a leading system message taken out, roles alternating user|observation and
+// assistant; the count of turns is the caller's to check.
+ConvertResult sharegpt_turns(const json& row, const Tags& tags) {
   if (!row.contains(tags.messages)) return bad(std::string("no \"") + tags.messages + "\" list");
   const json& msgs = row[tags.messages];
   if (!msgs.is_array()) return bad(std::string("\"") + tags.messages + "\" must be a list");
@@ -133,10 +154,53 @@ ConvertResult convert_sharegpt(const json& row, const Tags& tags) {
     c.messages.push_back({r, content});
   }
   if (c.messages.empty()) return bad("no turns besides the system message");
-  if (c.messages.size() % 2 != 0)
-    return bad(std::to_string(c.messages.size()) + " turns; expected prompt/answer pairs, the last "
-               "one from " + tags.assistant);
   return ConvertResult{std::move(c), ""};
+}
+
+ConvertResult convert_sharegpt(const json& row, const Tags& tags) {
+  ConvertResult c = sharegpt_turns(row, tags);
+  if (c.conversation && c.conversation->messages.size() % 2 != 0)
+    return bad(std::to_string(c.conversation->messages.size()) + " turns; expected prompt/answer "
+               "pairs, the last one from " + tags.assistant);
+  return c;
+}
+
+// The "chosen" / "rejected" message object of a sharegpt / OpenAI preference row: the
+// assistant's, with non-empty content (LLaMA-Factory also accepts a function_call answer; tool
+// calls are not supported here).
+bool sharegpt_answer(const json& row, const char* key, const Tags& tags, std::string& out,
+                     std::string& reason) {
+  const std::string example = std::string("{\"") + tags.role + "\": \"" + tags.assistant + "\", \"" +
+                              tags.content + "\": ...}";
+  if (!row.contains(key) || row[key].is_null()) {
+    reason = std::string("no \"") + key + "\" (preference rows need \"chosen\" and \"rejected\" "
+             "messages " + example + ")";
+  } else if (!row[key].is_object() || !row[key].contains(tags.role) ||
+             !row[key][tags.role].is_string() || !row[key].contains(tags.content) ||
+             !row[key][tags.content].is_string()) {
+    reason = std::string("\"") + key + "\" must be a message " + example + ", got " + short_dump(row[key]);
+  } else if (row[key][tags.role].get<std::string>() != tags.assistant) {
+    reason = std::string("\"") + key + "\": role '" + row[key][tags.role].get<std::string>() +
+             "' where " + tags.assistant + " is expected (the answer to the conversation)";
+  } else if (row[key][tags.content].get<std::string>().empty()) {
+    reason = std::string("\"") + key + "\": empty \"" + tags.content + "\"";
+  } else {
+    out = row[key][tags.content].get<std::string>();
+  }
+  return reason.empty();
+}
+
+PairConvertResult bad_pair(std::string reason) { return PairConvertResult{std::nullopt, std::move(reason)}; }
+
+PairConvertResult convert_pair(ConvertResult prompt, const std::string& chosen,
+                               const std::string& rejected) {
+  if (!prompt.conversation) return bad_pair(prompt.bad_reason);
+  PairConversation p;
+  p.prompt = std::move(prompt.conversation->messages);
+  p.system = std::move(prompt.conversation->system);
+  p.chosen = chosen;
+  p.rejected = rejected;
+  return PairConvertResult{std::move(p), ""};
 }
 
 ConvertResult convert_text(const json& row) {
@@ -235,13 +299,14 @@ Formatting detect_formatting(const JsonRow& first_row) {
   const json& r = first_row.value;
   if (r.contains("conversations")) return Formatting::sharegpt;
   else if (r.contains("messages")) return Formatting::openai;
-  else if (r.contains("instruction") || r.contains("output")) return Formatting::alpaca;
+  else if (r.contains("instruction") || r.contains("output") || r.contains("chosen"))
+    return Formatting::alpaca;
   else if (r.contains("text")) return Formatting::text;
   std::string keys;
   for (const auto& [k, v] : r.items()) keys += (keys.empty() ? "" : ", ") + k;
   throw std::invalid_argument(first_row.where + ": cannot tell the dataset formatting from the keys {" +
                               keys + "}; expected \"conversations\" (sharegpt), \"messages\" (openai), "
-                              "\"instruction\"/\"output\" (alpaca) or \"text\", or set formatting");
+                              "\"instruction\"/\"output\"/\"chosen\" (alpaca) or \"text\", or set formatting");
 }
 
 ConvertResult convert_row(const json& row, Formatting formatting) {
@@ -252,6 +317,34 @@ ConvertResult convert_row(const json& row, Formatting formatting) {
   else
     throw std::invalid_argument(std::string("convert_row: formatting '") + formatting_name(formatting) +
                                 "' is not a row format (resolve auto with detect_formatting first)");
+}
+
+bool is_pair_row(const json& row) { return row.contains("chosen") && row.contains("rejected"); }
+
+PairConvertResult convert_pair_row(const json& row, Formatting formatting) {
+  std::string chosen, rejected, reason;
+  if (formatting == Formatting::alpaca) {
+    const char* needed = "alpaca preference rows need instruction, chosen, rejected";
+    if (!alpaca_answer(row, "chosen", needed, chosen, reason) ||
+        !alpaca_answer(row, "rejected", needed, rejected, reason))
+      return bad_pair(reason);
+    return convert_pair(alpaca_prompt(row), chosen, rejected);
+  }
+  if (formatting == Formatting::sharegpt || formatting == Formatting::openai) {
+    const Tags& tags = formatting == Formatting::sharegpt ? kSharegptTags : kOpenaiTags;
+    ConvertResult prompt = sharegpt_turns(row, tags);
+    if (prompt.conversation && prompt.conversation->messages.size() % 2 == 0)
+      return bad_pair(std::to_string(prompt.conversation->messages.size()) + " turns in \"" +
+                      tags.messages + "\"; a preference row's conversation ends with a " +
+                      tags.user + " turn (odd count), the answers are \"chosen\" and \"rejected\"");
+    if (!prompt.conversation) return bad_pair(prompt.bad_reason);
+    if (!sharegpt_answer(row, "chosen", tags, chosen, reason) ||
+        !sharegpt_answer(row, "rejected", tags, rejected, reason))
+      return bad_pair(reason);
+    return convert_pair(std::move(prompt), chosen, rejected);
+  }
+  throw std::invalid_argument(std::string("convert_pair_row: formatting '") + formatting_name(formatting) +
+                              "' has no preference rows (expected alpaca, sharegpt or openai)");
 }
 
 std::pair<int64_t, int64_t> infer_seqlen(int64_t source_len, int64_t target_len, int64_t cutoff_len) {
@@ -350,33 +443,77 @@ Sample pretrain_encode_text(const TemplateTokenizer& tokenizer, const ChatTempla
   return s;
 }
 
-std::vector<Sample> sft_dataset_load(const std::string& path, const TemplateTokenizer& tokenizer,
-                                     const ChatTemplate& chat_template, const SftOptions& options,
-                                     SftReport* report_out) {
+PairSample pair_encode_conversation(const TemplateTokenizer& tokenizer,
+                                    const ChatTemplate& chat_template,
+                                    const PairConversation& pair, int64_t cutoff_len,
+                                    bool* truncated) {
+  if (pair.prompt.empty() || pair.prompt.size() % 2 == 0)
+    throw std::invalid_argument("pair_encode_conversation: " + std::to_string(pair.prompt.size()) +
+                                " prompt messages (expected an odd count ending with a user turn)");
+  // encode_oneturn: every message but the last makes the prompt, the last the answer.
+  auto encode = [&](const std::string& answer, std::vector<int32_t>& prompt_ids) {
+    std::vector<Message> messages = pair.prompt;
+    messages.push_back({Role::assistant, answer});
+    auto encoded = template_encode_messages(tokenizer, chat_template, messages, pair.system);
+    prompt_ids.clear();
+    for (size_t i = 0; i + 1 < encoded.size(); ++i)
+      prompt_ids.insert(prompt_ids.end(), encoded[i].begin(), encoded[i].end());
+    return std::move(encoded.back());
+  };
+  std::vector<int32_t> prompt_ids, unused;
+  std::vector<int32_t> chosen_ids = encode(pair.chosen, prompt_ids);
+  std::vector<int32_t> rejected_ids = encode(pair.rejected, unused);
+  if (chat_template.efficient_eos) {
+    const int32_t eos = tokenizer.eos_token_id().value_or(kIgnoreLabel);
+    chosen_ids.push_back(eos);
+    rejected_ids.push_back(eos);
+  }
+  const auto longest = static_cast<int64_t>(std::max(chosen_ids.size(), rejected_ids.size()));
+  // "consider the response is more important": the longer answer's length is the target.
+  const auto [source_len, target_len] =
+      infer_seqlen(static_cast<int64_t>(prompt_ids.size()), longest, cutoff_len);
+  if (truncated) *truncated = source_len < static_cast<int64_t>(prompt_ids.size()) || target_len < longest;
+  prompt_ids.resize(source_len);
+  PairSample out;
+  for (auto [answer, sample] : {std::pair{&chosen_ids, &out.chosen}, std::pair{&rejected_ids, &out.rejected}}) {
+    if (static_cast<int64_t>(answer->size()) > target_len) answer->resize(target_len);
+    sample->input_ids = prompt_ids;
+    sample->input_ids.insert(sample->input_ids.end(), answer->begin(), answer->end());
+    sample->labels.assign(prompt_ids.size(), kIgnoreLabel);
+    sample->labels.insert(sample->labels.end(), answer->begin(), answer->end());
+  }
+  return out;
+}
+
+namespace {
+
+void load_options_check(const SftOptions& options) {
   if (options.cutoff_len < 1)
     throw std::invalid_argument("cutoff_len must be at least 1, got " + std::to_string(options.cutoff_len));
   if (options.max_samples && *options.max_samples < 1)
     throw std::invalid_argument("max_samples must be at least 1, got " + std::to_string(*options.max_samples));
-  const std::vector<JsonRow> rows = read_json_rows(path, options.max_samples.value_or(-1));
-  if (rows.empty()) throw std::invalid_argument(path + ": no rows (an empty array or only blank lines)");
-  SftReport report;
-  report.formatting = options.formatting == Formatting::automatic ? detect_formatting(rows.front())
-                                                                   : options.formatting;
+}
+
+std::string row_keys(const json& row) {
+  std::string keys;
+  for (const auto& [k, v] : row.items()) keys += (keys.empty() ? "" : ", ") + k;
+  return "{" + keys + "}";
+}
+
+// The row loop both loaders share: `encode(row, formatting, cut, reason)` gives a sample (or
+// sets reason), `count(sample, tokens, targets)` adds its token counts; bad rows throw or are
+// skipped and listed.
+template <typename Out, typename Encode, typename Count>
+std::vector<Out> rows_load(const std::vector<JsonRow>& rows, Formatting formatting,
+                           const SftOptions& options, SftReport& report, Encode&& encode,
+                           Count&& count) {
+  report.formatting = formatting;
   report.rows_read = static_cast<int64_t>(rows.size());
-  std::vector<Sample> samples;
+  std::vector<Out> samples;
   for (const JsonRow& row : rows) {
-    ConvertResult conv = convert_row(row.value, report.formatting);
-    Sample s;
     bool cut = false;
-    std::string reason = conv.bad_reason;
-    if (conv.conversation) {
-      s = report.formatting == Formatting::text
-              ? pretrain_encode_text(tokenizer, chat_template, conv.conversation->messages[0].content, options, &cut)
-              : sft_encode_conversation(tokenizer, chat_template, *conv.conversation, options, &cut);
-      if (count_targets(s) == 0)
-        reason = "no target token left after cutoff_len " + std::to_string(options.cutoff_len) +
-                 " (prompt of " + std::to_string(s.input_ids.size()) + " tokens or more)";
-    }
+    std::string reason;
+    Out s = encode(row.value, cut, reason);
     if (!reason.empty()) {
       const std::string message = row.where + ": " + reason;
       if (!options.skip_bad) throw std::invalid_argument(message);
@@ -385,13 +522,97 @@ std::vector<Sample> sft_dataset_load(const std::string& path, const TemplateToke
       continue;
     }
     report.truncated += cut;
-    report.tokens += static_cast<int64_t>(s.input_ids.size());
-    report.target_tokens += count_targets(s);
+    count(s, report.tokens, report.target_tokens);
     samples.push_back(std::move(s));
   }
   report.samples = static_cast<int64_t>(samples.size());
+  return samples;
+}
+
+std::string no_target_reason(int64_t cutoff_len, size_t length) {
+  return "no target token left after cutoff_len " + std::to_string(cutoff_len) + " (prompt of " +
+         std::to_string(length) + " tokens or more)";
+}
+
+}  // namespace
+
+std::vector<Sample> sft_dataset_load(const std::string& path, const TemplateTokenizer& tokenizer,
+                                     const ChatTemplate& chat_template, const SftOptions& options,
+                                     SftReport* report_out) {
+  load_options_check(options);
+  const std::vector<JsonRow> rows = read_json_rows(path, options.max_samples.value_or(-1));
+  if (rows.empty()) throw std::invalid_argument(path + ": no rows (an empty array or only blank lines)");
+  if (is_pair_row(rows.front().value))
+    throw std::invalid_argument(rows.front().where + ": a preference row (\"chosen\" and \"rejected\" "
+                                "answers) in a dataset for train.stage = sft: set train.stage = dpo "
+                                "to train on preference pairs, or give rows with one answer");
+  const Formatting formatting = options.formatting == Formatting::automatic
+                                    ? detect_formatting(rows.front())
+                                    : options.formatting;
+  SftReport report;
+  auto encode = [&](const json& row, bool& cut, std::string& reason) {
+    ConvertResult conv = convert_row(row, formatting);
+    Sample s;
+    reason = conv.bad_reason;
+    if (conv.conversation) {
+      s = formatting == Formatting::text
+              ? pretrain_encode_text(tokenizer, chat_template, conv.conversation->messages[0].content, options, &cut)
+              : sft_encode_conversation(tokenizer, chat_template, *conv.conversation, options, &cut);
+      if (count_targets(s) == 0) reason = no_target_reason(options.cutoff_len, s.input_ids.size());
+    }
+    return s;
+  };
+  auto count = [](const Sample& s, int64_t& tokens, int64_t& targets) {
+    tokens += static_cast<int64_t>(s.input_ids.size());
+    targets += count_targets(s);
+  };
+  std::vector<Sample> samples = rows_load<Sample>(rows, formatting, options, report, encode, count);
   if (report_out) *report_out = std::move(report);
   return samples;
+}
+
+std::vector<PairSample> pair_dataset_load(const std::string& path,
+                                          const TemplateTokenizer& tokenizer,
+                                          const ChatTemplate& chat_template,
+                                          const SftOptions& options, SftReport* report_out) {
+  load_options_check(options);
+  if (options.formatting == Formatting::text)
+    throw std::invalid_argument(path + ": formatting text has no preference pairs (train.stage = "
+                                "dpo reads alpaca, sharegpt or openai rows with \"chosen\" and "
+                                "\"rejected\" answers)");
+  const std::vector<JsonRow> rows = read_json_rows(path, options.max_samples.value_or(-1));
+  if (rows.empty()) throw std::invalid_argument(path + ": no rows (an empty array or only blank lines)");
+  if (!is_pair_row(rows.front().value))
+    throw std::invalid_argument(rows.front().where + ": train.stage = dpo needs preference rows with "
+                                "\"chosen\" and \"rejected\" answers; this row has the keys " +
+                                row_keys(rows.front().value) + " (a dataset for train.stage = sft?)");
+  const Formatting formatting = options.formatting == Formatting::automatic
+                                    ? detect_formatting(rows.front())
+                                    : options.formatting;
+  if (formatting == Formatting::text)
+    throw std::invalid_argument(rows.front().where + ": a \"text\" row has no preference pair (expected "
+                                "alpaca, sharegpt or openai rows with \"chosen\" and \"rejected\")");
+  SftReport report;
+  auto encode = [&](const json& row, bool& cut, std::string& reason) {
+    PairConvertResult conv = convert_pair_row(row, formatting);
+    PairSample s;
+    reason = conv.bad_reason;
+    if (conv.pair) {
+      s = pair_encode_conversation(tokenizer, chat_template, *conv.pair, options.cutoff_len, &cut);
+      if (count_targets(s.chosen) == 0 || count_targets(s.rejected) == 0)
+        reason = no_target_reason(options.cutoff_len, s.chosen.input_ids.size());
+    }
+    return s;
+  };
+  auto count = [](const PairSample& s, int64_t& tokens, int64_t& targets) {
+    for (const Sample* side : {&s.chosen, &s.rejected}) {
+      tokens += static_cast<int64_t>(side->input_ids.size());
+      targets += count_targets(*side);
+    }
+  };
+  std::vector<PairSample> pairs = rows_load<PairSample>(rows, formatting, options, report, encode, count);
+  if (report_out) *report_out = std::move(report);
+  return pairs;
 }
 
 TrainValSplit split_train_val(int64_t n, double val_size, uint64_t seed) {

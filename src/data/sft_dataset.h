@@ -2,6 +2,8 @@
 // rows in alpaca, sharegpt, OpenAI-messages or plain-text form, its converters (data/converter.py),
 // SupervisedDatasetProcessor (prompt masking, mask_history, efficient_eos, cutoff_len shared by
 // infer_seqlen) and the non-packing PretrainDatasetProcessor for text; a seeded train/val split.
+// Preference rows (train.stage = dpo; LLaMA-Factory's ranking datasets) go through the same
+// converters' pairwise branches and PairwiseDatasetProcessor into PairSamples.
 #pragma once
 
 #include <cstdint>
@@ -18,8 +20,8 @@
 namespace qlora::data {
 
 // How rows are read. automatic looks at the first row's keys, first match wins:
-//   "conversations" -> sharegpt, "messages" -> openai, "instruction" or "output" -> alpaca,
-//   "text" -> text; anything else is an error naming the keys found.
+//   "conversations" -> sharegpt, "messages" -> openai, "instruction", "output" or "chosen" ->
+//   alpaca, "text" -> text; anything else is an error naming the keys found.
 enum class Formatting { automatic, alpaca, sharegpt, openai, text };
 Formatting formatting_from_name(const std::string& name);  // "auto", "alpaca", ... else throws
 const char* formatting_name(Formatting formatting);
@@ -77,6 +79,30 @@ struct ConvertResult {
 };
 ConvertResult convert_row(const nlohmann::json& row, Formatting formatting);
 
+// A preference row as LLaMA-Factory's converters leave a ranking example: the shared prompt
+// (messages alternating user|observation and assistant, ending with user|observation) and the
+// two assistant answers.
+struct PairConversation {
+  std::vector<Message> prompt;
+  std::string chosen, rejected;
+  std::string system;
+};
+
+// The preference row in `formatting` (alpaca, sharegpt or openai), or why it is bad:
+//   alpaca: instruction, input, system, history as for SFT, and "chosen" / "rejected" strings;
+//   sharegpt: "conversations" with an odd number of turns (the last from human/observation) and
+//     "chosen" / "rejected" objects {"from": "gpt", "value": ...};
+//   openai: the same with "messages" and {"role": "assistant", "content": ...}.
+// Missing, empty or non-string answers, and answers of another role, are bad rows.
+struct PairConvertResult {
+  std::optional<PairConversation> pair;
+  std::string bad_reason;
+};
+PairConvertResult convert_pair_row(const nlohmann::json& row, Formatting formatting);
+
+// Whether a row is a preference row: it has both "chosen" and "rejected" keys.
+bool is_pair_row(const nlohmann::json& row);
+
 // LLaMA-Factory's infer_seqlen: how many of source_len / target_len tokens fit in cutoff_len.
 std::pair<int64_t, int64_t> infer_seqlen(int64_t source_len, int64_t target_len, int64_t cutoff_len);
 
@@ -92,11 +118,34 @@ Sample pretrain_encode_text(const TemplateTokenizer& tokenizer, const ChatTempla
                             const std::string& text, const SftOptions& options,
                             bool* truncated = nullptr);
 
+// PairwiseDatasetProcessor._encode_data_example: prompt + chosen and prompt + rejected through
+// the template (encode_oneturn: every message but the last is the prompt), EOS appended to both
+// answers with efficient_eos, infer_seqlen(prompt length, the longer answer's length,
+// cutoff_len) cutting the prompt and both answers to the same lengths; labels kIgnoreLabel on the
+// prompt, the answer ids after it. As in LLaMA-Factory, train_on_prompt and mask_history do not
+// apply: the loss is on the last answer only. *truncated: whether cutoff_len cut anything.
+PairSample pair_encode_conversation(const TemplateTokenizer& tokenizer,
+                                    const ChatTemplate& chat_template,
+                                    const PairConversation& pair, int64_t cutoff_len,
+                                    bool* truncated = nullptr);
+
 // The whole file: rows -> samples in file order. A bad row, or one with no target token left
-// after cutoff_len, is std::invalid_argument "WHERE: reason" unless options.skip_bad.
+// after cutoff_len, is std::invalid_argument "WHERE: reason" unless options.skip_bad. A file
+// whose first row is a preference row (chosen and rejected) is refused whatever skip_bad says:
+// it is for train.stage = dpo (LLaMA-Factory refuses a ranking dataset outside its rm stage).
 std::vector<Sample> sft_dataset_load(const std::string& path, const TemplateTokenizer& tokenizer,
                                      const ChatTemplate& chat_template, const SftOptions& options,
                                      SftReport* report = nullptr);
+
+// The same for preference rows: rows -> pairs in file order (report: samples = pairs, tokens
+// and target_tokens over both sides). The first row must be a preference row (else the file is
+// refused: it is for train.stage = sft); formatting text is refused. A bad row, or a pair with no
+// target token left on a side, is "WHERE: reason" unless options.skip_bad. train_on_prompt and
+// mask_history are ignored, as LLaMA-Factory's PairwiseDatasetProcessor ignores them.
+std::vector<PairSample> pair_dataset_load(const std::string& path,
+                                          const TemplateTokenizer& tokenizer,
+                                          const ChatTemplate& chat_template,
+                                          const SftOptions& options, SftReport* report = nullptr);
 
 // A seeded split of n samples, as LLaMA-Factory's split_dataset (datasets' train_test_split):
 // val_size > 1 is a count, 0 < val_size <= 1 a fraction (ceil(val_size * n) samples). Indices
