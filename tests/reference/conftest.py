@@ -137,6 +137,28 @@ def bnb_reference_model(path):
     return m
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_peft_adapter(model_dir, out, seed=11):
+    """A peft LoRA (r 8, alpha 16, dropout 0, all seven linears) with random non-zero A and B, so
+    that both get gradients from the first step, saved by peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    m = get_peft_model(bnb_reference_model(model_dir),
+                       LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                  task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_A." in n:
+                bound = p.shape[1] ** -0.5
+                p.copy_(torch.rand(p.shape, generator=g) * 2 * bound - bound)
+            elif ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    m.save_pretrained(out)
+
+
 # LLaMA-Factory's source (the directory holding the `llamafactory` package), for tests that run
 # its data processing code; its package __init__ files need `datasets` and more, so modules are
 # imported one by one (lf_module).

@@ -40,14 +40,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import binary, bnb_reference_model, run, use_generic_bnb_cpu_dequantize
+from conftest import (binary, bnb_reference_model, random_peft_adapter, run,
+                      use_generic_bnb_cpu_dequantize)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tiny_job import make_tiny_job, metrics  # noqa: E402
 
 use_generic_bnb_cpu_dequantize()
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEPS, ROWS, MICRO, ACCUM, SEED = 10, 24, 2, 2, 3
 LR, WARMUP, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-3, 2, 0.1, 1.6
 # Tolerances: about 10x the largest deviation measured (AVX-512 machine, one thread on each
@@ -65,7 +65,7 @@ def job(tmp_path_factory):
     d = tmp_path_factory.mktemp("trajectory")
     sections = make_tiny_job(binary("qlora_dist"), d, train_rows=ROWS, model_format="bnb")
     vary_targets(d / "train.h5")
-    init_adapter(d / "tiny-bnb", d / "init_adapter")
+    random_peft_adapter(d / "tiny-bnb", d / "init_adapter")
     (d / "job.ini").write_text(sections + f"""[model]
 adapter_name_or_path = {d / 'init_adapter'}
 [train]
@@ -95,23 +95,6 @@ def vary_targets(path):
             first = int(np.argmax(labels[r] != -100))
             labels[r, first:first + (5 * r) % 13] = -100
         f["labels"][...] = labels
-
-
-def init_adapter(model_dir, out):
-    """A peft LoRA with random non-zero A and B, saved by peft."""
-    from peft import LoraConfig, get_peft_model
-    m = get_peft_model(bnb_reference_model(model_dir),
-                       LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                  task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if ".lora_A." in n:
-                bound = p.shape[1] ** -0.5
-                p.copy_(torch.rand(p.shape, generator=g) * 2 * bound - bound)
-            elif ".lora_B." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    m.save_pretrained(out)
 
 
 @pytest.fixture(scope="module")
