@@ -9,10 +9,16 @@ make_tiny_job(qlora, d, train_rows, eval_rows=0, model_format="h5") writes into 
   train.h5   synthetic copy task, vocab 64, 32 tokens a row, seed 1
   eval.h5    the same with seed 2 (when eval_rows > 0)
 and returns the `[model]` and `[data]` INI sections that point at them.
+
+make_pairs(rng, n, vocab) and write_pairs(path, pairs, vocab): a synthetic preference task (prompt:
+random tokens; chosen: the prompt copied and an end token; rejected: other random tokens) as our
+pair file (src/data/dataset.h PairDataset).
 """
 import json
 import os
 import subprocess
+
+import numpy as np
 
 
 def make_tiny_job(qlora, d, train_rows, eval_rows=0, model_format="h5"):
@@ -41,3 +47,36 @@ def metrics(out):
 
 def losses(out):
     return [m["loss"] for m in metrics(out)[0]]
+
+
+def make_pairs(rng, n, vocab=64):
+    """(prompt, chosen, rejected) token lists: chosen = the prompt copied + end token 1,
+    rejected = other random tokens + 1. Lengths vary, so that per-token averages matter."""
+    out = []
+    for _ in range(n):
+        prompt = [int(t) for t in rng.integers(3, vocab, rng.integers(4, 10))] + [2]
+        chosen = prompt[:-1] + [1]
+        rejected = [int(t) for t in rng.integers(3, vocab, rng.integers(2, 12))] + [1]
+        out.append((prompt, chosen, rejected))
+    return out
+
+
+def write_pairs(path, pairs, vocab=64):
+    """Our pair file: chosen_/rejected_ input_ids and labels, int32 [pairs, seq_len], right-padded
+    (ids 0, labels -100), labels on the answer only."""
+    import h5py
+    seq = max(len(p) + max(len(c), len(r)) for p, c, r in pairs)
+    arrays = {k: np.full((len(pairs), seq), 0 if k.endswith("ids") else -100, np.int32)
+              for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                        "rejected_labels")}
+    for i, (p, c, r) in enumerate(pairs):
+        for side, answer in (("chosen", c), ("rejected", r)):
+            ids = p + answer
+            arrays[f"{side}_input_ids"][i, :len(ids)] = ids
+            arrays[f"{side}_labels"][i, len(p):len(ids)] = answer
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            f[k] = v
+        f.attrs["vocab_size"] = np.int64(vocab)
+        f.attrs["pad_token_id"] = np.int64(0)
+        f.attrs["format"] = "qlora_dist.pairs"

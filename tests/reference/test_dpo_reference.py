@@ -35,7 +35,6 @@ import sys
 import time
 from types import SimpleNamespace
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -45,14 +44,13 @@ from conftest import (binary, bnb_reference_model, random_peft_adapter, run,
                       use_generic_bnb_cpu_dequantize)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tiny_job import make_tiny_job, metrics  # noqa: E402
+from tiny_job import make_pairs, make_tiny_job, metrics, write_pairs  # noqa: E402
 
 use_generic_bnb_cpu_dequantize()
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 STEPS, PAIRS, EVAL_PAIRS, MICRO, SEED = 3, 12, 4, 2, 5
 LR, MAX_GRAD_NORM, BETA, FTX, SIMPO_GAMMA = 5e-3, 1.0, 0.1, 0.5, 0.5
-VOCAB = 64
 # Tolerances, about 10x to 30x the largest deviations measured (AVX-512 machine): loss 3.6e-7
 # relative, metrics 5.7e-6 absolute, adapter update 1.0e-4 of its norm (with label smoothing;
 # 1.8e-5 without). Every run prints its own.
@@ -74,37 +72,6 @@ def trl_path():
             pytest.fail(f"{name} is missing: run scripts/setup.sh")
         if path not in sys.path:
             sys.path.insert(0, path)
-
-
-def make_pairs(rng, n):
-    """(prompt, chosen, rejected) token lists: chosen = the prompt copied + end token 1,
-    rejected = other random tokens + 1. Lengths vary, so that per-token averages matter."""
-    out = []
-    for _ in range(n):
-        prompt = list(rng.integers(3, VOCAB, rng.integers(4, 10))) + [2]
-        chosen = prompt[:-1] + [1]
-        rejected = list(rng.integers(3, VOCAB, rng.integers(2, 12))) + [1]
-        out.append(([int(t) for t in prompt], [int(t) for t in chosen], [int(t) for t in rejected]))
-    return out
-
-
-def write_pairs(path, pairs):
-    """Our pair file (src/data/dataset.h PairDataset): the four int32 datasets, one seq_len."""
-    seq = max(len(p) + max(len(c), len(r)) for p, c, r in pairs)
-    arrays = {k: np.full((len(pairs), seq), 0 if k.endswith("ids") else -100, np.int32)
-              for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
-                        "rejected_labels")}
-    for i, (p, c, r) in enumerate(pairs):
-        for side, answer in (("chosen", c), ("rejected", r)):
-            ids = p + answer
-            arrays[f"{side}_input_ids"][i, :len(ids)] = ids
-            arrays[f"{side}_labels"][i, len(p):len(ids)] = answer
-    with h5py.File(path, "w") as f:
-        for k, v in arrays.items():
-            f[k] = v
-        f.attrs["vocab_size"] = np.int64(VOCAB)
-        f.attrs["pad_token_id"] = np.int64(0)
-        f.attrs["format"] = "qlora_dist.pairs"
 
 
 @pytest.fixture(scope="module")
