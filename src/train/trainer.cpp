@@ -313,6 +313,12 @@ size_t Trainer::expected_gathered_per_step(int64_t g) const {
   size_t per_micro = received(padded(*base_.front()), n) + received(padded(*base_.back()), n);
   for (size_t i = 0; i < lora_.size(); ++i)
     per_micro += 2 * (received(padded(*base_[i + 1]), n) + received(padded(*lora_[i]), n));
+  if (options_.preference && options_.pref.needs_reference()) {  // the reference forward
+    per_micro += received(padded(*base_.front()), n) + received(padded(*base_.back()), n);
+    for (size_t i = 0; i < lora_.size(); ++i)
+      per_micro += received(padded(*base_[i + 1]), n) +
+                   (ref_lora_.empty() ? 0 : received(padded(*ref_lora_[i]), n));
+  }
   return static_cast<size_t>(g) * per_micro;
 }
 

@@ -11,7 +11,10 @@
 //   gathered  = g * (N-1)/N * (P_embed + P_head + 2 * sum_i (P_block_i + P_lora_i))
 //   reduced   = g * (N-1)/N * sum_i P_lora_i       (reduce-scatter; all-reduce when not sharded:
 //               2 (N-1)/N * ... and nothing gathered)
-// plus two small all-reduces (token count; norm and loss).
+// plus two small all-reduces (token count; norm and loss). Preference training with a reference
+// (sigmoid, ipo) gathers once more per micro-batch: P_embed + P_head + sum_i (P_block_i, and
+// P_lora_i of the frozen starting adapter when there is one).
+// Preference micro-batches hold 2b rows: b chosen, then the b rejected of the same pairs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
