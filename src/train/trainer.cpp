@@ -622,7 +622,9 @@ Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
   double red[kReduced] = {host.data_ptr<double>()[0], counts[0], counts[1], counts[2]};
   for (int i = 0; i < PrefSums::kCount - 2; ++i) red[4 + i] = host.data_ptr<double>()[1 + i];
   comm_.all_reduce_host(red, pref ? kReduced : 2, dist::ReduceOp::sum);
-  EvalSums out{red[0], static_cast<int64_t>(std::llround(red[1]))};
+  EvalSums out;
+  out.loss_sum = red[0];
+  out.num_targets = static_cast<int64_t>(std::llround(red[1]));
   if (pref) out.pref = pref_sums(red[2], red[3], red + 4);
   return out;
 }
