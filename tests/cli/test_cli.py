@@ -600,6 +600,49 @@ def smollm2_tokenizer_into(d):
         shutil.copy(os.path.join(src, f), os.path.join(d, f))
 
 
+def test_prep_dpo_writes_pair_files_and_refuses_the_other_stages_rows(tmp_path):
+    """prep with --train.stage=dpo: preference rows become pair files (train and the val_size
+    split), the summary counts pairs; SFT rows for dpo, preference rows for sft and packing with
+    dpo are one line each (1) and write nothing."""
+    import h5py
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    smollm2_tokenizer_into(tok)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"instruction": f"Name {n}.", "chosen": f"It is {n}.", "rejected": "No."}
+        for n in ("one", "two", "three", "four")] + [
+        {"conversations": [{"from": "human", "value": "Hi"}],
+         "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Go."}}]))
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
+    ini = tmp_path / "c.ini"
+    ini.write_text(f"[model]\nmodel_name_or_path = {tok}\n[data]\ndataset = {pairs}\n"
+                   "template = smollm2\n[output]\noutput_dir = /o\n")
+    # Row 5 is sharegpt in a file the first row shows to be alpaca: a bad row, named.
+    assert_error(run("prep", ini, "--out", tmp_path / "p.h5", "--train.stage=dpo"), "prep", 1,
+                 "pairs.jsonl:5", '"chosen"')
+    res = run("prep", ini, "--out", tmp_path / "p.h5", "--train.stage=dpo", "--data.max_samples=4",
+              "--data.val_size=0.25")
+    assert res.returncode == 0, res.stderr
+    assert "train: 3 pairs" in res.stdout and "eval: 1 pairs" in res.stdout, res.stdout
+    for name, n in (("p.h5", 3), ("p.eval.h5", 1)):
+        with h5py.File(tmp_path / name) as f:
+            assert sorted(f.keys()) == ["chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                                        "rejected_labels"]
+            assert f.attrs["format"] == "qlora_dist.pairs" and f["chosen_labels"].shape[0] == n
+            assert f["chosen_input_ids"].dtype == "int32"
+    assert_error(run("prep", ini, "--out", tmp_path / "s.h5"), "prep", 1,
+                 "pairs.jsonl:1", "a preference row", "set train.stage = dpo")
+    assert_error(run("prep", ini, "--out", tmp_path / "s.h5", "--train.stage=dpo",
+                     f"--data.dataset={sft}"), "prep", 1,
+                 "sft.jsonl:1", "train.stage = dpo needs preference rows")
+    assert_error(run("prep", ini, "--out", tmp_path / "s.h5", "--train.stage=dpo",
+                     "--data.packing=true"), "prep", 1, "data.packing", "train.stage = dpo")
+    assert not (tmp_path / "s.h5").exists()
+    assert sorted(os.listdir(tmp_path)) == ["c.ini", "p.eval.h5", "p.h5", "pairs.jsonl", "sft.jsonl", "tok"]
+
+
 def test_generate_usage_and_file_errors(model, tmp_path):
     """generate's command line: a template or --raw, exactly one of --prompt / --prompts, values
     in range (usage, 2); missing or bad files (1). Then a run that works: the tiny model (vocab

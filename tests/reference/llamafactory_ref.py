@@ -103,3 +103,26 @@ def samples(model_dir, rows, template, formatting, **data_kw):
     proc = SupervisedDatasetProcessor(template=tmpl, tokenizer=tok, processor=None, data_args=data_args)
     res = proc.preprocess_dataset(batch)
     return list(zip(res["input_ids"], res["labels"]))
+
+
+def pairs(model_dir, rows, template, formatting, **data_kw):
+    """LLaMA-Factory's (chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels) of
+    each preference row: its converter for `formatting` with the dataset_info.json entry of a
+    ranking dataset ("ranking": true, columns chosen and rejected), then PairwiseDatasetProcessor
+    (what its dpo stage runs). Rows it drops are left out."""
+    load()
+    from llamafactory.data.converter import get_dataset_converter
+    from llamafactory.data.processor import PairwiseDatasetProcessor
+    tok, tmpl, data_args = tokenizer_and_template(model_dir, template, **data_kw)
+    attr = dataset_attr(formatting)
+    attr.ranking, attr.chosen, attr.rejected = True, "chosen", "rejected"
+    converter = get_dataset_converter(attr.formatting, attr, data_args)
+    columns = [c for c in (attr.prompt, attr.query, attr.response, attr.history, attr.messages,
+                           attr.system, attr.chosen, attr.rejected) if c]
+    # datasets' JSON loader gives every row every column (None where absent); do the same.
+    converted = [converter({c: row.get(c) for c in set(columns) | set(row)}) for row in rows]
+    batch = {k: [c[k] for c in converted] for k in converted[0]}
+    proc = PairwiseDatasetProcessor(template=tmpl, tokenizer=tok, processor=None, data_args=data_args)
+    res = proc.preprocess_dataset(batch)
+    return list(zip(res["chosen_input_ids"], res["chosen_labels"], res["rejected_input_ids"],
+                    res["rejected_labels"]))
