@@ -522,15 +522,6 @@ void config_validate(TrainConfig& c, const Where& where) {
   range("train.pref_ftx", c.pref_ftx >= 0, dtext(c.pref_ftx), ">= 0");
   range("train.dpo_label_smoothing", c.dpo_label_smoothing >= 0 && c.dpo_label_smoothing < 0.5,
         dtext(c.dpo_label_smoothing), "0 <= dpo_label_smoothing < 0.5");
-  if (c.stage == "dpo" && c.dpo_label_smoothing > 0 &&
-      (c.pref_loss == "ipo" || c.pref_loss == "orpo"))
-    throw std::invalid_argument(where("train.dpo_label_smoothing") +
-                                ": train.dpo_label_smoothing applies to pref_loss = sigmoid or "
-                                "simpo, not " + c.pref_loss);
-  if (c.stage == "dpo" && (c.packing || c.neat_packing))
-    throw std::invalid_argument(where("data.packing") +
-                                ": data.packing does not apply to train.stage = dpo (each pair "
-                                "is one row of chosen and one of rejected tokens)");
   range("train.per_device_train_batch_size", c.per_device_train_batch_size >= 1,
         itext(c.per_device_train_batch_size), ">= 1");
   range("train.gradient_accumulation_steps", c.gradient_accumulation_steps >= 1,
@@ -788,6 +779,15 @@ std::vector<std::string> config_guards(const TrainConfig& c, int world_size) {
                                 " (expected >= 1)");
   std::vector<std::string> warnings;
   const bool quantized = c.quantization_bit == "4" || c.quantization_bit == "8";
+
+  // Preference training: keys that do not combine.
+  if (c.stage == "dpo" && c.dpo_label_smoothing > 0 &&
+      (c.pref_loss == "ipo" || c.pref_loss == "orpo"))
+    throw std::invalid_argument("train.dpo_label_smoothing applies to pref_loss = sigmoid or "
+                                "simpo, not " + c.pref_loss);
+  if (c.stage == "dpo" && (c.packing || c.neat_packing))
+    throw std::invalid_argument("data.packing does not apply to train.stage = dpo (each pair is "
+                                "one row of chosen and one of rejected tokens)");
 
   if (c.quantization_method == "bnb" && !quantized && c.quantization_bit != "none")
     throw std::invalid_argument(

@@ -144,6 +144,12 @@ TEST_F(ConfigTest, FullIniRoundTrips) {
   c.max_samples = 17;
   c.tokenized_path = "/data/tok";
   c.dataset_skip_bad = true;
+  c.stage = "dpo";
+  c.pref_beta = 0.25;
+  c.pref_loss = "simpo";
+  c.simpo_gamma = 0.75;
+  c.pref_ftx = 0.125;
+  c.dpo_label_smoothing = 0.0625;
   c.per_device_train_batch_size = 3;
   c.gradient_accumulation_steps = 5;
   c.learning_rate = 2.5e-4;
@@ -373,6 +379,12 @@ const BadValue kBadValues[] = {
     {"train.adam_epsilon", "0", "expected > 0"},
     {"train.max_grad_norm", "-1", "expected >= 0; 0 = no clipping"},
     {"train.seed", "-1", "expected >= 0"},
+    {"train.stage", "ppo", "expected sft or dpo"},
+    {"train.pref_loss", "hinge", "expected sigmoid, ipo, orpo or simpo"},
+    {"train.pref_beta", "0", "expected > 0"},
+    {"train.simpo_gamma", "-1", "expected >= 0"},
+    {"train.pref_ftx", "-0.5", "expected >= 0"},
+    {"train.dpo_label_smoothing", "0.5", "0 <= dpo_label_smoothing < 0.5"},
     {"train.eval_steps", "-1", "expected >= 0"},
     {"dist.prefetch", "3", "expected 0, 1 or 2"},
     {"dist.prefetch", "-1", "expected 0, 1 or 2"},
@@ -548,6 +560,23 @@ TEST(ConfigGuards, DefaultsPass) {
   c.device = "cpu";
   EXPECT_TRUE(config_guards(c, 1).empty());
   EXPECT_TRUE(config_guards(c, 4).empty());
+}
+
+TEST(ConfigGuards, PreferenceKeysThatDoNotCombine) {
+  TrainConfig c = config_minimal();
+  c.stage = "dpo";
+  c.dpo_label_smoothing = 0.1;
+  EXPECT_NO_THROW(config_guards(c, 1));  // sigmoid
+  c.pref_loss = "ipo";
+  EXPECT_EQ(guard_error(c),
+            "train.dpo_label_smoothing applies to pref_loss = sigmoid or simpo, not ipo");
+  c.pref_loss = "simpo";
+  EXPECT_NO_THROW(config_guards(c, 1));
+  c.dpo_label_smoothing = 0.0;
+  c.neat_packing = true;
+  EXPECT_TRUE(contains(guard_error(c), "data.packing does not apply to train.stage = dpo"));
+  c.stage = "sft";
+  EXPECT_NO_THROW(config_guards(c, 1));
 }
 
 TEST(ConfigGuards, BitsandbytesBitWidth) {
