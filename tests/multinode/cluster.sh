@@ -119,9 +119,12 @@ ENV
     ip -n "${netns[i]}" route add default via "10.77.$k.1"
     # The node's holder; slave: mounts made on the host later still show inside the node, not
     # the other way round.
+    # Each node also has a directory of its own at DIR/node-tmp (node-local scratch: SLURM's
+    # PMIx client directories, whose names hold only the job and step, not the node).
     rm -f "$dir/node$i.pid"
-    setsid ip netns exec "${netns[i]}" unshare --uts --mount --propagation slave \
-      sh -c "hostname ${nodes[i]} && mount --bind $dir/hosts /etc/hosts && echo \$\$ > $dir/node$i.pid && exec sleep infinity" \
+    mkdir -p "$dir/node-tmp" "$dir/node$i-tmp"
+    setsid nsenter --net="/run/netns/${netns[i]}" unshare --uts --mount --propagation slave \
+      sh -c "hostname ${nodes[i]} && mount --bind $dir/hosts /etc/hosts && mount --bind $dir/node$i-tmp $dir/node-tmp && echo \$\$ > $dir/node$i.pid && exec sleep infinity" \
       </dev/null >/dev/null 2>&1 &
     echo "${nodes[i]} slots=8" >> "$dir/hostfile"
   done
@@ -159,15 +162,16 @@ AGENT
 slurm_stop() {
   local dir=$1 f
   [[ -d $dir/slurm ]] || return 0
+  local pids=() pid
   for f in "$dir"/slurm/*.pid; do
-    [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null || true
+    pid=$(cat "$f" 2>/dev/null) || continue  # a daemon removes its pid file as it ends
+    [[ -n $pid ]] && pids+=("$pid") && kill "$pid" 2>/dev/null || true
   done
-  for f in "$dir"/slurm/*.pid; do
-    [[ -f $f ]] || continue
-    for _ in $(seq 50); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$(cat "$f")" 2>/dev/null || true
-    rm -f "$f"
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
   done
+  rm -f "$dir"/slurm/*.pid
 }
 
 # One slurmctld (and munged) on the host at the bridge address, one slurmd per node inside its
@@ -224,6 +228,7 @@ CONF
     done
     echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
   } > "$s/slurm.conf"
+  echo "PMIxCliTmpDirBase=$dir/node-tmp" > "$s/mpi.conf"
   export SLURM_CONF=$s/slurm.conf
   slurmctld -c -f "$SLURM_CONF"
   for ((i = 0; i < QLMN_N; i++)); do
