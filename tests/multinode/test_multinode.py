@@ -434,3 +434,23 @@ def test_sbatch_node_loss_ends_job(cluster, slurm, data, tmp_path):
     n1 = cluster["nodes"][1]
     assert f"{n1}: tasks 2-3: Killed" in text, text
     print(f"sbatch node loss: job ended {ended:.1f} s after the kill")
+
+
+def test_guard_one_host_private_mount(data, tmp_path):
+    """The guard without the emulated nodes: rank 1 of a one-host job sees a private directory
+    (a mount namespace of its own) at the output_dir's parent."""
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    shared.mkdir()
+    private.mkdir()
+    args = f"{QLORA} {data / 'base.ini'} --output.output_dir={shared / 'o'}"
+    script = (f'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then exec unshare --mount sh -c '
+              f'"mount --bind {private} {shared} && exec {args}"; fi; exec {args}')
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    res = run(["mpirun", "--oversubscribe", "-np", "2", "sh", "-c", script], env, timeout=120)
+    host = socket.gethostname()
+    assert res.returncode == 1, res.stderr
+    lines = [l for l in res.stderr.splitlines() if "error:" in l]
+    assert lines == [f"qlora_dist train: error: output_dir {shared / 'o'} is not shared: rank 1 "
+                     f"(host {host}) does not see the file rank 0 (host {host}) wrote there; every "
+                     f"node must see the same output_dir (a shared file system)"], res.stderr
+    assert os.listdir(shared) == [] and os.listdir(private) == []
