@@ -15,6 +15,7 @@
 
 #include "app/config.h"
 #include "app/job_options.h"
+#include "app/node_checks.h"
 #include "app/usage_error.h"
 #include "data/prepare.h"
 #include "dist/communicator.h"
@@ -83,9 +84,11 @@ void phase1_open_data(Checked& r) {
   if (!r.eval_file.empty() && !r.inputs.eval_data) r.inputs.eval_data.emplace(open(r.eval_file));
 }
 
-// Phase 1 on this rank; throws what the user must fix.
-void phase1(Checked& r, const std::string& command, const std::string& ini,
-            std::vector<std::pair<std::string, std::string>> overrides, const dist::RankEnv& env) {
+// Phase 1a on this rank, no file but the INI read: the configuration, its guards, the typed
+// options. Throws what the user must fix.
+void phase1_config(Checked& r, const std::string& command, const std::string& ini,
+                   std::vector<std::pair<std::string, std::string>> overrides,
+                   const dist::RankEnv& env) {
   if (ini.empty() && overrides.empty())
     throw UsageError("no configuration (usage: qlora_dist " + command +
                      " config.ini [--section.key=value ...]; see --help)");
@@ -98,6 +101,27 @@ void phase1(Checked& r, const std::string& command, const std::string& ini,
   r.config = config_read(ini, overrides);
   r.warnings = config_guards(r.config, env.world_size);
   r.options = job_options(r.config);
+}
+
+// The paths every node must see as rank 0 does (node_paths_check), from the configuration.
+KeyedPaths node_paths(const TrainConfig& c) {
+  KeyedPaths paths = {{"model.model_name_or_path", c.model_name_or_path}};
+  auto add = [&](const std::string& key, const std::string& list) {
+    for (const std::string& p : config_split_list(list)) paths.emplace_back(key, p);
+  };
+  add("model.adapter_name_or_path", c.adapter_name_or_path);
+  add("model.tokenizer_name_or_path", c.tokenizer_name_or_path);
+  add("data.train_file", c.train_file);
+  add("data.eval_file", c.eval_file);
+  add("data.dataset", c.dataset);
+  add("data.eval_dataset", c.eval_dataset);
+  return paths;
+}
+
+// Phase 1b on this rank, after every rank passed phase 1a and the node checks: the model, the
+// data, the output directory (rank 0 creates it), tokenization (rank 0). Throws what the user
+// must fix.
+void phase1(Checked& r, const std::string& command, const dist::RankEnv& env) {
   const TrainConfig& c = r.config;
   r.inputs.source = train::UnitSource::open(c.model_name_or_path, r.options.trainer.quant);
   if (command == "eval" && c.eval_file.empty() && c.eval_dataset.empty() && c.val_size == 0)
@@ -198,6 +222,7 @@ std::string broadcast_string(const std::string& s, const dist::RankEnv& env) {
 // configuration on rank 0, the job.
 int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
   const std::string thread_warning = threads_set(env);
+  const std::string placement = placement_describe(env, at::get_num_threads());
   stop_signals_install();
   std::unique_ptr<dist::Communicator> comm = dist::communicator_mpi(env);
   dist::DeviceContext device(device_of(r.config), compute_dtype_of(r.config), *comm,
@@ -207,6 +232,7 @@ int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
     io::file_write_atomic(r.inputs.plan.dir / "config.ini", r.options.config_ini);
     std::printf("qlora_dist %s: %d rank(s), resolved configuration:\n%s", command.c_str(),
                 env.world_size, r.options.config_ini.c_str());
+    std::printf("%s\n", placement.c_str());
     for (const std::string& w : r.warnings) std::printf("warning: %s\n", w.c_str());
     if (!thread_warning.empty()) std::printf("warning: %s\n", thread_warning.c_str());
     std::fflush(stdout);
@@ -300,7 +326,16 @@ int train_command_main(const std::string& command, const std::vector<std::string
     }
     return agree(status, error, env, prefix);
   };
-  int worst = attempt([&] { phase1(r, command, ini, overrides, env); });
+  int worst = attempt([&] { phase1_config(r, command, ini, overrides, env); });
+  // Every node sees output_dir, the model and the data as rank 0 does (else one line, exit 1).
+  if (worst == 0) {
+    const std::string blind = node_paths_check(r.options.output.dir, node_paths(r.config), env);
+    if (!blind.empty()) {
+      if (env.rank == 0) std::fprintf(stderr, "%s%s\n", prefix.c_str(), blind.c_str());
+      worst = 1;
+    }
+  }
+  if (worst == 0) worst = attempt([&] { phase1(r, command, env); });
   if (worst == 0) {
     r.train_file = broadcast_string(r.train_file, env);
     r.eval_file = broadcast_string(r.eval_file, env);
