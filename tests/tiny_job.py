@@ -10,12 +10,16 @@ make_tiny_job(qlora, d, train_rows, eval_rows=0, model_format="h5") writes into 
   eval.h5    the same with seed 2 (when eval_rows > 0)
 and returns the `[model]` and `[data]` INI sections that point at them.
 
+free_port_pair(): two free consecutive TCP ports (a test SLURM's slurmctld and slurmd);
+job_field(env, jid, field) and requeued_run_to_end(...): a test SLURM's job state and requeue.
+
 make_pairs(rng, n, vocab) and write_pairs(path, pairs, vocab): a synthetic preference task (prompt:
 random tokens; chosen: the prompt copied and an end token; rejected: other random tokens) as our
 pair file (src/data/dataset.h PairDataset).
 """
 import json
 import os
+import socket
 import subprocess
 
 import numpy as np
@@ -80,3 +84,51 @@ def write_pairs(path, pairs, vocab=64):
         f.attrs["vocab_size"] = np.int64(vocab)
         f.attrs["pad_token_id"] = np.int64(0)
         f.attrs["format"] = "qlora_dist.pairs"
+
+
+def free_port_pair():
+    """A port p with p and p + 1 free (below 60000), for a test SLURM's slurmctld and slurmd."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("", 0))
+            p = s.getsockname()[1]
+        if p > 60000:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("", p))
+                b.bind(("", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def job_field(env, jid, field):
+    """A field of `scontrol show job` (None when the job or field is not there)."""
+    out = subprocess.run(["scontrol", "show", "job", str(jid)], capture_output=True, text=True,
+                         env=env).stdout
+    for tok in out.split():
+        if tok.startswith(field + "="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def requeued_run_to_end(env, jid, log, spool_dirs, t0):
+    """After a requeue: the job keeps its id, so its new step 0 reuses the PMIx socket name of the
+    old one (<SlurmdSpoolDir>/stepd.slurm.pmix.<job>.0 on each node): start it only once the old
+    step is gone (SLURM's own requeue delay guarantees that; the tests shorten the delay), then
+    wait for it to complete (300 s after t0 at most)."""
+    import time
+    t1 = time.monotonic()
+    while (any(os.path.exists(os.path.join(d, f"stepd.slurm.pmix.{jid}.0")) for d in spool_dirs)
+           or subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{jid}\\."]).returncode == 0):
+        assert time.monotonic() - t1 < 60, "the interrupted step did not go away"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=env)
+    while job_field(env, jid, "JobState") != "COMPLETED":
+        state = job_field(env, jid, "JobState")
+        assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), log.read_text()
+        assert time.monotonic() - t0 < 300, log.read_text()
+        time.sleep(0.3)

@@ -1,11 +1,13 @@
 // Causal-LM cross-entropy in row chunks through lm_head, never holding the full logits:
 //   loss = sum_r -log_softmax(h_r @ W^T)[t_r] / normalizer        (rows r with a target)
 //   dL/dh_r = g / normalizer * (softmax(h_r @ W^T) - onehot(t_r)) @ W
+// and the per-token log-probabilities of preference training the same way (row_logps).
 // Backward recomputes each chunk's logits. W (lm_head) is frozen and gets no gradient.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <functional>
 #include <stdexcept>
 
 #include "model/decoder.h"
@@ -21,6 +23,38 @@ at::Tensor chunk_log_softmax(const at::Tensor& hidden, const at::Tensor& weight)
   return at::log_softmax(at::linear(hidden, weight).to(at::kFloat), -1);
 }
 
+// The log-probability of each target, chunk by chunk: each(begin, len, logp [len] fp32).
+void for_each_chunk_logp(const at::Tensor& hidden, const at::Tensor& weight,
+                         const at::Tensor& targets, int64_t chunk,
+                         const std::function<void(int64_t, int64_t, const at::Tensor&)>& each) {
+  const int64_t n = hidden.size(0);
+  for (int64_t begin = 0; begin < n; begin += chunk) {
+    const int64_t len = std::min(chunk, n - begin);
+    const at::Tensor logp = chunk_log_softmax(hidden.narrow(0, begin, len), weight);  // [len, V]
+    each(begin, len, logp.gather(1, targets.narrow(0, begin, len).unsqueeze(1)).squeeze(1));
+  }
+}
+
+// d/d hidden of sum_n w_n * -log p(t_n | h_n): ((softmax - onehot(t_n)) * w_n) @ W per chunk,
+// with w of a chunk from scale(begin, len) ([len, 1] or a 0-dim tensor), recomputing the logits.
+at::Tensor chunked_grad_hidden(const at::Tensor& hidden, const at::Tensor& weight,
+                               const at::Tensor& targets, int64_t chunk,
+                               const std::function<at::Tensor(int64_t, int64_t)>& scale) {
+  at::Tensor grad_hidden = at::empty_like(hidden);  // [N, H]
+  const int64_t n = hidden.size(0);
+  for (int64_t begin = 0; begin < n; begin += chunk) {
+    const int64_t len = std::min(chunk, n - begin);
+    // exp(log_softmax) rather than softmax: what autograd's log_softmax backward uses.
+    at::Tensor grad_logits = chunk_log_softmax(hidden.narrow(0, begin, len), weight).exp_();
+    const at::Tensor t = targets.narrow(0, begin, len).unsqueeze(1);
+    grad_logits.scatter_add_(1, t, at::full({len, 1}, -1.0f, grad_logits.options()));
+    grad_logits.mul_(scale(begin, len));  // [len, V]
+    grad_hidden.narrow(0, begin, len)
+        .copy_(at::matmul(grad_logits.to(hidden.scalar_type()), weight));  // [len, H]
+  }
+  return grad_hidden;
+}
+
 struct ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
   // hidden [N, H] (the rows that have a target), weight [V, H], targets [N] int64 in [0, V).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden,
@@ -31,81 +65,51 @@ struct ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
     ctx->saved_data["normalizer"] = normalizer;
     // Chunk sums accumulate in fp64 so that the result does not depend on the chunk size.
     at::Tensor total = at::zeros({}, hidden.options().dtype(at::kDouble));
-    const int64_t n = hidden.size(0);
-    for (int64_t begin = 0; begin < n; begin += chunk) {
-      const int64_t len = std::min(chunk, n - begin);
-      const at::Tensor logp = chunk_log_softmax(hidden.narrow(0, begin, len), weight);  // [len, V]
-      const at::Tensor picked = logp.gather(1, targets.narrow(0, begin, len).unsqueeze(1));
-      total -= picked.sum(at::kDouble);
-    }
+    for_each_chunk_logp(hidden, weight, targets, chunk,
+                        [&](int64_t, int64_t, const at::Tensor& logp) {
+                          total -= logp.sum(at::kDouble);
+                        });
     return (total / normalizer).to(at::kFloat);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& hidden = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& targets = saved[2];
     at::Tensor grad_hidden;
     if (ctx->needs_input_grad(0)) {
-      const int64_t chunk = ctx->saved_data["chunk"].toInt();
       const double normalizer = ctx->saved_data["normalizer"].toDouble();
       const at::Tensor scale = grad_outputs[0].to(at::kFloat) / normalizer;  // 0-dim
-      grad_hidden = at::empty_like(hidden);                                  // [N, H]
-      const int64_t n = hidden.size(0);
-      for (int64_t begin = 0; begin < n; begin += chunk) {
-        const int64_t len = std::min(chunk, n - begin);
-        // exp(log_softmax) rather than softmax: what autograd's log_softmax backward uses.
-        at::Tensor grad_logits = chunk_log_softmax(hidden.narrow(0, begin, len), weight).exp_();
-        const at::Tensor t = targets.narrow(0, begin, len).unsqueeze(1);
-        grad_logits.scatter_add_(1, t, at::full({len, 1}, -1.0f, grad_logits.options()));
-        grad_logits.mul_(scale);  // [len, V]
-        grad_hidden.narrow(0, begin, len)
-            .copy_(at::matmul(grad_logits.to(hidden.scalar_type()), weight));  // [len, H]
-      }
+      grad_hidden = chunked_grad_hidden(saved[0], saved[1], saved[2],
+                                        ctx->saved_data["chunk"].toInt(),
+                                        [&](int64_t, int64_t) { return scale; });
     }
     return {grad_hidden, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-// log p(t_n | h_n) of each target: [N] fp32. d logp_n / d logits_n = onehot(t_n) - softmax.
+// log p(t_n | h_n) of each target: [N] fp32 (d logp_n / d logits_n = onehot(t_n) - softmax).
 struct ChunkedTokenLogps : public torch::autograd::Function<ChunkedTokenLogps> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden,
                             const at::Tensor& weight, const at::Tensor& targets, int64_t chunk) {
     ctx->save_for_backward({hidden, weight, targets});
     ctx->saved_data["chunk"] = chunk;
-    const int64_t n = hidden.size(0);
-    at::Tensor out = at::empty({n}, hidden.options().dtype(at::kFloat));
-    for (int64_t begin = 0; begin < n; begin += chunk) {
-      const int64_t len = std::min(chunk, n - begin);
-      const at::Tensor logp = chunk_log_softmax(hidden.narrow(0, begin, len), weight);  // [len, V]
-      out.narrow(0, begin, len)
-          .copy_(logp.gather(1, targets.narrow(0, begin, len).unsqueeze(1)).squeeze(1));
-    }
+    at::Tensor out = at::empty({hidden.size(0)}, hidden.options().dtype(at::kFloat));
+    for_each_chunk_logp(hidden, weight, targets, chunk,
+                        [&](int64_t begin, int64_t len, const at::Tensor& logp) {
+                          out.narrow(0, begin, len).copy_(logp);
+                        });
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& hidden = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& targets = saved[2];
     at::Tensor grad_hidden;
     if (ctx->needs_input_grad(0)) {
-      const int64_t chunk = ctx->saved_data["chunk"].toInt();
       const at::Tensor g = grad_outputs[0].to(at::kFloat);  // [N]
-      grad_hidden = at::empty_like(hidden);
-      const int64_t n = hidden.size(0);
-      for (int64_t begin = 0; begin < n; begin += chunk) {
-        const int64_t len = std::min(chunk, n - begin);
-        // (onehot - softmax) * g = -(softmax - onehot) * g
-        at::Tensor grad_logits = chunk_log_softmax(hidden.narrow(0, begin, len), weight).exp_();
-        const at::Tensor t = targets.narrow(0, begin, len).unsqueeze(1);
-        grad_logits.scatter_add_(1, t, at::full({len, 1}, -1.0f, grad_logits.options()));
-        grad_logits.mul_(g.narrow(0, begin, len).neg().unsqueeze(1));  // [len, V]
-        grad_hidden.narrow(0, begin, len)
-            .copy_(at::matmul(grad_logits.to(hidden.scalar_type()), weight));  // [len, H]
-      }
+      grad_hidden = chunked_grad_hidden(saved[0], saved[1], saved[2],
+                                        ctx->saved_data["chunk"].toInt(),
+                                        [&](int64_t begin, int64_t len) {
+                                          return g.narrow(0, begin, len).neg().unsqueeze(1);
+                                        });
     }
     return {grad_hidden, at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -34,7 +34,7 @@ import pytest
 from safetensors.numpy import load_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tiny_job import losses, make_tiny_job  # noqa: E402
+from tiny_job import free_port_pair, job_field, losses, make_tiny_job, requeued_run_to_end  # noqa: E402,E501
 
 if os.geteuid() != 0:
     pytest.skip("multinode tests need root (network namespaces)", allow_module_level=True)
@@ -307,23 +307,6 @@ def test_guard_node_local_output_dir_and_model(cluster, data, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # SLURM: slurmctld on the host, one slurmd per node.
 
-def free_port_pair():
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("", 0))
-            p = s.getsockname()[1]
-        if p > 60000:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("", p))
-                b.bind(("", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
-
-
 @pytest.fixture(scope="module")
 def slurm(cluster):
     env = dict(base_env(cluster), QLORA_SLURM_PORT=str(free_port_pair()))
@@ -334,15 +317,6 @@ def slurm(cluster):
         yield dict(base_env(cluster), SLURM_CONF=res.stdout.strip(), **TCP_ENV)
     finally:
         subprocess.run(["bash", CLUSTER, "slurm-stop", cluster["dir"]], timeout=120)
-
-
-def job_field(env, jid, field):
-    out = subprocess.run(["scontrol", "show", "job", str(jid)], capture_output=True, text=True,
-                         env=env).stdout
-    for tok in out.split():
-        if tok.startswith(field + "="):
-            return tok.split("=", 1)[1]
-    return None
 
 
 def sbatch(env, *args, wait=True):
@@ -388,22 +362,8 @@ def test_sbatch_preemption_requeues_and_resumes(cluster, slurm, data, two_nodes,
     while job_field(slurm, jid, "Restarts") in (None, "0"):
         assert time.monotonic() - t0 < 180, log.read_text()
         time.sleep(0.2)
-    # The requeued job keeps its id, so its step 0 reuses the PMIx socket names of the old one on
-    # each node: start it only once the old steps are gone (see tests/slurm/test_slurm.py).
     spool = os.path.join(os.path.dirname(slurm["SLURM_CONF"]), "spool")
-    t1 = time.monotonic()
-    while (any(os.path.exists(os.path.join(spool, n, f"stepd.slurm.pmix.{jid}.0"))
-               for n in cluster["nodes"]) or
-           subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{jid}\\."]).returncode == 0):
-        assert time.monotonic() - t1 < 60, "the interrupted step did not go away"
-        time.sleep(0.2)
-    time.sleep(1.0)
-    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm)
-    while job_field(slurm, jid, "JobState") != "COMPLETED":
-        state = job_field(slurm, jid, "JobState")
-        assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), log.read_text()
-        assert time.monotonic() - t0 < 300, log.read_text()
-        time.sleep(0.3)
+    requeued_run_to_end(slurm, jid, log, [os.path.join(spool, n) for n in cluster["nodes"]], t0)
     text = log.read_text()
     assert "received SIGUSR1: saving checkpoint-" in text, text
     assert "requeueing job" in text and "(restart 1)" in text and "resumed from" in text, text

@@ -12,7 +12,6 @@ SLURM makes a requeued job eligible only ~2 minutes later; the test moves its st
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,29 +19,12 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tiny_job import losses, make_tiny_job  # noqa: E402
+from tiny_job import free_port_pair, job_field, losses, make_tiny_job, requeued_run_to_end  # noqa: E402,E501
 
 ROOT = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(ROOT, "build")
 QLORA = os.path.join(BUILD, "qlora_dist")
 CLUSTER = os.path.join(ROOT, "tests", "slurm", "slurm_cluster.sh")
-
-
-def free_port_pair():
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("", 0))
-            p = s.getsockname()[1]
-        if p > 60000:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("", p))
-                b.bind(("", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +69,6 @@ def sbatch(env, *args, wait=True):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def job_field(env, jid, field):
-    out = subprocess.run(["scontrol", "show", "job", str(jid)], capture_output=True, text=True,
-                         env=env).stdout
-    for tok in out.split():
-        if tok.startswith(field + "="):
-            return tok.split("=", 1)[1]
-    return None
-
-
 def test_single_node_script(slurm, data, reference, tmp_path):
     out, log = tmp_path / "o", tmp_path / "job.out"
     res = sbatch(slurm, "--ntasks=2", f"--output={log}", os.path.join(ROOT, "slurm", "qlora_single_node.sbatch"),
@@ -137,22 +110,8 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, data, reference, tmp
     while job_field(slurm, jid, "Restarts") in (None, "0"):
         assert time.monotonic() - t0 < 180, log.read_text()
         time.sleep(0.5)
-    # The requeued job keeps its id, so its new step 0 reuses the PMIx socket name of the old one
-    # (SlurmdSpoolDir/stepd.slurm.pmix.<job>.0): start it only once the old step is gone (SLURM's
-    # own requeue delay guarantees that; we shorten the delay).
     spool = os.path.join(os.path.dirname(slurm["SLURM_CONF"]), "spool")
-    t1 = time.monotonic()
-    while (os.path.exists(os.path.join(spool, f"stepd.slurm.pmix.{jid}.0")) or
-           subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{jid}\\."]).returncode == 0):
-        assert time.monotonic() - t1 < 60, "the interrupted step did not go away"
-        time.sleep(0.2)
-    time.sleep(1.0)
-    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm)
-    while job_field(slurm, jid, "JobState") != "COMPLETED":
-        state = job_field(slurm, jid, "JobState")
-        assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), log.read_text()
-        assert time.monotonic() - t0 < 300, log.read_text()
-        time.sleep(0.5)
+    requeued_run_to_end(slurm, jid, log, [spool], t0)
     text = log.read_text()
     assert "received SIGUSR1: saving checkpoint-" in text, text
     assert "requeueing job" in text and "(restart 1)" in text and "resumed from" in text, text
