@@ -393,9 +393,11 @@ class MpiCommunicator final : public Communicator {
       return;
     }
     thread_.join();
-    if (queue_->win != MPI_WIN_NULL) {
+    // MPI_Win_free synchronizes the ranks: while unwinding the others may sit in a collective,
+    // so the window is left to MPI_Abort then.
+    if (queue_->win != MPI_WIN_NULL && !unwinding) {
       MPI_Win_unlock_all(queue_->win);
-      MPI_Win_free(&queue_->win);  // collective: every rank destroys its communicator
+      MPI_Win_free(&queue_->win);
     }
     int err = MPI_Comm_free(&queue_->comm);
     if (err != MPI_SUCCESS) std::cerr << "communicator_mpi: MPI_Comm_free failed (" << err << ")\n";
