@@ -191,6 +191,10 @@ const std::vector<KeyDef>& key_defs() {
       {"train", "do_eval", &C::do_eval, "true | false: evaluate the loss on eval_file."},
       {"train", "eval_steps", &C::eval_steps,
        "Evaluate every this many steps (>= 0; 0 = only at the end)."},
+      {"train", "max_skipped_steps", &C::max_skipped_steps,
+       "A step with a NaN or Inf loss or gradient norm (on any rank) is skipped: no update, "
+       "counted as skipped_steps in metrics.jsonl. This many in a row (>= 1) stop the run with "
+       "exit status 1 after a checkpoint of the last good state."},
       {"dist", "backend", &C::backend,
        "auto | mpi | nccl: collectives between ranks (auto: mpi on the CPU path; nccl needs cuda)."},
       {"dist", "sharding", &C::sharding,
@@ -198,6 +202,9 @@ const std::vector<KeyDef>& key_defs() {
        "(FSDP-like); none replicates them (data parallel only)."},
       {"dist", "prefetch", &C::prefetch,
        "Units gathered ahead of the one computing: 0, 1 or 2 (more overlap, more memory)."},
+      {"dist", "timeout_s", &C::timeout_s,
+       "Watchdog (> 0): a rank that waits longer than this many seconds for a collective or an "
+       "agreement prints which one and which ranks had not arrived, then ends the job."},
       {"output", "output_dir", &C::output_dir,
        "Required. Directory for the adapter, checkpoints, the resolved config and logs."},
       {"output", "logging_steps", &C::logging_steps, "Log the loss every this many steps (>= 1)."},
@@ -245,9 +252,14 @@ std::vector<std::string> split_commas(const std::string& s) {
 }
 
 // The shortest "%g" text that reads back as exactly `v` ("0.0001", "1e-08", "0.999"); a whole
-// number keeps a ".0" so the INI shows it is a real.
+// number keeps a ".0" so the INI shows it is a real (and is never written with an exponent:
+// "600.0", not "6e+02").
 std::string double_text(double v) {
   char buf[40];
+  if (v == std::floor(v) && std::fabs(v) < 1e15) {
+    std::snprintf(buf, sizeof buf, "%.1f", v);
+    return buf;
+  }
   for (int precision = 1; precision <= 17; ++precision) {
     std::snprintf(buf, sizeof buf, "%.*g", precision, v);
     if (std::strtod(buf, nullptr) == v) break;
@@ -551,6 +563,7 @@ void config_validate(TrainConfig& c, const Where& where) {
         ": train.gradient_checkpointing = false is not supported: the step loop always recomputes "
         "each block in backward (that is what keeps activation memory at one block)");
   range("train.eval_steps", c.eval_steps >= 0, itext(c.eval_steps), ">= 0; 0 = only at the end");
+  range("train.max_skipped_steps", c.max_skipped_steps >= 1, itext(c.max_skipped_steps), ">= 1");
   if (!c.do_train && !c.do_eval)
     throw std::invalid_argument(where("train.do_train") +
                                 ": train.do_train and train.do_eval are both false: nothing to do");
@@ -567,6 +580,8 @@ void config_validate(TrainConfig& c, const Where& where) {
   check_enum(where("dist.backend"), "dist.backend", c.backend, {"auto", "mpi", "nccl"});
   check_enum(where("dist.sharding"), "dist.sharding", c.sharding, {"full", "none"});
   range("dist.prefetch", c.prefetch >= 0 && c.prefetch <= 2, itext(c.prefetch), "0, 1 or 2");
+  range("dist.timeout_s", c.timeout_s > 0 && std::isfinite(c.timeout_s), dtext(c.timeout_s),
+        "> 0 seconds");
 
   if (c.output_dir.empty())
     throw std::invalid_argument(where("output.output_dir") +

@@ -80,10 +80,12 @@ struct TrainConfig {
   bool do_train = true;
   bool do_eval = false;
   int64_t eval_steps = 0;  // 0 = only at the end
+  int64_t max_skipped_steps = 10;  // non-finite steps in a row that stop the run
   // [dist]
   std::string backend = "auto";  // auto | mpi | nccl
   std::string sharding = "full";  // full | none
   int64_t prefetch = 1;           // 0 | 1 | 2
+  double timeout_s = 600.0;       // watchdog: the longest wait for a collective
   // [output]
   std::string output_dir;  // required
   int64_t logging_steps = 10;

@@ -86,6 +86,8 @@ train::JobOptions job_options(const TrainConfig& c) {
   o.loop.do_train = c.do_train;
   o.loop.do_eval = c.do_eval;
   o.loop.eval_steps = c.eval_steps;
+  o.loop.max_skipped_steps = c.max_skipped_steps;
+  o.comm_timeout_s = c.timeout_s;
 
   train::OutputOptions& out = o.output;
   out.dir = c.output_dir;

@@ -61,7 +61,7 @@ PlotReport plot_metrics(const std::string& out_dir, const std::string& png_path)
     }
     if (!j.is_object() || !j.contains("step")) continue;
     const PLFLT step = j["step"].get<double>();
-    if (j.contains("loss")) {
+    if (j.contains("loss") && j["loss"].is_number()) {  // null: every step of it was skipped
       loss.x.push_back(step);
       loss.y.push_back(j["loss"].get<double>());
     }

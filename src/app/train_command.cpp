@@ -178,28 +178,47 @@ void phase1(Checked& r, const std::string& command, const dist::RankEnv& env) {
   }
 }
 
-// Waits for every rank without spinning: rank 0 may tokenize for minutes while the others wait,
-// and a busy-polling MPI_Barrier would take their cores from it.
-void barrier_sleeping() {
-  MPI_Request req;
-  QLORA_MPI_CHECK(MPI_Ibarrier(MPI_COMM_WORLD, &req));
+// The phase-1 agreements on MPI_COMM_WORLD (before the communicator and its watchdog exist) wait
+// like the watchdog does: a request tested every 20 ms without spinning (rank 0 may tokenize for
+// minutes while the others wait, and a busy-polling MPI_Barrier would take their cores from it),
+// with the deadline dist.timeout_s (the default when this rank's configuration did not parse).
+// Which ranks had not arrived cannot be told here; the line names the agreement instead.
+// timeout_s <= 0: no deadline (the wait on rank 0's tokenization of JSON datasets).
+void request_wait(MPI_Request& req, const char* what, double timeout_s) {
+  const auto start = std::chrono::steady_clock::now();
   int done = 0;
   while (true) {
     QLORA_MPI_CHECK(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
     if (done) return;
+    const double waited =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (timeout_s > 0 && waited > timeout_s) {
+      char line[256];
+      std::snprintf(line, sizeof line,
+                    "watchdog: %s did not complete within dist.timeout_s = %.1f s (waited %.1f "
+                    "s): another rank has not arrived; ending the job",
+                    what, timeout_s, waited);
+      dist::job_abort(line, 1);
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }
 
 // Every rank learns the worst status (2 usage > 1 input error > 0); the lowest failing rank
-// prints its message. Returns the worst status.
+// prints its message. Returns the worst status. `barrier_timeout_s` bounds the first wait (the
+// one that may cover rank 0's tokenization), `timeout_s` the rest.
 int agree(int status, const std::string& error, const dist::RankEnv& env,
-          const std::string& prefix) {
-  barrier_sleeping();
+          const std::string& prefix, double barrier_timeout_s, double timeout_s) {
+  MPI_Request req;
+  QLORA_MPI_CHECK(MPI_Ibarrier(MPI_COMM_WORLD, &req));
+  request_wait(req, "the agreement after the configuration checks (barrier)", barrier_timeout_s);
   int mine[2] = {status, status != 0 ? env.rank : env.world_size};
   int worst = 0, first_failing = 0;
-  QLORA_MPI_CHECK(MPI_Allreduce(&mine[0], &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-  QLORA_MPI_CHECK(MPI_Allreduce(&mine[1], &first_failing, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  QLORA_MPI_CHECK(MPI_Iallreduce(&mine[0], &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD, &req));
+  request_wait(req, "the agreement after the configuration checks (worst status)", timeout_s);
+  QLORA_MPI_CHECK(
+      MPI_Iallreduce(&mine[1], &first_failing, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD, &req));
+  request_wait(req, "the agreement after the configuration checks (failing rank)", timeout_s);
   if (worst != 0 && status != 0 && env.rank == first_failing) {
     const std::string where =
         env.world_size > 1 && env.rank != 0 ? "[rank " + std::to_string(env.rank) + "] " : "";
@@ -210,11 +229,14 @@ int agree(int status, const std::string& error, const dist::RankEnv& env,
 }
 
 // The file names rank 0 decided, on every rank (they depend on its view of the files only).
-std::string broadcast_string(const std::string& s, const dist::RankEnv& env) {
+std::string broadcast_string(const std::string& s, const dist::RankEnv& env, double timeout_s) {
   int n = env.rank == 0 ? static_cast<int>(s.size()) : 0;
-  QLORA_MPI_CHECK(MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD));
+  MPI_Request req;
+  QLORA_MPI_CHECK(MPI_Ibcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD, &req));
+  request_wait(req, "the broadcast of the token file names", timeout_s);
   std::string out = env.rank == 0 ? s : std::string(static_cast<size_t>(n), '\0');
-  QLORA_MPI_CHECK(MPI_Bcast(out.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD));
+  QLORA_MPI_CHECK(MPI_Ibcast(out.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD, &req));
+  request_wait(req, "the broadcast of the token file names", timeout_s);
   return out;
 }
 
@@ -225,6 +247,8 @@ int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
   const std::string placement = placement_describe(env, at::get_num_threads());
   stop_signals_install();
   std::unique_ptr<dist::Communicator> comm = dist::communicator_mpi(env);
+  comm->timeout_set(r.options.comm_timeout_s);
+  comm->context_set("start of the run");
   dist::DeviceContext device(device_of(r.config), compute_dtype_of(r.config), *comm,
                              env.local_rank);
   if (env.rank == 0) {
@@ -242,6 +266,11 @@ int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
   hooks.log = [](const std::string& line) {
     std::printf("%s\n", line.c_str());
     std::fflush(stdout);
+  };
+  const std::string prefix = "qlora_dist " + command + ": error: ";
+  hooks.error = [prefix](const std::string& line) {
+    std::fprintf(stderr, "%s%s\n", prefix.c_str(), line.c_str());
+    std::fflush(stderr);
   };
   hooks.stop_signal = [] { return static_cast<int>(g_stop_signal); };
   return train::job_run(r.options, r.inputs, device, hooks);
@@ -324,7 +353,11 @@ int train_command_main(const std::string& command, const std::vector<std::string
       error = e.what();
       status = 1;
     }
-    return agree(status, error, env, prefix);
+    // This rank's dist.timeout_s once its configuration parsed (the default before); the wait
+    // that may cover rank 0's tokenization of JSON datasets has no deadline.
+    const double timeout_s = r.options.comm_timeout_s;
+    const bool tokenizing = !r.config.dataset.empty() || !r.config.eval_dataset.empty();
+    return agree(status, error, env, prefix, tokenizing ? 0.0 : timeout_s, timeout_s);
   };
   int worst = attempt([&] { phase1_config(r, command, ini, overrides, env); });
   // Every node sees output_dir, the model and the data as rank 0 does (else one line, exit 1).
@@ -337,8 +370,8 @@ int train_command_main(const std::string& command, const std::vector<std::string
   }
   if (worst == 0) worst = attempt([&] { phase1(r, command, env); });
   if (worst == 0) {
-    r.train_file = broadcast_string(r.train_file, env);
-    r.eval_file = broadcast_string(r.eval_file, env);
+    r.train_file = broadcast_string(r.train_file, env, r.options.comm_timeout_s);
+    r.eval_file = broadcast_string(r.eval_file, env, r.options.comm_timeout_s);
     worst = attempt([&] { phase1_open_data(r); });
   }
   if (worst != 0) {

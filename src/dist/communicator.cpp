@@ -1,13 +1,16 @@
 // Backend-independent parts of the communicator: Work handles (done / wait, with the time the
 // caller spends blocked added to the communicator's counter), the argument checks every backend
-// runs before queueing, and, in builds without CUDA, the NCCL entry points that say so.
+// runs before queueing, the watchdog's deadline on waits, and, in builds without CUDA, the NCCL
+// entry points that say so.
 #include "dist/communicator.h"
 
 #include <ATen/ops/from_blob.h>
 
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <stdexcept>
+#include <thread>
 
 #include "quant/tensor_io.h"
 
@@ -39,23 +42,92 @@ bool overlaps(const at::Tensor& a, const at::Tensor& b) {
 
 bool Work::done() const { return !state_ || state_->done(); }
 
+bool Work::State::block_until(Clock::time_point deadline) {
+  auto pause = std::chrono::microseconds(50);
+  while (!done()) {
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(pause);
+    pause = std::min<std::chrono::microseconds>(2 * pause, std::chrono::milliseconds(2));
+  }
+  block();  // done: returns at once, or rethrows the collective's error
+  return true;
+}
+
+std::string Work::State::describe() const {
+  std::string s = std::string(kind) + " #" + std::to_string(seq);
+  const std::string ctx = context ? *context : std::string();
+  if (!ctx.empty() || !detail.empty())
+    s += " (" + ctx + (!ctx.empty() && !detail.empty() ? ", " : "") + detail + ")";
+  return s;
+}
+
+namespace {
+
+std::string seconds_text(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", s);
+  return buf;
+}
+
+}  // namespace
+
 void Work::wait() {
   if (!state_) return;
-  auto start = std::chrono::steady_clock::now();
+  const auto start = State::Clock::now();
   auto account = [&] {
     if (!state_->wait_ns) return;
-    auto blocked = std::chrono::steady_clock::now() - start;
+    auto blocked = State::Clock::now() - start;
     state_->wait_ns->fetch_add(
         std::chrono::duration_cast<std::chrono::nanoseconds>(blocked).count(),
         std::memory_order_relaxed);
   };
+  const Watchdog* watchdog = state_->watchdog.get();
   try {
-    state_->block();
+    if (watchdog && watchdog->timeout_s > 0.0) {
+      const auto deadline =
+          start + std::chrono::duration_cast<State::Clock::duration>(
+                      std::chrono::duration<double>(watchdog->timeout_s));
+      if (!state_->block_until(deadline)) {
+        const double waited = std::chrono::duration<double>(State::Clock::now() - start).count();
+        if (watchdog->expired) watchdog->expired(*state_, waited);
+        throw std::runtime_error("watchdog: " + state_->describe() + " waited " +
+                                 seconds_text(waited) + " s, longer than dist.timeout_s = " +
+                                 seconds_text(watchdog->timeout_s));
+      }
+    } else {
+      state_->block();
+    }
   } catch (...) {
     account();
     throw;
   }
   account();
+}
+
+void Communicator::timeout_set(double seconds) {
+  auto next = std::make_shared<Watchdog>(*watchdog_);
+  next->timeout_s = seconds;
+  watchdog_ = std::move(next);  // handles started earlier keep the deadline they started with
+}
+
+void Communicator::watchdog_expired_set(std::function<void(const Work::State&, double)> expired) {
+  auto next = std::make_shared<Watchdog>(*watchdog_);
+  next->expired = std::move(expired);
+  watchdog_ = std::move(next);
+}
+
+void Communicator::context_set(std::string context) {
+  context_ = std::make_shared<const std::string>(std::move(context));
+}
+
+void Communicator::stamp(Work::State& state, const char* kind) {
+  state.wait_ns = wait_ns_;
+  if (watchdog_->timeout_s > 0.0) state.watchdog = watchdog_;
+  state.kind = kind;
+  state.seq = ++seq_;
+  state.context = context_;
+  state.detail = std::move(detail_);
+  detail_.clear();
 }
 
 void Communicator::all_reduce_host(double* values, int64_t n, ReduceOp op) {

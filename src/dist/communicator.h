@@ -11,13 +11,20 @@
 // collectives overlap with compute; device tensors are staged through host memory) and NCCL
 // (compiled when CUDA is built; one communicator stream that waits for the legacy default
 // stream, unique id sent by MPI_Bcast; Work::wait blocks the host on the completion event).
+// Watchdog ([dist] timeout_s): with timeout_set(T > 0) every Work::wait on the communicator's
+// handles has the deadline start + T; a wait that passes it never returns: the backend reports
+// which collective (kind, number, the caller's context) and which ranks had not arrived, then
+// ends the job (MPI_Abort). A blocked MPI call cannot be interrupted, so the waiting side keeps
+// the deadline (a condition-variable wait with a timeout: no polling cost while it runs).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -41,13 +48,31 @@ class Work {
   std::shared_ptr<State> state_;
 };
 
+// The deadline of a communicator's waits: `expired` is called by the waiting thread when a wait
+// lasted longer than timeout_s; it reports and ends the job. Should it return, Work::wait throws
+// std::runtime_error with the same facts (a unit test does that).
+struct Watchdog {
+  double timeout_s = 0.0;  // <= 0: no deadline
+  std::function<void(const Work::State& state, double waited_s)> expired;
+};
+
 // What a backend puts behind a Work handle (MPI: completed by the communication thread; NCCL: a
 // CUDA event). Work::wait times block() into the owning communicator's counter.
 struct Work::State {
+  using Clock = std::chrono::steady_clock;
   virtual ~State() = default;
   virtual bool done() = 0;   // never blocks
   virtual void block() = 0;  // returns once done; rethrows the error the collective met
+  // block() with a deadline: false when `deadline` passed before the collective finished. The
+  // default polls done() with sleeps growing from 50 us to 2 ms.
+  virtual bool block_until(Clock::time_point deadline);
+  std::string describe() const;  // "all_gather #57 (step 3, gather of block.2)"
   std::shared_ptr<std::atomic<int64_t>> wait_ns;  // the communicator's counter (may be null)
+  std::shared_ptr<const Watchdog> watchdog;       // null: no deadline
+  const char* kind = "collective";                // all_gather, reduce_scatter, ...
+  int64_t seq = 0;  // 1-based number in the communicator's order (the same on every rank)
+  std::shared_ptr<const std::string> context;  // Communicator::context_set when it started
+  std::string detail;                          // Communicator::detail_set when it started
 };
 
 class Communicator {
@@ -83,7 +108,22 @@ class Communicator {
   virtual double wait_seconds() const;
   virtual void wait_seconds_reset();
 
+  // The watchdog's deadline in seconds for every later wait (<= 0: none, the default). Set before
+  // starting collectives, from the thread that starts them.
+  void timeout_set(double seconds);
+  double timeout() const { return watchdog_->timeout_s; }
+  // What the caller is doing, named in the watchdog's message: `context` for every collective
+  // started from now on ("step 12"), `detail` for the next one only ("gather of block.3").
+  // Cheap: a shared string per context_set, a moved string per detail_set.
+  void context_set(std::string context);
+  void detail_set(std::string detail) { detail_ = std::move(detail); }
+
  protected:
+  // Fills the watchdog fields of a new handle (kind, next number, context, detail); backends call
+  // it for every collective they start.
+  void stamp(Work::State& state, const char* kind);
+  void watchdog_expired_set(std::function<void(const Work::State&, double)> expired);
+
   // Argument checks shared by the backends, run on the calling thread before anything is queued
   // (so a bad call leaves the ranks matched): std::invalid_argument saying what is wrong.
   // check_all_gather returns true when `shard` is this rank's own slot of `out` (in place).
@@ -94,6 +134,12 @@ class Communicator {
 
   // Nanoseconds blocked in Work::wait(); shared with the handles, which may outlive us.
   std::shared_ptr<std::atomic<int64_t>> wait_ns_ = std::make_shared<std::atomic<int64_t>>(0);
+
+ private:
+  std::shared_ptr<Watchdog> watchdog_ = std::make_shared<Watchdog>();
+  std::shared_ptr<const std::string> context_ = std::make_shared<const std::string>();
+  std::string detail_;
+  int64_t seq_ = 0;
 };
 
 // A duplicate of MPI_COMM_WORLD with its communication thread (stopped and joined on

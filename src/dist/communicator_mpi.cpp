@@ -6,11 +6,21 @@
 //   all_reduce:     MPI_Allreduce, in place          broadcast:      MPI_Bcast of bytes
 // MPI counts are int: a message above max_message_nbytes runs in pieces (all_gather with a
 // datatype whose extent is the whole shard, so piece k of every rank lands at its own offset).
+// Watchdog side channel (see communicator.h): an MPI window of two int64 per rank, opened for
+// passive access once (MPI_Win_lock_all): [0] the number of the collective the communication
+// thread last entered, [1] a heartbeat a small thread bumps every 100 ms. A rank whose wait
+// passes the deadline reads every rank's pair twice, 0.5 s apart (MPI_Rget, itself bounded): a
+// rank behind the stuck collective had not arrived; a rank whose heartbeat stood still is not
+// running (stopped, or its node stalled); a rank whose read never completed did not answer.
+// Nothing of this costs the step: a local store per collective, no MPI call until a deadline.
+// Without MPI_THREAD_MULTIPLE, or where the window cannot be made, the message says so.
 #include <ATen/ATen.h>
 #include <pthread.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
+#include <cstdio>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -21,6 +31,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "dist/communicator.h"
 #include "dist/device_context.h"
@@ -41,6 +52,12 @@ class MpiWork final : public Work::State {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return finished_; });
     if (error_) std::rethrow_exception(error_);
+  }
+  bool block_until(Clock::time_point deadline) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!cv_.wait_until(lock, deadline, [&] { return finished_; })) return false;
+    if (error_) std::rethrow_exception(error_);
+    return true;
   }
   void finish(std::exception_ptr error) {
     {
@@ -72,8 +89,23 @@ struct Queue {
   std::deque<Task> tasks;  // guarded by mu
   bool stop = false;       // guarded by mu
   bool busy = false;       // guarded by mu: the thread is inside a task
+  std::shared_ptr<MpiWork> running;  // guarded by mu: the task the thread is inside
   MPI_Comm comm = MPI_COMM_NULL;
+  // The watchdog's window (MPI_WIN_NULL: none): slots[0] entered, slots[1] heartbeat.
+  MPI_Win win = MPI_WIN_NULL;
+  int64_t* slots = nullptr;
+  std::condition_variable heartbeat_cv;
+  bool heartbeat_stop = false;  // guarded by mu
 };
+
+// Bumps slots[1] every 100 ms until stopped: other ranks' watchdogs see this process run.
+void heartbeat_run(const std::shared_ptr<Queue>& queue) {
+  pthread_setname_np(pthread_self(), "qlora-heartbeat");
+  std::unique_lock<std::mutex> lock(queue->mu);
+  while (!queue->heartbeat_cv.wait_for(lock, std::chrono::milliseconds(100),
+                                       [&] { return queue->heartbeat_stop; }))
+    __atomic_fetch_add(&queue->slots[1], 1, __ATOMIC_RELAXED);
+}
 
 void queue_run(const std::shared_ptr<Queue>& queue) {
   pthread_setname_np(pthread_self(), "qlora-mpi-comm");
@@ -86,7 +118,9 @@ void queue_run(const std::shared_ptr<Queue>& queue) {
       task = std::move(queue->tasks.front());
       queue->tasks.pop_front();
       queue->busy = true;
+      queue->running = task.work;
     }
+    if (queue->slots) __atomic_store_n(&queue->slots[0], task.work->seq, __ATOMIC_RELAXED);
     std::exception_ptr error;
     try {
       task.run(queue->comm);
@@ -97,6 +131,7 @@ void queue_run(const std::shared_ptr<Queue>& queue) {
     {
       std::lock_guard<std::mutex> lock(queue->mu);
       queue->busy = false;
+      queue->running = nullptr;
     }
     task.work->finish(std::move(error));
   }
@@ -177,6 +212,121 @@ MPI_Op mpi_op_of(ReduceOp op) {
   }
 }
 
+std::string seconds_text(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", s);
+  return buf;
+}
+
+std::string ranks_text(const std::vector<int>& ranks) {
+  std::string s = ranks.size() == 1 ? "rank " : "ranks ";
+  for (size_t i = 0; i < ranks.size(); ++i) s += (i ? ", " : "") + std::to_string(ranks[i]);
+  return s;
+}
+
+// Every rank's two watchdog slots into `out` [2 * world_size]; answered[q] is false where the
+// read did not complete within `limit` (a rank whose MPI cannot serve it: stopped, or MPI
+// emulates one-sided access with messages the target must progress).
+void slots_read(const Queue& q, int rank, int world_size, std::vector<int64_t>& out,
+                std::vector<char>& answered, std::chrono::duration<double> limit) {
+  using Clock = std::chrono::steady_clock;
+  out.assign(2 * static_cast<size_t>(world_size), -1);
+  answered.assign(static_cast<size_t>(world_size), 0);
+  std::vector<MPI_Request> reqs(static_cast<size_t>(world_size), MPI_REQUEST_NULL);
+  for (int r = 0; r < world_size; ++r) {
+    if (r == rank) {
+      out[2 * r] = __atomic_load_n(&q.slots[0], __ATOMIC_RELAXED);
+      out[2 * r + 1] = __atomic_load_n(&q.slots[1], __ATOMIC_RELAXED);
+      answered[r] = 1;
+    } else if (MPI_Rget(&out[2 * r], 2, MPI_INT64_T, r, 0, 2, MPI_INT64_T, q.win, &reqs[r]) !=
+               MPI_SUCCESS) {
+      reqs[r] = MPI_REQUEST_NULL;
+    }
+  }
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(limit);
+  for (;;) {
+    bool pending = false;
+    for (int r = 0; r < world_size; ++r) {
+      if (reqs[r] == MPI_REQUEST_NULL) continue;
+      int done = 0;
+      if (MPI_Test(&reqs[r], &done, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+        reqs[r] = MPI_REQUEST_NULL;  // an error: counts as no answer
+      } else if (done) {
+        answered[r] = 1;
+      } else {
+        pending = true;
+      }
+    }
+    if (!pending || Clock::now() >= deadline) return;  // unfinished reads are left: we abort
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+// Which ranks had not arrived at collective `stuck`, which are not running, which did not
+// answer; "" when every rank arrived and runs.
+std::string arrivals_text(const Queue& q, int rank, int world_size, int64_t stuck) {
+  if (q.win == MPI_WIN_NULL)
+    return "which ranks had not arrived is unknown (the watchdog window needs "
+           "MPI_THREAD_MULTIPLE and MPI one-sided communication)";
+  constexpr double kGap = 0.5;  // seconds between the two reads (5 heartbeats)
+  std::vector<int64_t> first, second;
+  std::vector<char> answered1, answered2;
+  const auto t0 = std::chrono::steady_clock::now();
+  slots_read(q, rank, world_size, first, answered1, std::chrono::duration<double>(1.0));
+  std::this_thread::sleep_until(t0 + std::chrono::milliseconds(static_cast<int>(kGap * 1000)));
+  slots_read(q, rank, world_size, second, answered2, std::chrono::duration<double>(1.0));
+  std::vector<int> behind, behind_stopped, stopped, silent;
+  for (int r = 0; r < world_size; ++r) {
+    if (!answered1[r] || !answered2[r]) {
+      silent.push_back(r);
+      continue;
+    }
+    const bool running = second[2 * r + 1] != first[2 * r + 1];
+    if (second[2 * r] < stuck) {
+      (running ? behind : behind_stopped).push_back(r);
+    } else if (!running) {
+      stopped.push_back(r);
+    }
+  }
+  std::vector<std::string> parts;
+  if (!behind_stopped.empty())
+    parts.push_back(ranks_text(behind_stopped) +
+                    " had not arrived and is not running (no heartbeat for " +
+                    seconds_text(kGap) + " s: stopped, or its node stalled)");
+  if (!behind.empty())
+    parts.push_back(ranks_text(behind) + " had not arrived (still running: busy elsewhere)");
+  if (!stopped.empty())
+    parts.push_back(ranks_text(stopped) + " arrived but is not running (no heartbeat for " +
+                    seconds_text(kGap) + " s: stopped, or its node stalled)");
+  if (!silent.empty())
+    parts.push_back(ranks_text(silent) + " did not answer the watchdog's read (stopped or "
+                                         "unreachable)");
+  std::string text;
+  for (size_t i = 0; i < parts.size(); ++i) text += (i ? "; " : "") + parts[i];
+  return text;
+}
+
+// The watchdog's end: one line on stderr, then the whole job ends (MPI_Abort via job_abort).
+[[noreturn]] void watchdog_abort(Queue& q, int rank, int world_size,
+                                 const Work::State& waited, double waited_s, double timeout_s) {
+  std::string stuck = waited.describe();
+  int64_t stuck_seq = waited.seq;
+  {
+    std::lock_guard<std::mutex> lock(q.mu);
+    if (q.running && q.running->seq != waited.seq) {  // the queue is behind: an earlier one hangs
+      stuck = q.running->describe() + " (this rank waits on " + waited.describe() + ")";
+      stuck_seq = q.running->seq;
+    }
+  }
+  std::string arrivals = arrivals_text(q, rank, world_size, stuck_seq);
+  if (arrivals.empty())
+    arrivals = "every rank arrived and is running (stuck inside MPI or the network?)";
+  job_abort("watchdog: " + stuck + " did not complete within dist.timeout_s = " +
+                seconds_text(timeout_s) + " s (waited " + seconds_text(waited_s) + " s); " +
+                arrivals + "; ending the job",
+            1);
+}
+
 at::Tensor host_empty_like(const at::Tensor& t) {
   return at::empty(t.sizes(), DeviceContext::host_options(t.scalar_type()));
 }
@@ -203,7 +353,15 @@ class MpiCommunicator final : public Communicator {
                                   std::to_string(env.world_size) + ", MPI_COMM_WORLD rank " +
                                   std::to_string(rank_) + " of " + std::to_string(world_size_));
     }
+    watchdog_window_open(env);
     thread_ = std::thread(queue_run, queue_);
+    if (queue_->win != MPI_WIN_NULL) heartbeat_ = std::thread(heartbeat_run, queue_);
+    std::shared_ptr<Queue> queue = queue_;
+    const int rank = rank_, world_size = world_size_;
+    watchdog_expired_set([queue, rank, world_size](const Work::State& waited, double waited_s) {
+      const double timeout_s = waited.watchdog ? waited.watchdog->timeout_s : 0.0;
+      watchdog_abort(*queue, rank, world_size, waited, waited_s, timeout_s);
+    });
   }
 
   // Normally: run what is queued, stop and join the thread, free the communicator. While an
@@ -217,12 +375,15 @@ class MpiCommunicator final : public Communicator {
     {
       std::lock_guard<std::mutex> lock(queue_->mu);
       queue_->stop = true;
+      queue_->heartbeat_stop = true;
       if (unwinding) {
         dropped.swap(queue_->tasks);
         leave_thread = queue_->busy;
       }
     }
     queue_->cv.notify_all();
+    queue_->heartbeat_cv.notify_all();
+    if (heartbeat_.joinable()) heartbeat_.join();
     for (Task& task : dropped) {
       task.work->finish(std::make_exception_ptr(std::runtime_error(
           "collective not run: its communicator was destroyed while an exception propagated")));
@@ -232,6 +393,12 @@ class MpiCommunicator final : public Communicator {
       return;
     }
     thread_.join();
+    // MPI_Win_free synchronizes the ranks: while unwinding the others may sit in a collective,
+    // so the window is left to MPI_Abort then.
+    if (queue_->win != MPI_WIN_NULL && !unwinding) {
+      MPI_Win_unlock_all(queue_->win);
+      MPI_Win_free(&queue_->win);
+    }
     int err = MPI_Comm_free(&queue_->comm);
     if (err != MPI_SUCCESS) std::cerr << "communicator_mpi: MPI_Comm_free failed (" << err << ")\n";
   }
@@ -246,7 +413,7 @@ class MpiCommunicator final : public Communicator {
     bool staged = !out.device().is_cpu();
     int rank = rank_;
     size_t max_nbytes = max_nbytes_;
-    return enqueue([=](MPI_Comm comm) {
+    return enqueue("all_gather", [=](MPI_Comm comm) {
       at::Tensor host_out = staged ? host_empty_like(out) : out;
       at::Tensor host_shard;
       if (in_place && staged) {
@@ -266,7 +433,7 @@ class MpiCommunicator final : public Communicator {
     int rank = rank_;
     int world_size = world_size_;
     size_t max_nbytes = max_nbytes_;
-    return enqueue([=](MPI_Comm comm) {
+    return enqueue("reduce_scatter", [=](MPI_Comm comm) {
       at::Tensor host_in = staged ? DeviceContext::to_host(in) : in;
       at::Tensor host_out = staged ? host_empty_like(out) : out;
       reduce_scatter_floats(comm, rank, world_size, host_in.data_ptr<float>(),
@@ -281,7 +448,7 @@ class MpiCommunicator final : public Communicator {
     MPI_Op mpi_op = mpi_op_of(op);
     bool staged = !t.device().is_cpu();
     int64_t max_numel = std::max<int64_t>(1, static_cast<int64_t>(max_nbytes_ / t.element_size()));
-    return enqueue([=](MPI_Comm comm) {
+    return enqueue("all_reduce", [=](MPI_Comm comm) {
       at::Tensor host = staged ? DeviceContext::to_host(t) : t;
       auto* data = static_cast<char*>(host.data_ptr());
       int64_t numel = host.numel();
@@ -299,7 +466,7 @@ class MpiCommunicator final : public Communicator {
     bool staged = !t.device().is_cpu();
     bool receives = root != rank_;
     size_t max_nbytes = max_nbytes_;
-    return enqueue([=](MPI_Comm comm) {
+    return enqueue("broadcast", [=](MPI_Comm comm) {
       at::Tensor host = staged ? DeviceContext::to_host(t) : t;
       auto* data = static_cast<char*>(host.data_ptr());
       size_t nbytes = host.nbytes();
@@ -312,13 +479,33 @@ class MpiCommunicator final : public Communicator {
   }
 
   Work barrier_start() override {
-    return enqueue([](MPI_Comm comm) { QLORA_MPI_CHECK(MPI_Barrier(comm)); });
+    return enqueue("barrier", [](MPI_Comm comm) { QLORA_MPI_CHECK(MPI_Barrier(comm)); });
   }
 
  private:
-  Work enqueue(std::function<void(MPI_Comm)> run) {
+  // The watchdog's window (see the top of this file); left MPI_WIN_NULL when MPI cannot make it.
+  void watchdog_window_open(const RankEnv& env) {
+    if (world_size_ == 1 || env.thread_level < MPI_THREAD_MULTIPLE) return;
+    int64_t* base = nullptr;
+    if (MPI_Win_allocate(2 * sizeof(int64_t), sizeof(int64_t), MPI_INFO_NULL, queue_->comm, &base,
+                         &queue_->win) != MPI_SUCCESS) {
+      queue_->win = MPI_WIN_NULL;
+      return;
+    }
+    base[0] = 0;
+    base[1] = 0;
+    MPI_Win_set_errhandler(queue_->win, MPI_ERRORS_RETURN);
+    if (MPI_Win_lock_all(MPI_MODE_NOCHECK, queue_->win) != MPI_SUCCESS) {
+      MPI_Win_free(&queue_->win);
+      queue_->win = MPI_WIN_NULL;
+      return;
+    }
+    queue_->slots = base;
+  }
+
+  Work enqueue(const char* kind, std::function<void(MPI_Comm)> run) {
     auto work = std::make_shared<MpiWork>();
-    work->wait_ns = wait_ns_;
+    stamp(*work, kind);
     {
       std::lock_guard<std::mutex> lock(queue_->mu);
       queue_->tasks.push_back(Task{std::move(run), work});
@@ -333,6 +520,7 @@ class MpiCommunicator final : public Communicator {
   std::shared_ptr<Queue> queue_;
   int uncaught_at_start_;
   std::thread thread_;
+  std::thread heartbeat_;
 };
 
 }  // namespace

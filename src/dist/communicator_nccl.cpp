@@ -193,7 +193,7 @@ class NcclCommunicator final : public Communicator {
         cudaEventCreateWithFlags(&finished, cudaEventDisableTiming | cudaEventBlockingSync));
     auto work = std::make_shared<NcclWork>(finished, std::move(keep));
     QLORA_CUDA_CHECK(cudaEventRecord(finished, stream_));
-    work->wait_ns = wait_ns_;
+    stamp(*work, "nccl collective");  // the deadline: a timed-out wait throws, the job aborts
     return Work(work);
   }
 

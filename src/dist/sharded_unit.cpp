@@ -105,6 +105,7 @@ ShardedUnit::Gathered ShardedUnit::gather_start() {
   } else {
     g.buffer = pool_ ? pool_->acquire(padded_numel_, storage_, shard_.device())
                      : at::empty({padded_numel_}, shard_.options());
+    comm_->detail_set("gather of " + layout_.name);  // named by the watchdog if it hangs
     g.work = comm_->all_gather_start(shard_, g.buffer);
     if (stats_)
       stats_->bytes_gathered += static_cast<size_t>(padded_numel_ - shard_numel_) * item;

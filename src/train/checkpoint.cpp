@@ -99,6 +99,7 @@ void output_dir_wipe(const fs::path& dir) {
 nlohmann::ordered_json TrainerState::to_json() const {
   nlohmann::ordered_json st;
   st["step"] = step;
+  st["optimizer_steps"] = optimizer_steps < 0 ? step : optimizer_steps;
   st["total_steps"] = total_steps;
   st["epoch"] = epoch;
   st["world_size"] = world_size;
@@ -118,6 +119,7 @@ TrainerState trainer_state_read(const fs::path& checkpoint_dir) {
   TrainerState s;
   try {
     s.step = j.at("step").get<int64_t>();
+    s.optimizer_steps = j.value("optimizer_steps", s.step);  // older checkpoints: no skips
     s.total_steps = j.value("total_steps", int64_t{0});
     s.epoch = j.value("epoch", 0.0);
     s.world_size = j.at("world_size").get<int64_t>();
@@ -224,7 +226,7 @@ void checkpoint_save(Trainer& trainer, dist::Communicator& comm, const OutputOpt
 void checkpoint_load(Trainer& trainer, const fs::path& dir, const TrainerState& state) {
   trainer.adapter_load(lora::peft_adapter_read(dir.string()));
   optimizer_read(trainer, dir / "optimizer", state.world_size);
-  trainer.set_steps_done(state.step);
+  trainer.set_steps_done(state.optimizer_steps < 0 ? state.step : state.optimizer_steps);
 }
 
 }  // namespace qlora::train

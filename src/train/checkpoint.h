@@ -53,6 +53,7 @@ std::vector<std::pair<int64_t, std::filesystem::path>> checkpoints_in(const std:
 // trainer_state.json of a checkpoint and of the finished run.
 struct TrainerState {
   int64_t step = 0;
+  int64_t optimizer_steps = -1;  // updates made (step minus skipped steps); -1 when read: = step
   int64_t total_steps = 0;
   double epoch = 0.0;
   int64_t world_size = 1;

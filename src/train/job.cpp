@@ -9,6 +9,8 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <limits>
 #include <stdexcept>
 
 #include "dist/sampler.h"
@@ -66,14 +68,28 @@ std::vector<Batch> eval_batches(const BatchData& data, int64_t micro, int rank, 
   return out;
 }
 
+// A metric that is null when every step of its window was skipped.
+double number_or_nan(const nlohmann::ordered_json& v) {
+  return v.is_number() ? v.get<double>() : std::numeric_limits<double>::quiet_NaN();
+}
+
 // Sums of the steps since the last metrics line.
 struct MetricWindow {
-  double loss = 0.0, grad_norm = 0.0, seconds = 0.0, wait = 0.0;
+  double loss = 0.0, grad_norm = 0.0, seconds = 0.0, wait = 0.0;  // loss, norm: good steps only
   size_t comm_bytes = 0;
-  int64_t steps = 0, tokens = 0;
+  int64_t steps = 0, tokens = 0, skipped = 0;
   // Preference training: the TRL metrics, each the mean of the steps' means over pairs.
   std::vector<std::pair<std::string, double>> pref;
   void add(const StepResult& r, int64_t tokens_per_step, bool preference) {
+    seconds += r.seconds;
+    wait += r.comm_wait_seconds;
+    comm_bytes += r.bytes_gathered + r.bytes_reduce_scattered;
+    tokens += tokens_per_step;
+    ++steps;
+    if (r.skipped) {  // its NaN / Inf would poison the means (HF's logging_nan_inf_filter)
+      ++skipped;
+      return;
+    }
     if (preference) {
       const auto m = r.pref.metrics("");
       if (pref.empty())
@@ -82,11 +98,6 @@ struct MetricWindow {
     }
     loss += r.loss;
     grad_norm += r.grad_norm;
-    seconds += r.seconds;
-    wait += r.comm_wait_seconds;
-    comm_bytes += r.bytes_gathered + r.bytes_reduce_scattered;
-    tokens += tokens_per_step;
-    ++steps;
   }
 };
 
@@ -232,7 +243,8 @@ void Job::save(int64_t step, bool final, const dist::DistributedSampler& sampler
   st.epoch = static_cast<double>(step) / static_cast<double>(sampler.steps_per_epoch());
   st.world_size = comm_.world_size();
   st.global_batch = sampler.global_batch();
-  st.next_learning_rate = lr_at(o_.schedule, step, total_);
+  st.optimizer_steps = trainer_->steps_done();
+  st.next_learning_rate = lr_at(o_.schedule, st.optimizer_steps, total_);
   st.seed = static_cast<int64_t>(o_.trainer.seed);
   checkpoint_save(*trainer_, comm_, o_.output, st, o_.model_path, o_.config_ini, final);
 }
@@ -244,11 +256,13 @@ nlohmann::ordered_json Job::metrics_line(MetricWindow& w, int64_t done, double l
   comm_.all_reduce_host(red, 2, dist::ReduceOp::max);
   nlohmann::ordered_json j;
   const double steps = static_cast<double>(w.steps);
+  const double good = static_cast<double>(w.steps - w.skipped);  // 0: loss and norm are null
   j["step"] = done;
-  j["loss"] = w.loss / steps;
+  j["loss"] = good > 0 ? nlohmann::ordered_json(w.loss / good) : nlohmann::ordered_json();
   j["learning_rate"] = lr;
-  j["grad_norm"] = w.grad_norm / steps;
-  for (const auto& [name, value] : w.pref) j[name] = value / steps;
+  j["grad_norm"] = good > 0 ? nlohmann::ordered_json(w.grad_norm / good) : nlohmann::ordered_json();
+  for (const auto& [name, value] : w.pref) j[name] = value / good;
+  j["skipped_steps"] = done - trainer_->steps_done();  // in the whole run (resumes included)
   j["tokens_per_second"] = static_cast<double>(w.tokens) / w.seconds;
   j["comm_bytes"] = static_cast<double>(w.comm_bytes) / steps;
   j["comm_wait_share"] = red[1];
@@ -298,8 +312,14 @@ int Job::run() {
   const auto t_train = Clock::now();
   const bool evaluating = loop.do_eval && in_.eval_data;
   MetricWindow window;
+  const FaultNan fault = fault_nan_from_env();
+  const bool fault_rank = comm_.rank() == comm_.world_size() - 1;
+  int64_t skipped_in_row = 0, last_good = start;
   for (int64_t step = start; step < total_; ++step) {
-    const double lr = lr_at(o_.schedule, step, total_);
+    comm_.context_set("step " + std::to_string(step + 1));  // named by the watchdog
+    // The schedule follows the updates made: a skipped step does not advance it.
+    const double lr = lr_at(o_.schedule, trainer_->steps_done(), total_);
+    if (fault_rank && fault.first > 0) trainer_->fault_nan_loss_set(fault.covers(step + 1));
     std::vector<Batch> batches(static_cast<size_t>(loop.accumulation));
     for (int64_t k = 0; k < loop.accumulation; ++k) batches[k] = train_data.read(sampler.rows(step, k));
     const StepResult res = trainer_->step(batches, lr);
@@ -315,19 +335,41 @@ int Job::run() {
                    max_rss_bytes() / 1048576.0);
       std::fflush(stderr);
     }
-    if (done % o_.output.logging_steps == 0 || done == total_) {
+    const bool give_up = res.skipped && ++skipped_in_row >= loop.max_skipped_steps;
+    if (res.skipped) {
+      log("step " + std::to_string(done) + ": non-finite loss or gradient norm (loss " +
+          fmt("%g", res.loss) + ", grad_norm " + fmt("%g", res.grad_norm) +
+          "): step skipped, no update (" + std::to_string(skipped_in_row) + " in a row)");
+    } else {
+      skipped_in_row = 0;
+      last_good = done;
+    }
+    if (done % o_.output.logging_steps == 0 || done == total_ || give_up) {
       const nlohmann::ordered_json j = metrics_line(window, done, lr, sampler);
       sinks.write(j);
       if (tty_) std::fprintf(stderr, "\n");
       log("step " + std::to_string(done) + "/" + std::to_string(total_) + " loss " +
-          fmt("%.4f", j["loss"].get<double>()) + " lr " + fmt("%.3e", lr) + " grad_norm " +
-          fmt("%.3f", j["grad_norm"].get<double>()) + " tok/s " +
+          fmt("%.4f", number_or_nan(j["loss"])) + " lr " + fmt("%.3e", lr) + " grad_norm " +
+          fmt("%.3f", number_or_nan(j["grad_norm"])) + " tok/s " +
           fmt("%.0f", j["tokens_per_second"].get<double>()) + " comm_wait " +
           fmt("%.1f%%", 100 * j["comm_wait_share"].get<double>()) + " ETA " + hms(eta) +
           " max_rss " + fmt("%.0f MiB", j["max_rss_bytes"].get<int64_t>() / 1048576.0));
     }
+    if (give_up) {
+      // The weights and moments have not changed since step last_good: its checkpoint is them.
+      comm_.context_set("step " + std::to_string(done) + ", checkpoint of the last good state");
+      save(last_good, /*final=*/false, sampler);
+      const std::string line =
+          std::to_string(skipped_in_row) + " steps in a row had a non-finite loss or gradient " +
+          "norm (last at step " + std::to_string(done) + "); stopped; checkpoint-" +
+          std::to_string(last_good) + " holds the last good state (train.max_skipped_steps = " +
+          std::to_string(loop.max_skipped_steps) + ")";
+      if (main_rank_) (hooks_.error ? hooks_.error : hooks_.log)(line);
+      return 1;
+    }
     if (evaluating && loop.eval_steps > 0 && done % loop.eval_steps == 0 && done != total_)
       sinks.write(evaluate(done));
+    comm_.context_set("step " + std::to_string(done) + ", stop-signal agreement");
     const int signo = stop_signal_agreed();
     if (signo != 0 && done != total_) {
       log(std::string("received ") + signal_name(signo) + ": saving checkpoint-" +
@@ -351,6 +393,28 @@ int Job::run() {
 }
 
 }  // namespace
+
+FaultNan fault_nan_from_env() {
+  FaultNan f;
+  const char* v = std::getenv("QLORA_FAULT_NAN_AT_STEP");
+  if (!v || !*v) return f;
+  const std::string s = v;
+  const bool open_end = s.back() == '-';
+  const std::string num = open_end ? s.substr(0, s.size() - 1) : s;
+  size_t used = 0;
+  long long k = 0;
+  try {
+    k = std::stoll(num, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (num.empty() || used != num.size() || k < 1)
+    throw std::invalid_argument("QLORA_FAULT_NAN_AT_STEP='" + s +
+                                "' (test-only) must be a step k >= 1, or k- for k and later");
+  f.first = k;
+  f.last = open_end ? std::numeric_limits<int64_t>::max() : k;
+  return f;
+}
 
 int job_run(const JobOptions& options, JobInputs& inputs, dist::DeviceContext& device,
             const JobHooks& hooks) {

@@ -30,6 +30,10 @@ struct LoopOptions {
   bool do_train = true;
   bool do_eval = false;
   int64_t eval_steps = 0;              // 0: only at the end
+  // Steps with a non-finite loss or gradient norm are skipped (no update; the learning-rate
+  // schedule, a function of the updates made, does not advance: HF Trainer / torch GradScaler);
+  // this many in a row stop the run (exit status 1) after a checkpoint of the last good state.
+  int64_t max_skipped_steps = 10;
 };
 
 struct JobOptions {
@@ -40,6 +44,8 @@ struct JobOptions {
   LoopOptions loop;
   OutputOptions output;
   std::string config_ini;    // the resolved configuration: written to output_dir and checkpoints
+  double comm_timeout_s = 600.0;  // [dist] timeout_s: the communicator's watchdog (the caller
+                                  // that makes the communicator applies it)
 };
 
 // A training or evaluation file as the step loop reads it: token rows (stage sft) or preference
@@ -73,19 +79,31 @@ struct JobInputs {
   }
 };
 
-// What the job asks of its caller: a line for rank 0's log, and the stop signal received so far
-// (0: none), asked once per step on every rank.
+// What the job asks of its caller: a line for rank 0's log, rank 0's one-line error when the job
+// ends itself with status 1 (too many non-finite steps; falls back to log), and the stop signal
+// received so far (0: none), asked once per step on every rank.
 struct JobHooks {
   std::function<void(const std::string&)> log;
+  std::function<void(const std::string&)> error;
   std::function<int()> stop_signal;
 };
+
+// Test-only fault injection (not a user setting): QLORA_FAULT_NAN_AT_STEP=k makes the loss of
+// the last rank NaN at step k (1-based, as in metrics.jsonl), "k-" at step k and every later one.
+// Read once when the job starts; a malformed value is an error naming the variable.
+struct FaultNan {
+  int64_t first = 0, last = 0;  // steps [first, last]; first = 0: none
+  bool covers(int64_t step) const { return first > 0 && step >= first && step <= last; }
+};
+FaultNan fault_nan_from_env();
 
 // Exit status after SIGTERM / SIGUSR1 / SIGINT: every rank finished the current step and a
 // complete checkpoint was written; a batch script requeues on it (EX_TEMPFAIL).
 constexpr int kExitPreempted = 75;
 
-// Trains (or, with loop.do_train = false, evaluates) and returns the exit status (0, or
-// kExitPreempted). Throws on errors; the caller ends the job then.
+// Trains (or, with loop.do_train = false, evaluates) and returns the exit status (0,
+// kExitPreempted, or 1 after loop.max_skipped_steps non-finite steps in a row). Throws on
+// errors; the caller ends the job then.
 int job_run(const JobOptions& options, JobInputs& inputs, dist::DeviceContext& device,
             const JobHooks& hooks);
 

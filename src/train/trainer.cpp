@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <tuple>
 
@@ -357,6 +358,7 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
       counts[2] += static_cast<double>(chosen);
     }
   }
+  comm_.detail_set("token count");
   comm_.all_reduce_host(counts, pref ? 3 : 1, dist::ReduceOp::sum);
   result.num_targets = static_cast<int64_t>(std::llround(counts[0]));
   const double normalizer = std::max(1.0, counts[0]);
@@ -403,6 +405,7 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
         loss = model_.loss(model_.final_norm(x_last), labels, options_.chunk_tokens, normalizer)
                    .loss;
       }
+      if (fault_nan_loss_) loss = loss * std::numeric_limits<double>::quiet_NaN();
       dy = torch::autograd::grad({loss}, {x_last})[0];
       loss_sum += loss.detach().to(at::kDouble);
       bind_head(model_, *base_.back(), at::Tensor());
@@ -449,9 +452,11 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
       const size_t padded = static_cast<size_t>(lu.padded_numel()) * 4;
       if (sharded()) {
         p.shard = device_.empty({lu.shard_numel()}, at::kFloat);
+        comm_.detail_set("gradients of lora." + std::to_string(i));
         p.work = comm_.reduce_scatter_start(flat, p.shard);
         if (n > 1) stats_.bytes_reduce_scattered += received(padded, n);
       } else {
+        comm_.detail_set("gradients of lora." + std::to_string(i));
         p.work = comm_.all_reduce_start(flat, dist::ReduceOp::sum);
         if (n > 1) stats_.bytes_reduce_scattered += 2 * received(padded, n);
       }
@@ -473,25 +478,39 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
       dist::DeviceContext::to_host(at::cat({at::stack({sumsq, loss_sum}), pref_sum}));
   const double* h = host.data_ptr<double>();
   const double local_sumsq = h[0];
-  double red[PrefSums::kCount] = {sharded() ? local_sumsq : 0.0, h[1]};
+  // After the sums, a flag: 1 on a rank whose own loss or squared norm is NaN or Inf. Their sum
+  // counts such ranks exactly, so every rank takes the same decision (a NaN already poisons
+  // the sums, but the flag does not rely on how MPI adds them).
+  const int nred = pref ? PrefSums::kCount : 2;
+  double red[PrefSums::kCount + 1] = {sharded() ? local_sumsq : 0.0, h[1]};
   for (int i = 0; i < PrefSums::kCount - 2; ++i) red[2 + i] = h[2 + i];
-  comm_.all_reduce_host(red, pref ? PrefSums::kCount : 2, dist::ReduceOp::sum);
+  red[nred] = std::isfinite(local_sumsq) && std::isfinite(h[1]) ? 0.0 : 1.0;
+  comm_.detail_set("gradient norm and loss");
+  comm_.all_reduce_host(red, nred + 1, dist::ReduceOp::sum);
   const double norm = std::sqrt(sharded() ? red[0] : local_sumsq);
   result.loss = red[1];
   if (pref) result.pref = pref_sums(counts[1], counts[2], red + 2);
   result.grad_norm = norm;
-  if (options_.max_grad_norm > 0.0) {
-    // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
-    const double coef = options_.max_grad_norm / (norm + 1e-6);
-    if (coef < 1.0)
-      for (at::Tensor& gr : grad_) gr.mul_(coef);
-  }
+  // A finite-only overflow of the summed norm counts too (the reduced values are the same on
+  // every rank, and without sharding every rank holds the same reduced gradient).
+  result.skipped = red[nred] > 0.0 || !std::isfinite(norm) || !std::isfinite(result.loss);
 
-  ++step_;
-  for (size_t u = 0; u < lora_.size(); ++u) {
-    at::Tensor& param = lora_[u]->shard();
-    dist::adamw_step(param, grad_[u], adam_[u], step_, lr, options_.adam);
-    grad_[u].zero_();
+  if (result.skipped) {
+    // Skipped (as torch's GradScaler skips an inf step): no update, AdamW's step unchanged.
+    for (at::Tensor& gr : grad_) gr.zero_();
+  } else {
+    if (options_.max_grad_norm > 0.0) {
+      // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+      const double coef = options_.max_grad_norm / (norm + 1e-6);
+      if (coef < 1.0)
+        for (at::Tensor& gr : grad_) gr.mul_(coef);
+    }
+    ++step_;
+    for (size_t u = 0; u < lora_.size(); ++u) {
+      at::Tensor& param = lora_[u]->shard();
+      dist::adamw_step(param, grad_[u], adam_[u], step_, lr, options_.adam);
+      grad_[u].zero_();
+    }
   }
 
   result.bytes_gathered = stats_.bytes_gathered - gathered0;

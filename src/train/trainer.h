@@ -6,7 +6,9 @@
 //     backward: block L-1..0 recomputed with grad -> dL/dx_i and the block's LoRA gradients,
 //               whose reduce-scatter starts at once (an all-reduce when not sharded)
 //   every unit gathered just before use (prefetch: the next 0-2 gathers in flight) and dropped
-//   after; then one all-reduce (squared gradient norm, loss), clip, AdamW on the local shard.
+//   after; then one all-reduce (squared gradient norm, loss, a non-finite flag), clip, AdamW on
+//   the local shard. A NaN or Inf loss or gradient norm on any rank (the flag counts them, so
+//   every rank decides alike) skips the update: gradients zeroed, AdamW's step not advanced.
 // Communication per optimizer step and rank (sharded, N > 1; P_u = padded bytes of unit u):
 //   gathered  = g * (N-1)/N * (P_embed + P_head + 2 * sum_i (P_block_i + P_lora_i))
 //   reduced   = g * (N-1)/N * sum_i P_lora_i       (reduce-scatter; all-reduce when not sharded:
@@ -113,6 +115,7 @@ struct StepResult {
   double comm_wait_seconds = 0.0;     // main thread blocked on collectives
   double seconds = 0.0;
   PrefSums pref;  // preference training: this step's sums (num_targets counts both sides)
+  bool skipped = false;  // a non-finite loss or gradient norm on some rank: no update was made
 };
 
 class Trainer {
@@ -126,8 +129,12 @@ class Trainer {
           const TrainerOptions& options);
 
   StepResult step(const std::vector<Batch>& micro_batches, double lr);
+  // Optimizer updates made (skipped steps do not count): AdamW's bias-correction step.
   int64_t steps_done() const { return step_; }
   void set_steps_done(int64_t steps) { step_ = steps; }  // resuming: AdamW's bias correction
+  // Test-only fault injection (QLORA_FAULT_NAN_AT_STEP, read by the job): while set, this rank
+  // multiplies its loss by NaN before backward, so its loss and gradients are NaN.
+  void fault_nan_loss_set(bool on) { fault_nan_loss_ = on; }
 
   // Forward only (no graph, no dropout): the sum of token losses and the number of target tokens
   // over every rank's micro-batches (all-reduced). Every rank must pass the same number of
@@ -218,6 +225,7 @@ class Trainer {
   std::vector<at::Tensor> grad_;                          // [S] fp32 per LoRA unit
   std::vector<dist::AdamWState> adam_;
   int64_t step_ = 0;
+  bool fault_nan_loss_ = false;
   size_t load_bytes_read_ = 0;
 };
 

@@ -167,9 +167,11 @@ TEST_F(ConfigTest, FullIniRoundTrips) {
   c.do_train = false;
   c.do_eval = true;
   c.eval_steps = 9;
+  c.max_skipped_steps = 3;
   c.backend = "mpi";
   c.sharding = "none";
   c.prefetch = 2;
+  c.timeout_s = 42.5;
   c.output_dir = "/runs/o";
   c.logging_steps = 1;
   c.save_steps = 100;
@@ -388,6 +390,9 @@ const BadValue kBadValues[] = {
     {"train.eval_steps", "-1", "expected >= 0"},
     {"dist.prefetch", "3", "expected 0, 1 or 2"},
     {"dist.prefetch", "-1", "expected 0, 1 or 2"},
+    {"dist.timeout_s", "0", "expected > 0 seconds"},
+    {"dist.timeout_s", "-5", "expected > 0 seconds"},
+    {"train.max_skipped_steps", "0", "expected >= 1"},
     {"output.logging_steps", "0", "expected >= 1"},
     {"output.save_steps", "-1", "expected >= 0"},
     {"output.save_total_limit", "-1", "expected >= 0"},

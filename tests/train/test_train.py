@@ -27,7 +27,7 @@ MPIRUN = os.environ.get("MPIRUN", "mpirun")
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
            OMP_NUM_THREADS="1")
 METRIC_KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "comm_bytes",
-               "comm_wait_share", "max_rss_bytes"}
+               "comm_wait_share", "max_rss_bytes", "skipped_steps"}
 EVAL_KEYS = {"step", "eval_loss", "eval_perplexity"}
 
 
