@@ -79,12 +79,19 @@ logging_steps = 1
     lines = [json.loads(l) for l in open(os.path.join(d, "ours", "metrics.jsonl"))]
     lines = [m for m in lines if "loss" in m]
     import h5py
+    import numpy as np
     with h5py.File(os.path.join(d, "pairs.h5")) as f:
         seq = f["chosen_input_ids"].shape[1]
-    tokens = 2 * args.pairs * seq
-    secs = [tokens / m["tokens_per_second"] for m in lines]
+        sides = [f["chosen_labels"][()], f["rejected_labels"][()]]
+    # tokens_per_second counts rows x the file's seq_len; the trainer runs each micro-batch
+    # without its trailing columns that hold no target: those are the padded tokens it ran.
+    secs = [2 * args.pairs * seq / m["tokens_per_second"] for m in lines]
+    order = json.load(open(os.path.join(d, "order.json")))
+    last = [max(int(np.nonzero(side[i] != -100)[0][-1]) + 1 for side in sides) for i in order]
+    ran = statistics.mean(2 * args.pairs * max(last[s * args.pairs:(s + 1) * args.pairs])
+                          for s in range(args.steps))
     return dict(step=statistics.median(secs[1:]), rss=max(m["max_rss_bytes"] for m in lines),
-                tokens=tokens, wall=wall, loss=[round(m["loss"], 4) for m in lines])
+                tokens=ran, wall=wall, loss=[round(m["loss"], 4) for m in lines])
 
 
 def trl(d, args):
@@ -151,8 +158,9 @@ def trl(d, args):
     trainer.train()
     wall = time.monotonic() - t0
     losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
-    padded = sum(2 * max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
-                         for r in rows[s * args.pairs:(s + 1) * args.pairs])
+    padded = sum(2 * args.pairs * max(len(r["prompt_ids"]) +
+                                      max(len(r["chosen_ids"]), len(r["rejected_ids"]))
+                                      for r in rows[s * args.pairs:(s + 1) * args.pairs])
                  for s in range(args.steps)) / args.steps
     return dict(step=statistics.median(times[1:]), rss=resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss * 1024, tokens=padded, wall=wall, loss=losses)

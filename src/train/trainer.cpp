@@ -145,6 +145,24 @@ std::pair<at::Tensor, at::Tensor> pref_objective(const PrefOptions& o, const at:
   return {loss, sums};
 }
 
+// The micro-batch without its trailing columns in which no row has a target: they change
+// nothing (column c only feeds the outputs of columns >= c, which predict labels after c, all
+// -100 there), and a file's rows are padded to its longest row, so most micro-batches have some.
+// At least one column stays.
+std::vector<Batch> without_trailing_padding(const std::vector<Batch>& batches) {
+  std::vector<Batch> out = batches;
+  for (Batch& b : out) {
+    if (b.labels.dim() != 2 || b.labels.size(1) == 0) continue;
+    const at::Tensor used = (b.labels != -100).any(0).nonzero();
+    const int64_t keep = used.numel() > 0 ? used.max().item<int64_t>() + 1 : 1;
+    if (keep == b.labels.size(1)) continue;
+    b.input_ids = b.input_ids.narrow(1, 0, keep);
+    b.labels = b.labels.narrow(1, 0, keep);
+    if (b.position_ids.defined()) b.position_ids = b.position_ids.narrow(1, 0, keep);
+  }
+  return out;
+}
+
 void batch_check(const Batch& b, const char* who, bool pairs) {
   if (b.input_ids.dim() != 2 || b.labels.sizes() != b.input_ids.sizes() ||
       (b.position_ids.defined() && b.position_ids.sizes() != b.input_ids.sizes()))
@@ -334,8 +352,10 @@ size_t Trainer::expected_reduced_per_step(int64_t g) const {
   return static_cast<size_t>(g) * per_micro;
 }
 
-StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
+StepResult Trainer::step(const std::vector<Batch>& padded_batches, double lr) {
   const auto t0 = Clock::now();
+  for (const Batch& b : padded_batches) batch_check(b, "step", options_.preference);
+  const std::vector<Batch> micro_batches = without_trailing_padding(padded_batches);
   StepResult result;
   const size_t gathered0 = stats_.bytes_gathered, reduced0 = stats_.bytes_reduce_scattered;
   comm_.wait_seconds_reset();
@@ -350,7 +370,6 @@ StepResult Trainer::step(const std::vector<Batch>& micro_batches, double lr) {
   const bool pref = options_.preference;
   double counts[3] = {0.0, 0.0, 0.0};  // targets, pairs, chosen answer tokens
   for (const Batch& b : micro_batches) {
-    batch_check(b, "step", pref);
     counts[0] += static_cast<double>(targets_of(b.labels));
     if (pref) {
       const auto [pairs, chosen] = pair_counts(b);
@@ -593,7 +612,9 @@ void Trainer::set_reference_adapter() {
   }
 }
 
-Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
+Trainer::EvalSums Trainer::eval(const std::vector<Batch>& padded_batches) {
+  for (const Batch& b : padded_batches) batch_check(b, "eval", options_.preference);
+  const std::vector<Batch> micro_batches = without_trailing_padding(padded_batches);
   const bool pref = options_.preference;
   const bool reference = pref && options_.pref.needs_reference();
   dist::UnitPipeline pipe(
@@ -605,7 +626,6 @@ Trainer::EvalSums Trainer::eval(const std::vector<Batch>& micro_batches) {
   double counts[3] = {0.0, 0.0, 0.0};  // targets, pairs, chosen answer tokens
   size_t k = 0;
   for (const Batch& b : micro_batches) {
-    batch_check(b, "eval", pref);
     const at::Tensor tokens = device_.to_device(b.input_ids).to(at::kLong);
     const at::Tensor labels = device_.to_device(b.labels).to(at::kLong);
     const at::Tensor positions = positions_on_device(device_, b);

@@ -128,6 +128,8 @@ class Trainer {
   Trainer(dist::DeviceContext& device, std::unique_ptr<UnitSource> source,
           const TrainerOptions& options);
 
+  // Each micro-batch runs without its trailing columns in which no row has a target (rows are
+  // padded to the file's longest; the result is the same).
   StepResult step(const std::vector<Batch>& micro_batches, double lr);
   // Optimizer updates made (skipped steps do not count): AdamW's bias-correction step.
   int64_t steps_done() const { return step_; }
