@@ -269,53 +269,6 @@ def test_node_loss_ends_job_and_checkpoint_resumes(cluster, data, two_nodes, tmp
         assert np.array_equal(adapter(out)[k], v), k
 
 
-def test_cut_link_watchdog_ends_the_ranks(cluster, data, tmp_path):
-    """Node 1's link cut mid-run, every process alive: Open MPI runs no heartbeat of its own, so
-    the ranks of node 0, waiting on a collective, pass dist.timeout_s; the watchdog names the
-    collective and the step, and calls MPI_Abort: node 0's ranks are gone within seconds. (Open
-    MPI's mpirun itself then waits for the lost node's daemon to confirm the abort, which a cut
-    link never does: the test, like a user or a batch system, ends it.)"""
-    import threading
-    out = tmp_path / "o"
-    timeout_s = 8
-    veth = cluster["QLMN_NETNS"].split()[1] + "h"  # node 1's host-side link
-    proc = subprocess.Popen(mpirun_nodes(cluster, 2, data / "base.ini", f"--output.output_dir={out}",
-                                         f"--dist.timeout_s={timeout_s}",
-                                         "--train.max_steps=100000", "--output.save_steps=0"),
-                            env=base_env(cluster), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-    reader.start()
-
-    def node0_ranks():
-        return [p for p in node_pids(cluster, 0)
-                if "qlora_dist" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")
-                and "mpirun" not in open(f"/proc/{p}/cmdline").read()]
-    try:
-        wait_for(lambda: steps_done(out) >= 3, proc, 120, "step 3")
-        assert len(node0_ranks()) == 2
-        t0 = time.monotonic()
-        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
-        while node0_ranks() or not any("watchdog:" in l for l in lines):
-            assert time.monotonic() - t0 < timeout_s + 30, "".join(lines)[-3000:]
-            time.sleep(0.2)
-        ended = time.monotonic() - t0
-    finally:
-        subprocess.run(["ip", "link", "set", veth, "up"])
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for p in node_pids(cluster, 1):
-            os.kill(p, signal.SIGKILL)
-    text = "".join(lines)
-    print(f"cut link: node 0's ranks ended {ended:.1f} s after the cut (dist.timeout_s = "
-          f"{timeout_s})")
-    assert "did not complete within dist.timeout_s = 8.0 s" in text and "(step " in text, text
-    assert "MPI_ABORT was invoked" in text, text
-    assert ended >= timeout_s - 1
-
-
 def test_guard_node_local_output_dir_and_model(cluster, data, tmp_path):
     """Node 1 sees its own private directories at the output_dir's and the model's paths."""
     shared, model_dir = tmp_path / "shared", tmp_path / "model"
@@ -461,3 +414,51 @@ def test_guard_one_host_private_mount(data, tmp_path):
                      f"(host {host}) does not see the file rank 0 (host {host}) wrote there; every "
                      f"node must see the same output_dir (a shared file system)"], res.stderr
     assert os.listdir(shared) == [] and os.listdir(private) == []
+
+
+def test_cut_link_watchdog_ends_the_ranks(cluster, data, tmp_path):
+    """Node 1's link cut mid-run, every process alive: Open MPI runs no heartbeat of its own, so
+    the ranks of node 0, waiting on a collective, pass dist.timeout_s; the watchdog names the
+    collective and the step, and calls MPI_Abort: node 0's ranks are gone within seconds. (Open
+    MPI's mpirun itself then waits for the lost node's daemon to confirm the abort, which a cut
+    link never does: the test, like a user or a batch system, ends it. Last in the file: the
+    restored link is not trusted for further runs.)"""
+    import threading
+    out = tmp_path / "o"
+    timeout_s = 8
+    veth = cluster["QLMN_NETNS"].split()[1] + "h"  # node 1's host-side link
+    proc = subprocess.Popen(mpirun_nodes(cluster, 2, data / "base.ini", f"--output.output_dir={out}",
+                                         f"--dist.timeout_s={timeout_s}",
+                                         "--train.max_steps=100000", "--output.save_steps=0"),
+                            env=base_env(cluster), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+
+    def node0_ranks():
+        return [p for p in node_pids(cluster, 0)
+                if "qlora_dist" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")
+                and "mpirun" not in open(f"/proc/{p}/cmdline").read()]
+    try:
+        wait_for(lambda: steps_done(out) >= 3, proc, 120, "step 3")
+        assert len(node0_ranks()) == 2
+        t0 = time.monotonic()
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+        while node0_ranks() or not any("watchdog:" in l for l in lines):
+            assert time.monotonic() - t0 < timeout_s + 30, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        ended = time.monotonic() - t0
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"])
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for p in node_pids(cluster, 1):
+            os.kill(p, signal.SIGKILL)
+    text = "".join(lines)
+    print(f"cut link: node 0's ranks ended {ended:.1f} s after the cut (dist.timeout_s = "
+          f"{timeout_s})")
+    assert "did not complete within dist.timeout_s = 8.0 s" in text and "(step " in text, text
+    assert "MPI_ABORT was invoked" in text, text
+    assert ended >= timeout_s - 1
