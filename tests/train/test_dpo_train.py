@@ -143,12 +143,17 @@ def test_world_sizes_train_alike(data, one_rank, tmp_path, np_, per_device):
 
 
 def test_kill_9_resumes_bit_for_bit(data, tmp_path):
+    """SIGKILL of the whole job (mpirun and every rank) once checkpoint-4 exists, in a run long
+    enough that the kill lands mid-run; the rerun resumes from the newest complete checkpoint and
+    every later step equals the uninterrupted run's bit for bit."""
+    steps = 40
     ref = tmp_path / "ref"
-    dpo(data, ref, 2, 3)
+    dpo(data, ref, 2, 3, f"--train.max_steps={steps}")
     out = tmp_path / "o"
     proc = subprocess.Popen([MPIRUN, "--oversubscribe", "-np", "2", QLORA, "train",
                              str(data / "dpo.ini"), f"--output.output_dir={out}",
-                             "--train.per_device_train_batch_size=3"],
+                             "--train.per_device_train_batch_size=3",
+                             f"--train.max_steps={steps}"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -157,19 +162,27 @@ def test_kill_9_resumes_bit_for_bit(data, tmp_path):
             assert proc.poll() is None, "the job ended before checkpoint-4"
             assert time.monotonic() - t0 < 300, "no checkpoint-4"
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
+        # mpirun and its ranks at once (Open MPI gives the ranks process groups of their own).
+        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                               text=True).stdout.split()
+        for pid in [proc.pid, *map(int, ranks)]:
+            os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        while any(os.path.exists(f"/proc/{pid}") and
+                  open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in map(int, ranks)):
+            assert time.monotonic() - t0 < 300, "ranks still alive after SIGKILL"
+            time.sleep(0.02)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not (out / "adapter_model.safetensors").exists()
-    res = dpo(data, out, 2, 3)
-    assert "resumed from" in res.stdout
-    resumed_at = int(res.stdout.split("resumed from")[1].split("at step ")[1].split()[0])
-    assert resumed_at == 4
+    assert not (out / "adapter_model.safetensors").exists(), "the run finished before the kill"
+    newest = max(int(p.split("-")[1]) for p in os.listdir(out) if p.startswith("checkpoint-"))
+    assert 4 <= newest < steps
+    res = dpo(data, out, 2, 3, f"--train.max_steps={steps}")
+    assert f"resumed from {out / f'checkpoint-{newest}'} at step {newest}" in res.stdout, res.stdout
     got = {m["step"]: m for m in metrics(out)[0]}
     want = {m["step"]: m for m in metrics(ref)[0]}
-    for step in range(resumed_at + 1, STEPS + 1):
+    for step in range(newest + 1, steps + 1):
         for k in ["loss", "grad_norm"] + REWARDS:
             assert got[step][k] == want[step][k], (step, k)
     a = load_file(str(out / "adapter_model.safetensors"))
