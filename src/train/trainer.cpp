@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <limits>
 #include <stdexcept>
 #include <tuple>
@@ -29,18 +30,6 @@ at::Generator dropout_generator(const dist::DeviceContext& device, uint64_t seed
              static_cast<uint64_t>(device.rank()), static_cast<uint64_t>(block)}));
 }
 
-// Target tokens of a micro-batch (labels shifted by one, -100 = none), counted on the host
-// where the rows were read: no device round trip.
-int64_t targets_of(const at::Tensor& labels) {
-  const at::Tensor l = labels.contiguous().to(at::kLong);
-  const int64_t rows = l.size(0), cols = l.size(1);
-  const int64_t* p = l.data_ptr<int64_t>();
-  int64_t n = 0;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 1; c < cols; ++c) n += p[r * cols + c] != -100;
-  return n;
-}
-
 // Target tokens of each row (labels shifted by one), counted on the host.
 std::vector<int64_t> row_targets(const at::Tensor& labels) {
   const at::Tensor l = labels.contiguous().to(at::kLong);
@@ -52,10 +41,14 @@ std::vector<int64_t> row_targets(const at::Tensor& labels) {
   return n;
 }
 
+// Target tokens of a micro-batch, from its rows' counts.
+int64_t targets_of(const std::vector<int64_t>& row_counts) {
+  return std::accumulate(row_counts.begin(), row_counts.end(), int64_t{0});
+}
+
 // Pairs of a preference micro-batch [2b, T] that count (both answers have targets), and the
-// chosen answers' target tokens of those pairs.
-std::pair<int64_t, int64_t> pair_counts(const Batch& b) {
-  const std::vector<int64_t> n = row_targets(b.labels);
+// chosen answers' target tokens of those pairs, from its rows' counts `n`.
+std::pair<int64_t, int64_t> pair_counts(const std::vector<int64_t>& n) {
   const size_t half = n.size() / 2;
   int64_t pairs = 0, chosen = 0;
   for (size_t i = 0; i < half; ++i)
@@ -369,10 +362,12 @@ StepResult Trainer::step(const std::vector<Batch>& padded_batches, double lr) {
   // Preference training: the global numbers of pairs and of chosen answer tokens instead.
   const bool pref = options_.preference;
   double counts[3] = {0.0, 0.0, 0.0};  // targets, pairs, chosen answer tokens
+  std::vector<std::vector<int64_t>> row_counts;  // per micro-batch: target tokens of each row
   for (const Batch& b : micro_batches) {
-    counts[0] += static_cast<double>(targets_of(b.labels));
+    row_counts.push_back(row_targets(b.labels));
+    counts[0] += static_cast<double>(targets_of(row_counts.back()));
     if (pref) {
-      const auto [pairs, chosen] = pair_counts(b);
+      const auto [pairs, chosen] = pair_counts(row_counts.back());
       counts[1] += static_cast<double>(pairs);
       counts[2] += static_cast<double>(chosen);
     }
@@ -411,7 +406,7 @@ StepResult Trainer::step(const std::vector<Batch>& padded_batches, double lr) {
       const at::Tensor x_last = xs[layers].detach().requires_grad_(true);
       at::Tensor loss;
       if (pref) {
-        const std::vector<int64_t> n = row_targets(micro_batches[m].labels);
+        const std::vector<int64_t>& n = row_counts[static_cast<size_t>(m)];
         const at::Tensor row_counts = device_.to_device(
             at::tensor(std::vector<double>(n.begin(), n.end()), at::kDouble));
         const at::Tensor policy =
@@ -637,7 +632,7 @@ Trainer::EvalSums Trainer::eval(const std::vector<Batch>& padded_batches) {
     bind_head(model_, *base_.back(), h[0]);
     if (pref) {
       const std::vector<int64_t> n = row_targets(b.labels);
-      const auto [pairs, chosen] = pair_counts(b);
+      const auto [pairs, chosen] = pair_counts(n);
       counts[1] += static_cast<double>(pairs);
       counts[2] += static_cast<double>(chosen);
       const at::Tensor row_counts = device_.to_device(

@@ -169,8 +169,8 @@ class Trainer {
 
   // Preference training: the current LoRA weights (after adapter_load) become the frozen
   // reference of sigmoid / ipo, as TRL does for a model that starts from an adapter. Without
-  // this call the reference is the base model with no adapter. Call before any step, and
-  // again after a resume's adapter_load is not needed: the reference is the starting adapter.
+  // this call the reference is the base model with no adapter. Call once, after the starting
+  // adapter's adapter_load and before a resume loads a checkpoint's weights.
   void set_reference_adapter();
 
   // Gathers the adapter (a collective: every rank calls it; every rank gets it).
