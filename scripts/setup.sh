@@ -114,10 +114,12 @@ build=${QLORA_BUILD_DIR:-build}
 jobs=${QLORA_JOBS:-$(nproc)}
 export CCACHE_BASEDIR="$root" CCACHE_NOHASHDIR=1 CCACHE_SLOPPINESS=pch_defines,time_macros
 torch_prefix=$(.venv/bin/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-if [ ! -f "$build/CMakeCache.txt" ]; then
-  log "configuring $build"
+# QLORA_CMAKE_ARGS: extra configure arguments (scripts/sanitize.sh passes its sanitizer there).
+if [ ! -f "$build/CMakeCache.txt" ] || [ -n "${QLORA_CMAKE_ARGS:-}" ]; then
+  log "configuring $build ${QLORA_CMAKE_ARGS:-}"
+  # shellcheck disable=SC2086
   cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_PREFIX_PATH="$torch_prefix" \
-    -DQLORA_PYTHON="$root/.venv/bin/python" >"$build.configure.log" 2>&1 ||
+    -DQLORA_PYTHON="$root/.venv/bin/python" ${QLORA_CMAKE_ARGS:-} >"$build.configure.log" 2>&1 ||
     { cat "$build.configure.log"; exit 1; }
 fi
 targets=("$@")
