@@ -5,7 +5,8 @@
 #include "io/shape_str.h"
 
 #include <fcntl.h>
-#include <linux/falloc.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 #include <hdf5.h>
 #include <unistd.h>
 
@@ -248,29 +249,46 @@ H5File H5File::open_read(const std::string& path) {
 // from atexit or, for parallel HDF5, from MPI_Finalize): a use after free that crashed writers
 // after a failed write (HDFGroup/hdf5#2291, fixed in 1.14.1). A failed H5Fflush is no way out:
 // it leaves the cache's skip list enabled, so every later flush, the one in H5Fclose included,
-// fails too. So the flush in H5Fclose must not fail: before it, the blocks of everything HDF5
-// may still write (the holes below its end of file: metadata it keeps in its cache) are
-// reserved with fallocate; when they cannot be, or a write already failed, the file's contents
-// are discarded (truncated to 0, its writer removes it anyway) and the flush writes only a few
-// metadata blocks into a sparse file, which fit.
+// fails too. So the flush in H5Fclose must not fail:
+// - a complete file first gets the blocks of everything HDF5 may still write (the holes below
+//   its end: metadata it keeps in its cache) with posix_fallocate, which obeys the same limits
+//   as a write (space, quota, RLIMIT_FSIZE) and writes zeros where fallocate is not supported;
+// - a file that cannot get them, or whose write already failed, is discarded (its writer removes
+//   it): its contents are truncated away and HDF5's descriptor is pointed at an anonymous
+//   in-memory file, so the close-time flush writes its few metadata blocks to memory, outside
+//   any disk, quota or file-size limit (the soft RLIMIT_FSIZE is lifted for that close).
 std::string H5File::release() noexcept {
   const hid_t file = std::exchange(file_id_, -1);
   std::string reason = write_failed_ ? "an earlier write failed" : "";
+  bool discarded = false;
+  rlimit fsize{};
   void* handle = nullptr;
   if (writable_ && H5Fget_vfd_handle(file, H5P_DEFAULT, &handle) >= 0 && handle != nullptr) {
     const int fd = *static_cast<int*>(handle);
     hsize_t size = 0;
     if (reason.empty() && H5Fget_filesize(file, &size) >= 0) {
-      constexpr off_t kCloseMargin = 4096;  // one block more, for end-of-file bookkeeping
-      if (::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(size) + kCloseMargin) != 0 &&
-          errno != EOPNOTSUPP && errno != ENOSYS)
-        reason = std::strerror(errno);
+      const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+      if (err != 0) reason = std::strerror(err);
     }
-    if (!reason.empty()) (void)::ftruncate(fd, 0);
+    if (!reason.empty()) {
+      (void)::ftruncate(fd, 0);  // frees the disk at once (the writer unlinks the name)
+      const int sink = ::memfd_create("qlora-h5-discard", MFD_CLOEXEC);
+      if (sink >= 0) {
+        (void)::dup2(sink, fd);
+        ::close(sink);
+      }
+      discarded = ::getrlimit(RLIMIT_FSIZE, &fsize) == 0 && fsize.rlim_cur != fsize.rlim_max;
+      if (discarded) {
+        rlimit lifted = fsize;
+        lifted.rlim_cur = fsize.rlim_max;
+        discarded = ::setrlimit(RLIMIT_FSIZE, &lifted) == 0;
+      }
+    }
   }
   H5Eclear2(H5E_DEFAULT);
   if (H5Fclose(file) < 0 && reason.empty()) reason = h5_reason();
   H5Eclear2(H5E_DEFAULT);
+  if (discarded) (void)::setrlimit(RLIMIT_FSIZE, &fsize);
   return reason;
 }
 
@@ -367,7 +385,6 @@ void H5File::write_bytes(const std::string& dataset, const void* data, size_t nb
   Handle dset(H5Dcreate2(file_id_, dataset.c_str(), H5T_STD_U8LE, space.get(), lcpl.get(),
                          H5P_DEFAULT, H5P_DEFAULT),
               H5Dclose);
-  write_failed_ = write_failed_ || !dset.valid();  // sticky: the file is not what was asked
   if (!dset.valid())
     throw std::runtime_error(where(dataset) + ": cannot create a uint8 dataset of " +
                              std::to_string(nbytes) + " bytes (" + h5_reason() + ")");
@@ -447,7 +464,6 @@ void H5File::write_int32_2d(const std::string& dataset, const int32_t* data, int
   Handle dset(H5Dcreate2(file_id_, dataset.c_str(), H5T_STD_I32LE, space.get(), lcpl.get(),
                          H5P_DEFAULT, H5P_DEFAULT),
               H5Dclose);
-  write_failed_ = write_failed_ || !dset.valid();  // sticky: the file is not what was asked
   if (!dset.valid())
     throw std::runtime_error(where(dataset) + ": cannot create an int32 dataset [" +
                              std::to_string(rows) + ", " + std::to_string(cols) + "] (" +
@@ -562,10 +578,8 @@ void H5File::set_attr_string(const std::string& object, const std::string& name,
   Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
   H5Tset_size(type.get(), H5T_VARIABLE);
   H5Tset_cset(type.get(), H5T_CSET_UTF8);
-  const bool failed_before = std::exchange(write_failed_, true);  // until it is written
   Handle attr = create_attr(obj.get(), where(object), name, type.get());
   const char* text = value.c_str();
-  write_failed_ = failed_before;
   if (H5Awrite(attr.get(), type.get(), &text) < 0) {
     write_failed_ = true;
     throw std::runtime_error(where(object) + ": cannot write attribute '" + name + "' (" +
@@ -609,9 +623,7 @@ void H5File::set_attr_int64(const std::string& object, const std::string& name, 
   check_name(path_, name, "attribute");
   require_writable(object);
   Handle obj(open_object(object), H5Oclose);
-  const bool failed_before = std::exchange(write_failed_, true);  // until it is written
   Handle attr = create_attr(obj.get(), where(object), name, H5T_STD_I64LE);
-  write_failed_ = failed_before;
   if (H5Awrite(attr.get(), H5T_NATIVE_INT64, &value) < 0) {
     write_failed_ = true;
     throw std::runtime_error(where(object) + ": cannot write attribute '" + name + "' (" +

@@ -79,7 +79,7 @@ class H5File {
   int64_t file_id_ = -1;  // hid_t (int64_t since HDF5 1.10; checked in h5_file.cpp)
   std::string path_;
   bool writable_ = false;
-  bool write_failed_ = false;  // a write failed: the file is discarded at close
+  bool write_failed_ = false;  // a data or attribute write failed: the file is discarded at close
   mutable size_t bytes_read_ = 0;
 };
 
