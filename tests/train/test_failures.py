@@ -44,7 +44,7 @@ ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIR
 ENV.pop("QLORA_FAULT_NAN_AT_STEP", None)
 NP = 2
 KILLS = 20
-STEPS = 32  # the kill chain advances 1-2 steps a run; the last run finishes
+STEPS = 40  # the kill chain advanced 10-12 steps in 20 runs here; the last run finishes
 
 
 @pytest.fixture(scope="module")
