@@ -10,6 +10,10 @@ make_tiny_job(qlora, d, train_rows, eval_rows=0, model_format="h5") writes into 
   eval.h5    the same with seed 2 (when eval_rows > 0)
 and returns the `[model]` and `[data]` INI sections that point at them.
 
+job_kill(proc): SIGKILL of a job started with subprocess.Popen([mpirun, ...], start_new_session=True):
+mpirun and every rank at once (Open MPI's ranks run in process groups of their own and outlive a
+kill of mpirun's group), then waits until none of them runs.
+
 free_port_pair(): two free consecutive TCP ports (a test SLURM's slurmctld and slurmd);
 job_field(env, jid, field) and requeued_run_to_end(...): a test SLURM's job state and requeue.
 
@@ -19,8 +23,10 @@ pair file (src/data/dataset.h PairDataset).
 """
 import json
 import os
+import signal
 import socket
 import subprocess
+import time
 
 import numpy as np
 
@@ -84,6 +90,27 @@ def write_pairs(path, pairs, vocab=64):
         f.attrs["vocab_size"] = np.int64(vocab)
         f.attrs["pad_token_id"] = np.int64(0)
         f.attrs["format"] = "qlora_dist.pairs"
+
+
+def job_kill(proc, timeout=60):
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                            text=True).stdout.split()]
+    for pid in [proc.pid, *ranks]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=timeout)
+    t0 = time.monotonic()
+
+    def running(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+        except OSError:
+            return False
+    while any(running(pid) for pid in ranks):
+        assert time.monotonic() - t0 < timeout, "ranks still alive after SIGKILL"
+        time.sleep(0.01)
 
 
 def free_port_pair():

@@ -9,6 +9,7 @@
 #include <set>
 #include <stdexcept>
 
+#include "io/atomic_write.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "lora/lora_linear.h"
@@ -84,7 +85,7 @@ ExportReport export_merged(const ExportOptions& opt) {
   config[config.contains("torch_dtype") ? "torch_dtype" : "dtype"] = quant::float_dtype_name(opt.dtype);
   output_dir_commit(out, [&](const fs::path& tmp) {
     writer.write((tmp / "model.safetensors").string());
-    std::ofstream(tmp / "config.json") << config.dump(2) << "\n";
+    io::file_write_atomic(tmp / "config.json", config.dump(2) + "\n");
     copy_side_files(opt.model_dir, tmp);
     report.bytes_out = fs::file_size(tmp / "model.safetensors");
   });

@@ -10,6 +10,7 @@
 #include <map>
 #include <stdexcept>
 
+#include "io/atomic_write.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/model_config.h"
@@ -109,7 +110,7 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
 
   output_dir_commit(out, [&](const fs::path& tmp) {
     writer.write((tmp / "model.safetensors").string());
-    std::ofstream(tmp / "config.json") << config.dump(2) << "\n";
+    io::file_write_atomic(tmp / "config.json", config.dump(2) + "\n");
     copy_side_files(in, tmp);
     report.bytes_out = fs::file_size(tmp / "model.safetensors");
   });

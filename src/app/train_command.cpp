@@ -132,9 +132,17 @@ void phase1(Checked& r, const std::string& command, const dist::RankEnv& env) {
   r.eval_file = c.eval_file;
   const bool json_data = !c.dataset.empty() || !c.eval_dataset.empty();
   if (!json_data) phase1_open_data(r);
-  r.inputs.plan = train::output_plan(r.options.output);
+  // What killed saves left goes first (rank 0 only; the others take rank 0's choice of checkpoint).
+  if (env.rank == 0 && fs::is_directory(r.options.output.dir))
+    train::output_dir_tidy(r.options.output.dir);
+  r.inputs.plan = train::output_plan(r.options.output, r.inputs.source->spec().config);
   const bool output_dir_existed = fs::exists(r.inputs.plan.dir);
   if (env.rank == 0) train::output_dir_prepare(r.inputs.plan);
+  if (env.rank == 0 && !r.inputs.plan.fallback_note.empty()) {
+    std::fprintf(stderr, "qlora_dist %s: warning: %s\n", command.c_str(),
+                 r.inputs.plan.fallback_note.c_str());
+    std::fflush(stderr);
+  }
   // JSON datasets: rank 0 tokenizes them into the cache (unless it holds them already); the
   // other ranks learn the file names after the agreement that ends phase 1 and open them then.
   if (json_data) {
@@ -372,6 +380,10 @@ int train_command_main(const std::string& command, const std::vector<std::string
   if (worst == 0) {
     r.train_file = broadcast_string(r.train_file, env, r.options.comm_timeout_s);
     r.eval_file = broadcast_string(r.eval_file, env, r.options.comm_timeout_s);
+    // Every rank resumes from the checkpoint rank 0 chose (each checked them; a rank that saw
+    // them differently must not pick another one).
+    r.inputs.plan.resume =
+        broadcast_string(r.inputs.plan.resume.string(), env, r.options.comm_timeout_s);
     worst = attempt([&] { phase1_open_data(r); });
   }
   if (worst != 0) {

@@ -4,25 +4,27 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <stdexcept>
 #include <system_error>
+#include <vector>
 
 namespace fs = std::filesystem;
 
 namespace qlora::io {
 
-namespace {
-
-void fsync_path(const fs::path& p) {
+void path_sync(const fs::path& p) {
   const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw std::runtime_error(p.string() + ": cannot be opened to sync");
+  if (fd < 0)
+    throw std::runtime_error(p.string() + ": cannot be opened to sync (" + std::strerror(errno) + ")");
   const int rc = ::fsync(fd);
+  const int err = errno;
   ::close(fd);
-  if (rc != 0) throw std::runtime_error(p.string() + ": cannot be synced to disk");
+  if (rc != 0)
+    throw std::runtime_error(p.string() + ": cannot be synced to disk (" + std::strerror(err) + ")");
 }
-
-}  // namespace
 
 fs::path temp_sibling(const fs::path& target) {
   fs::path t = target;
@@ -42,15 +44,20 @@ void commit_atomic(const fs::path& target, bool directory,
     if (directory) fs::create_directories(tmp);
     fill(tmp);
     if (directory) {
-      for (const auto& e : fs::recursive_directory_iterator(tmp))
-        if (e.is_regular_file()) fsync_path(e.path());
+      // Files first, then the directories holding their names, innermost last-listed first.
+      std::vector<fs::path> dirs{tmp};
+      for (const auto& e : fs::recursive_directory_iterator(tmp)) {
+        if (e.is_regular_file()) path_sync(e.path());
+        else if (e.is_directory()) dirs.push_back(e.path());
+      }
+      for (auto it = dirs.rbegin(); it != dirs.rend(); ++it) path_sync(*it);
     } else {
-      fsync_path(tmp);
+      path_sync(tmp);
     }
     if (directory && fs::is_directory(target)) fs::remove_all(target);
     fs::rename(tmp, target);
     const fs::path parent = target.parent_path().empty() ? fs::path(".") : target.parent_path();
-    fsync_path(parent);
+    path_sync(parent);
   } catch (...) {
     fs::remove_all(tmp, ec);
     throw;
@@ -62,7 +69,8 @@ void file_write_atomic(const fs::path& path, const std::string& bytes) {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     f << bytes;
     f.flush();
-    if (!f) throw std::runtime_error(path.string() + ": cannot be written");
+    if (!f)
+      throw std::runtime_error(path.string() + ": cannot be written (" + std::strerror(errno) + ")");
   });
 }
 

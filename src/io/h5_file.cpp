@@ -5,6 +5,8 @@
 #include "io/shape_str.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 #include <hdf5.h>
 #include <unistd.h>
 
@@ -242,28 +244,72 @@ H5File H5File::open_read(const std::string& path) {
   return H5File(file, path, false);
 }
 
-H5File::~H5File() {
-  if (file_id_ >= 0) {
-    H5Fclose(file_id_);
-    H5Eclear2(H5E_DEFAULT);
+// HDF5 up to 1.14.0 (Debian ships 1.10.8) frees a file's state when the flush inside H5Fclose
+// fails (a full disk), yet keeps its identifier, and closes it again at exit (H5_term_library,
+// from atexit or, for parallel HDF5, from MPI_Finalize): a use after free that crashed writers
+// after a failed write (HDFGroup/hdf5#2291, fixed in 1.14.1). A failed H5Fflush is no way out:
+// it leaves the cache's skip list enabled, so every later flush, the one in H5Fclose included,
+// fails too. So the flush in H5Fclose must not fail:
+// - a complete file first gets the blocks of everything HDF5 may still write (the holes below
+//   its end: metadata it keeps in its cache) with posix_fallocate, which obeys the same limits
+//   as a write (space, quota, RLIMIT_FSIZE) and writes zeros where fallocate is not supported;
+// - a file that cannot get them, or whose write already failed, is discarded (its writer removes
+//   it): its contents are truncated away and HDF5's descriptor is pointed at an anonymous
+//   in-memory file, so the close-time flush writes its few metadata blocks to memory, outside
+//   any disk, quota or file-size limit (the soft RLIMIT_FSIZE is lifted for that close).
+std::string H5File::release() noexcept {
+  const hid_t file = std::exchange(file_id_, -1);
+  std::string reason = write_failed_ ? "an earlier write failed" : "";
+  bool discarded = false;
+  rlimit fsize{};
+  void* handle = nullptr;
+  if (writable_ && H5Fget_vfd_handle(file, H5P_DEFAULT, &handle) >= 0 && handle != nullptr) {
+    const int fd = *static_cast<int*>(handle);
+    hsize_t size = 0;
+    if (reason.empty() && H5Fget_filesize(file, &size) >= 0) {
+      const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+      if (err != 0) reason = std::strerror(err);
+    }
+    if (!reason.empty()) {
+      (void)::ftruncate(fd, 0);  // frees the disk at once (the writer unlinks the name)
+      const int sink = ::memfd_create("qlora-h5-discard", MFD_CLOEXEC);
+      if (sink >= 0) {
+        (void)::dup2(sink, fd);
+        ::close(sink);
+      }
+      discarded = ::getrlimit(RLIMIT_FSIZE, &fsize) == 0 && fsize.rlim_cur != fsize.rlim_max;
+      if (discarded) {
+        rlimit lifted = fsize;
+        lifted.rlim_cur = fsize.rlim_max;
+        discarded = ::setrlimit(RLIMIT_FSIZE, &lifted) == 0;
+      }
+    }
   }
+  H5Eclear2(H5E_DEFAULT);
+  if (H5Fclose(file) < 0 && reason.empty()) reason = h5_reason();
+  H5Eclear2(H5E_DEFAULT);
+  if (discarded) (void)::setrlimit(RLIMIT_FSIZE, &fsize);
+  return reason;
+}
+
+H5File::~H5File() {
+  if (file_id_ >= 0) release();
 }
 
 H5File::H5File(H5File&& other) noexcept
     : file_id_(std::exchange(other.file_id_, -1)),
       path_(std::move(other.path_)),
       writable_(other.writable_),
+      write_failed_(other.write_failed_),
       bytes_read_(other.bytes_read_) {}
 
 H5File& H5File::operator=(H5File&& other) noexcept {
   if (this != &other) {
-    if (file_id_ >= 0) {
-      H5Fclose(file_id_);
-      H5Eclear2(H5E_DEFAULT);
-    }
+    if (file_id_ >= 0) release();
     file_id_ = std::exchange(other.file_id_, -1);
     path_ = std::move(other.path_);
     writable_ = other.writable_;
+    write_failed_ = other.write_failed_;
     bytes_read_ = other.bytes_read_;
   }
   return *this;
@@ -271,9 +317,9 @@ H5File& H5File::operator=(H5File&& other) noexcept {
 
 void H5File::close() {
   if (file_id_ < 0) return;
-  const hid_t file = std::exchange(file_id_, -1);
-  if (H5Fclose(file) < 0)
-    throw std::runtime_error(path_ + ": cannot close HDF5 file (" + h5_reason() + ")");
+  const std::string reason = release();
+  if (!reason.empty())
+    throw std::runtime_error(path_ + ": cannot complete HDF5 file (" + reason + ")");
 }
 
 std::string H5File::where(const std::string& object) const { return path_ + ": '" + object + "'"; }
@@ -342,9 +388,11 @@ void H5File::write_bytes(const std::string& dataset, const void* data, size_t nb
   if (!dset.valid())
     throw std::runtime_error(where(dataset) + ": cannot create a uint8 dataset of " +
                              std::to_string(nbytes) + " bytes (" + h5_reason() + ")");
-  if (nbytes > 0 && H5Dwrite(dset.get(), H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
+  if (nbytes > 0 && H5Dwrite(dset.get(), H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+    write_failed_ = true;
     throw std::runtime_error(where(dataset) + ": cannot write " + std::to_string(nbytes) +
                              " bytes (" + h5_reason() + ")");
+  }
 }
 
 namespace {
@@ -421,9 +469,11 @@ void H5File::write_int32_2d(const std::string& dataset, const int32_t* data, int
                              std::to_string(rows) + ", " + std::to_string(cols) + "] (" +
                              h5_reason() + ")");
   if (rows > 0 && cols > 0 &&
-      H5Dwrite(dset.get(), H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
+      H5Dwrite(dset.get(), H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+    write_failed_ = true;
     throw std::runtime_error(where(dataset) + ": cannot write int32 [" + std::to_string(rows) +
                              ", " + std::to_string(cols) + "] (" + h5_reason() + ")");
+  }
 }
 
 std::vector<int64_t> H5File::shape(const std::string& dataset) const {
@@ -530,9 +580,11 @@ void H5File::set_attr_string(const std::string& object, const std::string& name,
   H5Tset_cset(type.get(), H5T_CSET_UTF8);
   Handle attr = create_attr(obj.get(), where(object), name, type.get());
   const char* text = value.c_str();
-  if (H5Awrite(attr.get(), type.get(), &text) < 0)
+  if (H5Awrite(attr.get(), type.get(), &text) < 0) {
+    write_failed_ = true;
     throw std::runtime_error(where(object) + ": cannot write attribute '" + name + "' (" +
                              h5_reason() + ")");
+  }
 }
 
 std::string H5File::attr_string(const std::string& object, const std::string& name) const {
@@ -572,9 +624,11 @@ void H5File::set_attr_int64(const std::string& object, const std::string& name, 
   require_writable(object);
   Handle obj(open_object(object), H5Oclose);
   Handle attr = create_attr(obj.get(), where(object), name, H5T_STD_I64LE);
-  if (H5Awrite(attr.get(), H5T_NATIVE_INT64, &value) < 0)
+  if (H5Awrite(attr.get(), H5T_NATIVE_INT64, &value) < 0) {
+    write_failed_ = true;
     throw std::runtime_error(where(object) + ": cannot write attribute '" + name + "' (" +
                              h5_reason() + ")");
+  }
 }
 
 int64_t H5File::attr_int64(const std::string& object, const std::string& name) const {

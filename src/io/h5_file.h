@@ -32,7 +32,9 @@ class H5File {
   H5File& operator=(const H5File&) = delete;
 
   const std::string& path() const { return path_; }
-  // Closes the file now and throws if HDF5 cannot (a writer should call it before renaming).
+  // Closes the file now and throws if HDF5 cannot complete it (a writer should call it before
+  // renaming). A written file that cannot be completed (a full disk), or whose earlier write
+  // failed, is emptied before HDF5 closes it (see release() in h5_file.cpp): its writer removes it.
   void close();
 
   // Bytes: a 1-D uint8 dataset; groups on the way ("units" in "units/block.3") are created.
@@ -71,10 +73,13 @@ class H5File {
   int64_t open_object(const std::string& object) const;    // hid_t; throws if absent
   void require_writable(const std::string& object) const;
   std::string where(const std::string& object) const;  // "path: 'object'"
+  std::string release() noexcept;  // closes file_id_; "" or why the file is not complete
+
 
   int64_t file_id_ = -1;  // hid_t (int64_t since HDF5 1.10; checked in h5_file.cpp)
   std::string path_;
   bool writable_ = false;
+  bool write_failed_ = false;  // a data or attribute write failed: the file is discarded at close
   mutable size_t bytes_read_ = 0;
 };
 

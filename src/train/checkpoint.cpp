@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <map>
 #include <regex>
 #include <stdexcept>
 
@@ -10,6 +11,9 @@
 #include "io/atomic_write.h"
 #include "io/h5_file.h"
 #include "io/json_file.h"
+#include "io/safetensors.h"
+#include "io/shape_str.h"
+#include "train/sharded_model.h"
 #include "lora/peft_adapter.h"
 
 namespace fs = std::filesystem;
@@ -32,7 +36,7 @@ std::vector<std::pair<int64_t, fs::path>> checkpoints_in(const fs::path& dir) {
 }
 
 
-OutputPlan output_plan(const OutputOptions& o) {
+OutputPlan output_plan(const OutputOptions& o, const model::ModelConfig& model) {
   OutputPlan plan;
   plan.dir = o.dir;
   const std::string dir = o.dir.string();
@@ -52,9 +56,27 @@ OutputPlan output_plan(const OutputOptions& o) {
                                 "output.overwrite_output_dir = true or choose another output_dir");
   const auto ckpts = checkpoints_in(plan.dir);
   switch (o.resume) {
-    case ResumeMode::auto_latest:
-      if (!ckpts.empty()) plan.resume = ckpts.back().second;
+    case ResumeMode::auto_latest: {
+      // Newest first; a damaged one is passed over (and named), never taken.
+      std::string passed;
+      for (auto it = ckpts.rbegin(); it != ckpts.rend() && plan.resume.empty(); ++it) {
+        try {
+          checkpoint_check(it->second, model);
+          plan.resume = it->second;
+        } catch (const std::exception& e) {
+          passed += (passed.empty() ? "" : "; ") + it->second.filename().string() +
+                    " is not usable (" + e.what() + ")";
+        }
+      }
+      if (!ckpts.empty() && plan.resume.empty())
+        throw std::invalid_argument("output.output_dir " + dir + " holds no usable checkpoint: " +
+                                    passed + "; remove the damaged checkpoints or set "
+                                    "output.overwrite_output_dir = true to start over");
+      if (!passed.empty())
+        plan.fallback_note = passed + "; resuming from the previous complete checkpoint, " +
+                             plan.resume.filename().string();
       break;
+    }
     case ResumeMode::none:
       if (!ckpts.empty())
         throw std::invalid_argument("output.output_dir " + dir + " holds checkpoints (" +
@@ -67,7 +89,16 @@ OutputPlan output_plan(const OutputOptions& o) {
       if (!fs::exists(plan.resume / "trainer_state.json"))
         throw std::invalid_argument("output.resume_from_checkpoint " + o.resume_path.string() +
                                     " is not a complete checkpoint (no trainer_state.json)");
+      try {
+        checkpoint_check(plan.resume, model);
+      } catch (const std::exception& e) {
+        throw std::invalid_argument("output.resume_from_checkpoint " + o.resume_path.string() +
+                                    " is damaged: " + e.what());
+      }
       break;
+    default:
+      throw std::invalid_argument("output.resume_from_checkpoint: unknown mode " +
+                                  std::to_string(static_cast<int>(o.resume)));
   }
   return plan;
 }
@@ -96,6 +127,26 @@ void output_dir_wipe(const fs::path& dir) {
     fs::remove(dir / f);
 }
 
+void output_dir_tidy(const fs::path& dir) {
+  static const std::regex re(R"(\.checkpoint-(\d+)\.(tmp|removing|replaced))");
+  std::vector<std::pair<fs::path, std::string>> found;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    std::smatch m;
+    const std::string name = e.path().filename().string();
+    if (std::regex_match(name, m, re)) found.emplace_back(e.path(), m[1].str());
+  }
+  for (const auto& [path, step] : found) {
+    const fs::path complete = dir / ("checkpoint-" + step);
+    if (path.extension() == ".replaced" && !fs::exists(complete)) {
+      fs::rename(path, complete);  // cut between the two renames of a replacement: put it back
+    } else {
+      fs::remove_all(path);
+    }
+  }
+  io::path_sync(dir);
+}
+
 nlohmann::ordered_json TrainerState::to_json() const {
   nlohmann::ordered_json st;
   st["step"] = step;
@@ -110,6 +161,11 @@ nlohmann::ordered_json TrainerState::to_json() const {
   st["rng"] = "stateless: data order and dropout masks are functions of (seed, step, "
               "micro-step, rank, block)";
   st["finished"] = finished;
+  if (!files.empty()) {
+    nlohmann::ordered_json f = nlohmann::ordered_json::object();
+    for (const auto& [name, nbytes] : files) f[name] = nbytes;
+    st["files"] = f;
+  }
   return st;
 }
 
@@ -127,10 +183,112 @@ TrainerState trainer_state_read(const fs::path& checkpoint_dir) {
     s.next_learning_rate = j.value("next_learning_rate", 0.0);
     s.seed = j.value("seed", int64_t{0});
     s.finished = j.value("finished", false);
+    if (j.contains("files"))
+      for (const auto& [name, nbytes] : j.at("files").items())
+        s.files.emplace_back(name, nbytes.get<int64_t>());
   } catch (const nlohmann::json::exception& e) {
     throw std::invalid_argument(file.string() + ": " + e.what());
   }
   return s;
+}
+
+void checkpoint_check(const fs::path& dir, const model::ModelConfig& model) {
+  const fs::path state_file = dir / "trainer_state.json";
+  const TrainerState st = trainer_state_read(dir);
+  const auto bad = [](const fs::path& file, const std::string& what) {
+    return std::invalid_argument(file.string() + ": " + what);
+  };
+  static const std::regex re(R"(checkpoint-(\d+))");
+  std::smatch m;
+  const std::string name = dir.filename().string();
+  if (std::regex_match(name, m, re) && std::to_string(st.step) != m[1].str())
+    throw bad(state_file, "step " + std::to_string(st.step) + " does not match the directory " +
+                              name + " (edited or copied over)");
+  if (st.step < 1 || st.world_size < 1 || st.world_size > (1 << 20) || st.global_batch < 1 ||
+      st.optimizer_steps < 0 || st.optimizer_steps > st.step)
+    throw bad(state_file, "step " + std::to_string(st.step) + ", optimizer_steps " +
+                              std::to_string(st.optimizer_steps) + ", world_size " +
+                              std::to_string(st.world_size) + ", global_batch " +
+                              std::to_string(st.global_batch) +
+                              " (expected step >= 1, 0 <= optimizer_steps <= step, world_size >= "
+                              "1, global_batch >= 1)");
+  // Every size the writer recorded (a truncated or swapped file).
+  for (const auto& [rel, nbytes] : st.files) {
+    const fs::path f = dir / rel;
+    std::error_code ec;
+    const auto size = fs::file_size(f, ec);
+    if (ec) throw bad(f, "missing (trainer_state.json lists it)");
+    if (static_cast<int64_t>(size) != nbytes)
+      throw bad(f, std::to_string(size) + " bytes, trainer_state.json records " +
+                       std::to_string(nbytes) + " (truncated or replaced)");
+  }
+
+  // The adapter: the tensors the model and the adapter's own r and target_modules give.
+  const fs::path config_file = dir / "adapter_config.json";
+  const nlohmann::json cfg = io::json_file_read(config_file);
+  int64_t rank = 0;
+  std::vector<std::string> targets;
+  try {
+    rank = cfg.at("r").get<int64_t>();
+    for (const auto& t : cfg.at("target_modules")) targets.push_back(t.get<std::string>());
+  } catch (const nlohmann::json::exception& e) {
+    throw bad(config_file, std::string("r or target_modules unreadable (") + e.what() + ")");
+  }
+  if (rank < 1 || rank > (1 << 16)) throw bad(config_file, "r = " + std::to_string(rank));
+  const std::vector<dist::UnitLayout> units = lora_units(model, rank, targets);
+  const fs::path weights_file = dir / "adapter_model.safetensors";
+  const auto weights = io::SafetensorsFile::open(weights_file.string());
+  size_t expected = 0;
+  for (const dist::UnitLayout& u : units)
+    for (const dist::Segment& seg : u.segments) {
+      ++expected;
+      const std::string key = "base_model.model." + seg.name;
+      const io::TensorInfo* info = weights->find(key);
+      if (info == nullptr)
+        throw bad(weights_file, "no tensor " + key + " (adapter_config.json: r " +
+                                    std::to_string(rank) + ")");
+      if (info->shape != seg.shape)
+        throw bad(weights_file, "tensor " + key + " has shape " + io::shape_str(info->shape) +
+                                    " (expected " + io::shape_str(seg.shape) +
+                                    " for this model with r " + std::to_string(rank) + ")");
+    }
+  if (weights->tensors().size() != expected)
+    throw bad(weights_file, std::to_string(weights->tensors().size()) + " tensors (expected " +
+                                std::to_string(expected) + " for this model's target_modules)");
+
+  // Optimizer shards: each opens (HDF5 checks its end of file), names its rank, and the byte
+  // ranges of all shards tile each unit's payload.
+  std::map<std::string, std::vector<std::pair<int64_t, int64_t>>> ranges;
+  for (int64_t q = 0; q < st.world_size; ++q) {
+    const fs::path p = dir / "optimizer" / ("rank" + std::to_string(q) + ".h5");
+    if (!fs::exists(p))
+      throw bad(p, "missing (the checkpoint was written by " + std::to_string(st.world_size) +
+                       " ranks)");
+    const io::H5File f = io::H5File::open_read(p.string());
+    if (f.attr_int64("/", "rank") != q || f.attr_int64("/", "world_size") != st.world_size)
+      throw bad(p, "written by rank " + std::to_string(f.attr_int64("/", "rank")) + " of " +
+                       std::to_string(f.attr_int64("/", "world_size")) + " (expected rank " +
+                       std::to_string(q) + " of " + std::to_string(st.world_size) + ")");
+    for (const dist::UnitLayout& u : units)
+      for (const char* which : {"exp_avg", "exp_avg_sq"}) {
+        const std::string ds = u.name + "/" + which;
+        const int64_t b = f.attr_int64(ds, "begin"), e = f.attr_int64(ds, "end");
+        if (b < 0 || e < b || static_cast<int64_t>(f.nbytes(ds)) != e - b)
+          throw bad(p, "'" + ds + "' holds " + std::to_string(f.nbytes(ds)) + " bytes for [" +
+                           std::to_string(b) + ", " + std::to_string(e) + ")");
+        if (e > b) ranges[ds].emplace_back(b, e);
+      }
+  }
+  for (const dist::UnitLayout& u : units)
+    for (const char* which : {"exp_avg", "exp_avg_sq"}) {
+      auto& r = ranges[u.name + "/" + which];
+      std::sort(r.begin(), r.end());
+      int64_t next = 0;
+      for (const auto& [b, e] : r) next = b == next ? e : -1;
+      if (next != static_cast<int64_t>(u.nbytes))
+        throw bad(dir / "optimizer", "the shards do not cover the " + std::to_string(u.nbytes) +
+                                         " bytes of " + u.name + "/" + which + " exactly once");
+    }
 }
 
 namespace {
@@ -183,6 +341,44 @@ void optimizer_read(Trainer& trainer, const fs::path& dir, int64_t old_world) {
 
 }  // namespace
 
+namespace {
+
+// The end of one stage of a save: every rank learns whether any failed. When one did, rank 0
+// removes the temporary directory and every rank throws CheckpointWriteError, reported by the
+// lowest failing rank only. `nbytes`: this rank's file size, gathered into `sizes`.
+void save_agree(dist::Communicator& comm, const std::string& error, const fs::path& tmp,
+                int64_t nbytes = 0, std::vector<int64_t>* sizes = nullptr) {
+  const int world = comm.world_size(), rank = comm.rank();
+  std::vector<double> v(2 + static_cast<size_t>(world), 0.0);
+  v[0] = error.empty() ? 0.0 : 1.0;
+  v[1] = -static_cast<double>(error.empty() ? world : rank);  // max: minus the lowest failing rank
+  v[2 + rank] = static_cast<double>(nbytes);
+  comm.all_reduce_host(v.data(), static_cast<int64_t>(v.size()), dist::ReduceOp::max);
+  if (sizes)
+    for (int q = 0; q < world; ++q) sizes->push_back(static_cast<int64_t>(v[2 + q]));
+  if (v[0] == 0.0) return;
+  if (rank == 0) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+  }
+  comm.barrier();  // the temporary directory is gone before anyone reports
+  const int reporter = static_cast<int>(-v[1]);
+  throw CheckpointWriteError(rank == reporter ? error
+                                              : "checkpoint not written (rank " +
+                                                    std::to_string(reporter) + " failed)",
+                             rank == reporter);
+}
+
+std::string error_of(const std::exception& e, const fs::path& where) {
+  const std::string what = e.what();
+  // A message that names no file (std::filesystem and HDF5 name theirs) gets the directory.
+  return what.find(where.string()) != std::string::npos || what.find('/') != std::string::npos
+             ? what
+             : where.string() + ": " + what;
+}
+
+}  // namespace
+
 void checkpoint_save(Trainer& trainer, dist::Communicator& comm, const OutputOptions& output,
                      const TrainerState& state, const std::string& base_model,
                      const std::string& config_ini, bool final) {
@@ -190,37 +386,79 @@ void checkpoint_save(Trainer& trainer, dist::Communicator& comm, const OutputOpt
   const std::string step = std::to_string(state.step);
   const fs::path tmp = output.dir / (".checkpoint-" + step + ".tmp");
   const fs::path dst = output.dir / ("checkpoint-" + step);
+  const std::string shard = "optimizer/rank" + std::to_string(comm.rank()) + ".h5";
+  std::string error;
+  // 1. Rank 0 makes the temporary directory.
   if (main_rank) {
-    fs::remove_all(tmp);
-    fs::create_directories(tmp / "optimizer");
+    try {
+      fs::remove_all(tmp);
+      fs::create_directories(tmp / "optimizer");
+    } catch (const std::exception& e) {
+      error = error_of(e, tmp);
+    }
   }
-  comm.barrier();
-  optimizer_write(trainer, tmp / "optimizer" / ("rank" + std::to_string(comm.rank()) + ".h5"),
-                  comm.rank(), comm.world_size());
+  save_agree(comm, error, tmp);
+  // 2. Every rank writes and syncs its optimizer shard; the adapter gather is a collective.
+  int64_t nbytes = 0;
+  try {
+    optimizer_write(trainer, tmp / shard, comm.rank(), comm.world_size());
+    io::path_sync(tmp / shard);
+    nbytes = static_cast<int64_t>(fs::file_size(tmp / shard));
+  } catch (const std::exception& e) {
+    error = error_of(e, tmp / shard);
+  }
   lora::PeftAdapter adapter = trainer.adapter_gather();
   adapter.base_model_name_or_path = base_model;
-  comm.barrier();  // every rank's shard is on disk
+  std::vector<int64_t> shard_bytes;
+  save_agree(comm, error, tmp, nbytes, &shard_bytes);  // every rank's shard is on disk
+  // 3. Rank 0: the adapter, config.ini, then trainer_state.json with every size, sync, rename.
   if (main_rank) {
-    lora::peft_adapter_write(tmp.string(), adapter);
-    io::file_write_atomic(tmp / "trainer_state.json", state.to_json().dump(2) + "\n");
-    io::file_write_atomic(tmp / "config.ini", config_ini);
-    fs::remove_all(dst);
-    fs::rename(tmp, dst);
-    if (output.save_total_limit > 0) {
-      auto all = checkpoints_in(output.dir);
-      while (static_cast<int64_t>(all.size()) > output.save_total_limit) {
-        fs::remove_all(all.front().second);
-        all.erase(all.begin());
+    try {
+      lora::peft_adapter_write(tmp.string(), adapter);
+      io::file_write_atomic(tmp / "config.ini", config_ini);
+      TrainerState complete = state;
+      complete.files.clear();
+      for (const char* f : {"adapter_config.json", "adapter_model.safetensors", "config.ini"})
+        complete.files.emplace_back(f, static_cast<int64_t>(fs::file_size(tmp / f)));
+      for (int q = 0; q < comm.world_size(); ++q)
+        complete.files.emplace_back("optimizer/rank" + std::to_string(q) + ".h5", shard_bytes[q]);
+      io::file_write_atomic(tmp / "trainer_state.json", complete.to_json().dump(2) + "\n");
+      io::path_sync(tmp / "optimizer");
+      io::path_sync(tmp);
+      // A checkpoint of this step already there (a damaged one passed over by resume = auto, or
+      // the last good state saved again) is replaced by two renames; output_dir_tidy puts it back
+      // when a crash comes between them.
+      const fs::path replaced = output.dir / (".checkpoint-" + step + ".replaced");
+      if (fs::exists(dst)) {
+        fs::remove_all(replaced);
+        fs::rename(dst, replaced);
       }
-    }
-    if (final) {
-      lora::peft_adapter_write(output.dir.string(), adapter);
-      TrainerState done = state;
-      done.finished = true;
-      io::file_write_atomic(output.dir / "trainer_state.json", done.to_json().dump(2) + "\n");
+      fs::rename(tmp, dst);
+      io::path_sync(output.dir);
+      fs::remove_all(replaced);
+      if (output.save_total_limit > 0) {
+        auto all = checkpoints_in(output.dir);
+        while (static_cast<int64_t>(all.size()) > output.save_total_limit) {
+          // Out of sight first: a half-removed checkpoint must never look complete.
+          const fs::path removing =
+              output.dir / ("." + all.front().second.filename().string() + ".removing");
+          fs::rename(all.front().second, removing);
+          io::path_sync(output.dir);
+          fs::remove_all(removing);
+          all.erase(all.begin());
+        }
+      }
+      if (final) {
+        lora::peft_adapter_write(output.dir.string(), adapter);
+        TrainerState done = state;
+        done.finished = true;
+        io::file_write_atomic(output.dir / "trainer_state.json", done.to_json().dump(2) + "\n");
+      }
+    } catch (const std::exception& e) {
+      error = error_of(e, output.dir);
     }
   }
-  comm.barrier();
+  save_agree(comm, error, tmp);
 }
 
 void checkpoint_load(Trainer& trainer, const fs::path& dir, const TrainerState& state) {

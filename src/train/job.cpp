@@ -418,7 +418,13 @@ FaultNan fault_nan_from_env() {
 
 int job_run(const JobOptions& options, JobInputs& inputs, dist::DeviceContext& device,
             const JobHooks& hooks) {
-  return Job(options, inputs, device, hooks).run();
+  try {
+    return Job(options, inputs, device, hooks).run();
+  } catch (const CheckpointWriteError& e) {
+    // Every rank is here (the failure was agreed): one line, exit status 1 on every rank.
+    if (e.report) (hooks.error ? hooks.error : hooks.log)(e.what());
+    return 1;
+  }
 }
 
 }  // namespace qlora::train

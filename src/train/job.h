@@ -102,8 +102,9 @@ FaultNan fault_nan_from_env();
 constexpr int kExitPreempted = 75;
 
 // Trains (or, with loop.do_train = false, evaluates) and returns the exit status (0,
-// kExitPreempted, or 1 after loop.max_skipped_steps non-finite steps in a row). Throws on
-// errors; the caller ends the job then.
+// kExitPreempted, or 1 after loop.max_skipped_steps non-finite steps in a row, or 1 on every
+// rank when a checkpoint could not be written: CheckpointWriteError, one line from the rank that
+// failed). Throws on other errors; the caller ends the job then.
 int job_run(const JobOptions& options, JobInputs& inputs, dist::DeviceContext& device,
             const JobHooks& hooks);
 

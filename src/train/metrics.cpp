@@ -1,8 +1,13 @@
 // Metric sinks: see metrics.h.
 #include "train/metrics.h"
 
+#include "io/atomic_write.h"
+
 #include <sys/resource.h>
 
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -24,15 +29,20 @@ MetricsLog::MetricsLog(const std::filesystem::path& file, bool enabled, int64_t 
       }
     }
   }
-  out_.open(file, std::ios::trunc);
-  for (const std::string& l : keep) out_ << l << "\n";
-  out_.flush();
+  // Rewritten through a temporary file: a crash here leaves the old lines, never fewer.
+  std::string text;
+  for (const std::string& l : keep) text += l + "\n";
+  io::file_write_atomic(file, text);
+  path_ = file.string();
+  out_.open(file, std::ios::app);
+  if (!out_) throw std::runtime_error(path_ + ": cannot be opened (" + std::strerror(errno) + ")");
 }
 
 void MetricsLog::write(const nlohmann::ordered_json& record) {
   if (!enabled_) return;
   out_ << record.dump() << "\n";
   out_.flush();
+  if (!out_) throw std::runtime_error(path_ + ": cannot be written (" + std::strerror(errno) + ")");
 }
 
 MetricSinks::MetricSinks(const std::filesystem::path& dir, const ReportTo& report_to,

@@ -27,6 +27,7 @@ class MetricsLog {
 
  private:
   bool enabled_;
+  std::string path_;
   std::ofstream out_;
 };
 

@@ -93,6 +93,7 @@ void TensorBoardWriter::scalars(int64_t step,
   put_bytes(e, 5, summary);        // Event.summary
   record(e);
   out_.flush();
+  if (!out_) throw std::runtime_error(path_ + ": write failed");
 }
 
 void TensorBoardWriter::record(const std::string& data) {

@@ -8,6 +8,9 @@
 
 #include <ATen/ATen.h>
 
+#include <signal.h>
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
@@ -291,11 +294,51 @@ TEST(SynthData, NeverOverwritesAnExistingFile) {
   EXPECT_EQ(names, (std::set<std::string>{"keep.h5", "link.h5", "new.h5"}));
 }
 
+// Writes past RLIMIT_FSIZE fail (EFBIG, with SIGXFSZ ignored): a disk that fills mid-write.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    old_handler_ = ::signal(SIGXFSZ, SIG_IGN);
+    ::getrlimit(RLIMIT_FSIZE, &old_);
+    rlimit lim = old_;
+    lim.rlim_cur = bytes;
+    ::setrlimit(RLIMIT_FSIZE, &lim);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    ::signal(SIGXFSZ, old_handler_);
+  }
+
+ private:
+  rlimit old_{};
+  sighandler_t old_handler_;
+};
+
 TEST(SynthData, FailedWriteLeavesNoTemporaryFile) {
-  // (A write that fails midway through a file-size limit is not tested: HDF5 1.10 can crash in
-  // its close path after a failed write under RLIMIT_FSIZE, which would test HDF5, not us.)
+  // The limit lands in the data, in the metadata HDF5 writes when it closes the file, and just
+  // past a complete file. HDF5 1.10 used to crash at exit after its close failed (h5_file.cpp,
+  // H5File::release): this binary would end with a segfault.
   TempDir dir;
   const std::string out = dir.file("big.h5");
+  int threw = 0;
+  for (rlim_t limit : {rlim_t{4096}, rlim_t{64 * 1024}, rlim_t{2 * 4000 * 64 * 4 - 4096},
+                       rlim_t{2 * 4000 * 64 * 4 + 2048}, rlim_t{2 * 4000 * 64 * 4 + 6000}}) {
+    ::testing::internal::CaptureStderr();
+    try {
+      FileSizeLimit fsize(limit);  // the file is 2 x 4000 x 64 x 4 bytes = 2 MB and metadata
+      synth_data_write(synth_options(out, SynthTask::copy, 1000, 64, 4000, 1));
+    } catch (const std::exception& e) {
+      ++threw;
+      EXPECT_TRUE(contains(e.what(), ".big.h5.tmp")) << limit << ": " << e.what();
+    }
+    EXPECT_EQ(::testing::internal::GetCapturedStderr(), "") << limit;
+    if (fs::exists(out)) {  // only a complete file is ever renamed into place
+      EXPECT_NO_THROW(TokenDataset(out, 512, 128)) << limit;
+      fs::remove(out);
+    }
+    EXPECT_TRUE(fs::is_empty(dir.path())) << "left behind in " << dir.path() << " at " << limit;
+  }
+  EXPECT_GE(threw, 3);
   // A directory in the temporary file's place is not ours: the write fails and leaves it.
   const fs::path tmp = qlora::io::temp_sibling(out);
   fs::create_directory(tmp);

@@ -24,7 +24,7 @@ import pytest
 from safetensors.numpy import load_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tiny_job import make_pairs, make_tiny_job, metrics, write_pairs  # noqa: E402
+from tiny_job import job_kill, make_pairs, make_tiny_job, metrics, write_pairs  # noqa: E402
 
 BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "build")
@@ -162,16 +162,7 @@ def test_kill_9_resumes_bit_for_bit(data, tmp_path):
             assert proc.poll() is None, "the job ended before checkpoint-4"
             assert time.monotonic() - t0 < 300, "no checkpoint-4"
             time.sleep(0.02)
-        # mpirun and its ranks at once (Open MPI gives the ranks process groups of their own).
-        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                               text=True).stdout.split()
-        for pid in [proc.pid, *map(int, ranks)]:
-            os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        while any(os.path.exists(f"/proc/{pid}") and
-                  open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in map(int, ranks)):
-            assert time.monotonic() - t0 < 300, "ranks still alive after SIGKILL"
-            time.sleep(0.02)
+        job_kill(proc)  # mpirun and every rank at once
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
