@@ -222,7 +222,7 @@ int agree(int status, const std::string& error, const dist::RankEnv& env,
   if (worst != 0 && status != 0 && env.rank == first_failing) {
     const std::string where =
         env.world_size > 1 && env.rank != 0 ? "[rank " + std::to_string(env.rank) + "] " : "";
-    std::fprintf(stderr, "%s%s%s\n", where.c_str(), prefix.c_str(), error.c_str());
+    std::fprintf(stderr, "%s%s%s\n", where.c_str(), prefix.c_str(), error_line(error).c_str());
     std::fflush(stderr);
   }
   return worst;
@@ -269,7 +269,7 @@ int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
   };
   const std::string prefix = "qlora_dist " + command + ": error: ";
   hooks.error = [prefix](const std::string& line) {
-    std::fprintf(stderr, "%s%s\n", prefix.c_str(), line.c_str());
+    std::fprintf(stderr, "%s%s\n", prefix.c_str(), error_line(line).c_str());
     std::fflush(stderr);
   };
   hooks.stop_signal = [] { return static_cast<int>(g_stop_signal); };
@@ -321,7 +321,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
   try {
     overrides = parse_overrides(args, ini, help, nullptr);
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "%s%s\n", prefix.c_str(), e.what());
+    std::fprintf(stderr, "%s%s\n", prefix.c_str(), error_line(e.what()).c_str());
     return 2;
   }
   if (help) {
@@ -335,7 +335,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
   try {
     env = dist::rank_env_init(argc, argv);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s%s\n", prefix.c_str(), e.what());
+    std::fprintf(stderr, "%s%s\n", prefix.c_str(), error_line(e.what()).c_str());
     return 1;
   }
   // Phase 1 on every rank; the message is printed once (by rank 0, or by the lowest failing rank
@@ -364,7 +364,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
   if (worst == 0) {
     const std::string blind = node_paths_check(r.options.output.dir, node_paths(r.config), env);
     if (!blind.empty()) {
-      if (env.rank == 0) std::fprintf(stderr, "%s%s\n", prefix.c_str(), blind.c_str());
+      if (env.rank == 0) std::fprintf(stderr, "%s%s\n", prefix.c_str(), error_line(blind).c_str());
       worst = 1;
     }
   }
