@@ -25,8 +25,7 @@ namespace fs = std::filesystem;
 namespace qlora::app {
 
 ExportReport export_merged(const ExportOptions& opt) {
-  if (!fs::is_directory(opt.model_dir))
-    throw std::invalid_argument(opt.model_dir + ": model directory does not exist");
+  model_dir_require(opt.model_dir);
   const fs::path out = output_dir_check(opt.out_dir);
   const io::HfConfig hf = io::read_hf_config((fs::path(opt.model_dir) / "config.json").string());
   model::model_config_from_json(hf.raw, hf.path);  // a supported architecture, or a clear error

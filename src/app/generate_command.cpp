@@ -15,6 +15,7 @@
 #include <iostream>
 #include <stdexcept>
 
+#include "app/model_dir_output.h"
 #include "app/usage_error.h"
 #include "data/model_tokenizer.h"
 #include "data/sft_dataset.h"
@@ -159,8 +160,7 @@ int generate_run(const std::vector<std::string>& args) {
   if (tokenizer_dir.empty()) tokenizer_dir = model_dir;
 
   // Files: from here on, errors are the user's files (exit 1).
-  if (!unit_file && !fs::is_directory(model_dir))
-    throw std::invalid_argument(model_dir + ": model directory does not exist");
+  if (!unit_file) model_dir_require(model_dir);
   if (!fs::is_directory(tokenizer_dir))
     throw std::invalid_argument(tokenizer_dir + ": tokenizer directory does not exist");
   std::vector<Prompt> prompts = prompts_file.empty() ? std::vector<Prompt>{{prompt, system}}
@@ -242,10 +242,10 @@ int generate_command_main(const std::vector<std::string>& args) {
   try {
     return generate_run(args);
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "qlora_dist generate: error: %s\n", e.what());
+    std::fprintf(stderr, "qlora_dist generate: error: %s\n", error_line(e.what()).c_str());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "qlora_dist generate: error: %s\n", e.what());
+    std::fprintf(stderr, "qlora_dist generate: error: %s\n", error_line(e.what()).c_str());
     return 1;
   }
 }

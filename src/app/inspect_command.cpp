@@ -8,6 +8,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "app/model_dir_output.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/model_config.h"
@@ -19,8 +20,7 @@ namespace fs = std::filesystem;
 namespace qlora::app {
 
 std::string inspect_model_dir(const std::string& model_dir) {
-  if (!fs::is_directory(model_dir))
-    throw std::invalid_argument(model_dir + ": model directory does not exist");
+  model_dir_require(model_dir);
   const io::HfConfig hf = io::read_hf_config((fs::path(model_dir) / "config.json").string());
   const model::ModelConfig mc = model::model_config_from_json(hf.raw, hf.path);
   const io::ModelWeights weights = io::ModelWeights::open_dir(model_dir);

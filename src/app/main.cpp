@@ -288,10 +288,10 @@ int main(int argc, char** argv) {
                      "synth-data, "
                      "or a config.ini; see qlora_dist --help)");
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), e.what());
+    std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), qlora::app::error_line(e.what()).c_str());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), e.what());
+    std::fprintf(stderr, "qlora_dist %s: error: %s\n", command.c_str(), qlora::app::error_line(e.what()).c_str());
     return 1;
   }
 }

@@ -10,6 +10,16 @@ namespace fs = std::filesystem;
 
 namespace qlora::app {
 
+void model_dir_require(const std::string& model_dir) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(model_dir, ec)) return;
+  if (std::filesystem::exists(model_dir, ec))
+    throw std::invalid_argument(model_dir +
+                                ": is a file, not a directory (expected a Hugging Face model "
+                                "directory: config.json and model.safetensors)");
+  throw std::invalid_argument(model_dir + ": model directory does not exist");
+}
+
 fs::path output_dir_check(const std::string& out_dir) {
   // With the trailing separator kept, q itself would be taken for the parent of "q/".
   fs::path out = fs::absolute(out_dir).lexically_normal();

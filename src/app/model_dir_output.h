@@ -9,6 +9,10 @@
 
 namespace qlora::app {
 
+// A Hugging Face model directory given as input: throws std::invalid_argument "<dir>: model
+// directory does not exist", or "... is a file, not a model directory" when it names a file.
+void model_dir_require(const std::string& model_dir);
+
 // The normalized output path ("q/" names q); throws std::invalid_argument when out_dir exists
 // and is not an empty directory.
 std::filesystem::path output_dir_check(const std::string& out_dir);

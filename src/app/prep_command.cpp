@@ -65,10 +65,10 @@ int prep_command_main(const std::vector<std::string>& args) {
   try {
     return prep_run(args);
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "qlora_dist prep: error: %s\n", e.what());
+    std::fprintf(stderr, "qlora_dist prep: error: %s\n", error_line(e.what()).c_str());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "qlora_dist prep: error: %s\n", e.what());
+    std::fprintf(stderr, "qlora_dist prep: error: %s\n", error_line(e.what()).c_str());
     return 1;
   }
 }

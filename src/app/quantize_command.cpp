@@ -55,8 +55,7 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
   QuantizeReport report;
   const fs::path in(opt.model_dir);
-  if (!fs::is_directory(in))
-    throw std::invalid_argument(opt.model_dir + ": model directory does not exist");
+  model_dir_require(opt.model_dir);
   const fs::path out = output_dir_check(opt.out_dir);
   if (!kernels::valid_blocksize(opt.quant.blocksize))
     throw std::invalid_argument("--quantization_blocksize " + std::to_string(opt.quant.blocksize) +

@@ -21,7 +21,11 @@
 #include "dist/communicator.h"
 #include "dist/rank_env.h"
 #include "io/atomic_write.h"
+#include "io/shape_str.h"
+#include "lora/peft_adapter.h"
+#include "model/model_config.h"
 #include "train/job.h"
+#include "train/sharded_model.h"
 
 namespace fs = std::filesystem;
 
@@ -121,9 +125,36 @@ KeyedPaths node_paths(const TrainConfig& c) {
 // Phase 1b on this rank, after every rank passed phase 1a and the node checks: the model, the
 // data, the output directory (rank 0 creates it), tokenization (rank 0). Throws what the user
 // must fix.
+// The adapter to start from, read and checked against the model's linears here, where every
+// rank agrees on the outcome (one line), rather than when the trainer loads it (every rank fails
+// there on its own).
+void adapter_check(const std::string& dir, const model::ModelConfig& config) {
+  const lora::PeftAdapter adapter = lora::peft_adapter_read(dir);
+  const std::string file = (fs::path(dir) / "adapter_model.safetensors").string();
+  const auto shapes = model::expected_weight_shapes(config);
+  const int64_t rank = adapter.config.rank;
+  for (const auto& [layer, ab] : adapter.weights) {
+    const auto it = shapes.find(layer + ".weight");
+    if (it == shapes.end() || it->second.size() != 2)
+      throw std::invalid_argument(file + ": layer '" + layer + "' is not a linear of the model " +
+                                  config.architecture + " (" +
+                                  std::to_string(config.num_hidden_layers) + " layers)");
+    const std::vector<int64_t> want_a = {rank, it->second[1]}, want_b = {it->second[0], rank};
+    if (ab.first.sizes().vec() != want_a || ab.second.sizes().vec() != want_b)
+      throw std::invalid_argument(
+          file + ": layer '" + layer + "': lora_A " + io::shape_str(ab.first.sizes().vec()) +
+          " and lora_B " + io::shape_str(ab.second.sizes().vec()) +
+          " do not fit the model (an adapter for another model?); rank " + std::to_string(rank) +
+          " on this layer needs lora_A " + io::shape_str(want_a) + " and lora_B " +
+          io::shape_str(want_b));
+  }
+}
+
 void phase1(Checked& r, const std::string& command, const dist::RankEnv& env) {
   const TrainConfig& c = r.config;
   r.inputs.source = train::UnitSource::open(c.model_name_or_path, r.options.trainer.quant);
+  if (!c.adapter_name_or_path.empty())
+    adapter_check(c.adapter_name_or_path, r.inputs.source->spec().config);
   if (command == "eval" && c.eval_file.empty() && c.eval_dataset.empty() && c.val_size == 0)
     throw std::invalid_argument(
         "data.eval_file (or data.eval_dataset / data.val_size) is required for qlora_dist eval");
@@ -230,7 +261,7 @@ int agree(int status, const std::string& error, const dist::RankEnv& env,
   if (worst != 0 && status != 0 && env.rank == first_failing) {
     const std::string where =
         env.world_size > 1 && env.rank != 0 ? "[rank " + std::to_string(env.rank) + "] " : "";
-    std::fprintf(stderr, "%s%s%s\n", where.c_str(), prefix.c_str(), error.c_str());
+    std::fprintf(stderr, "%s%s%s\n", where.c_str(), prefix.c_str(), error_line(error).c_str());
     std::fflush(stderr);
   }
   return worst;
@@ -277,7 +308,7 @@ int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
   };
   const std::string prefix = "qlora_dist " + command + ": error: ";
   hooks.error = [prefix](const std::string& line) {
-    std::fprintf(stderr, "%s%s\n", prefix.c_str(), line.c_str());
+    std::fprintf(stderr, "%s%s\n", prefix.c_str(), error_line(line).c_str());
     std::fflush(stderr);
   };
   hooks.stop_signal = [] { return static_cast<int>(g_stop_signal); };
@@ -329,7 +360,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
   try {
     overrides = parse_overrides(args, ini, help, nullptr);
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "%s%s\n", prefix.c_str(), e.what());
+    std::fprintf(stderr, "%s%s\n", prefix.c_str(), error_line(e.what()).c_str());
     return 2;
   }
   if (help) {
@@ -343,7 +374,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
   try {
     env = dist::rank_env_init(argc, argv);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s%s\n", prefix.c_str(), e.what());
+    std::fprintf(stderr, "%s%s\n", prefix.c_str(), error_line(e.what()).c_str());
     return 1;
   }
   // Phase 1 on every rank; the message is printed once (by rank 0, or by the lowest failing rank
@@ -372,7 +403,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
   if (worst == 0) {
     const std::string blind = node_paths_check(r.options.output.dir, node_paths(r.config), env);
     if (!blind.empty()) {
-      if (env.rank == 0) std::fprintf(stderr, "%s%s\n", prefix.c_str(), blind.c_str());
+      if (env.rank == 0) std::fprintf(stderr, "%s%s\n", prefix.c_str(), error_line(blind).c_str());
       worst = 1;
     }
   }
@@ -399,7 +430,7 @@ int train_command_main(const std::string& command, const std::vector<std::string
     dist::rank_env_finalize();
     return rc;
   } catch (const std::exception& e) {
-    dist::job_abort(prefix + e.what(), 1);
+    dist::job_abort(prefix + error_line(e.what()), 1);
   }
 }
 

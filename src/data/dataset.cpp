@@ -116,9 +116,15 @@ void synth_options_check(const SynthOptions& o) {
   if (o.rows < 1)
     throw std::invalid_argument(who + ": rows " + std::to_string(o.rows) +
                                 " (expected 1 or more)");
-  if (o.rows > std::numeric_limits<int64_t>::max() / o.seq_len / 8)
+  // Both arrays are built in memory before the file is written: bound the tokens, not only
+  // the int64 product (2^40 rows would otherwise end as std::bad_alloc, naming nothing).
+  constexpr int64_t kMaxTokens = int64_t{1} << 30;  // 8 GiB of ids and labels
+  int64_t tokens = 0;
+  if (__builtin_mul_overflow(o.rows, o.seq_len, &tokens) || tokens > kMaxTokens)
     throw std::invalid_argument(who + ": rows " + std::to_string(o.rows) + " x seq_len " +
-                                std::to_string(o.seq_len) + " is too many tokens to hold");
+                                std::to_string(o.seq_len) +
+                                " is too many tokens to hold (expected at most " +
+                                std::to_string(kMaxTokens) + ")");
   if (o.seed > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
     throw std::invalid_argument(who + ": seed " + std::to_string(o.seed) +
                                 " does not fit the int64 'seed' attribute (expected 0 to " +

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "io/shape_str.h"
 #include "quant4_format.h"
 
 namespace qlora::dist {
@@ -15,19 +16,28 @@ namespace {
 
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
-int64_t shape_numel(const std::vector<int64_t>& shape) {
+// Shapes come from files (a unit file's layout table): a product that leaves int64, or bytes
+// that leave size_t, is an error, never a wrapped number.
+int64_t shape_numel(const std::vector<int64_t>& shape, const std::string& seg_name) {
   int64_t n = 1;
   for (int64_t d : shape) {
     if (d < 0) throw std::invalid_argument("negative dimension in a unit segment shape");
-    n *= d;
+    if (__builtin_mul_overflow(n, d, &n))
+      throw std::invalid_argument("segment '" + seg_name + "' shape " + io::shape_str(shape) +
+                                  " has more elements than fit in 64 bits");
   }
   return n;
 }
 
-size_t segment_nbytes(SegmentKind kind, io::DType dtype, const std::vector<int64_t>& shape) {
-  const int64_t n = shape_numel(shape);
+size_t segment_nbytes(SegmentKind kind, io::DType dtype, const std::vector<int64_t>& shape,
+                      const std::string& seg_name) {
+  const int64_t n = shape_numel(shape, seg_name);
   if (kind == SegmentKind::packed) return static_cast<size_t>((n + 1) / 2);
-  return static_cast<size_t>(n) * io::dtype_size(dtype);
+  size_t nbytes = 0;
+  if (__builtin_mul_overflow(static_cast<size_t>(n), io::dtype_size(dtype), &nbytes))
+    throw std::invalid_argument("segment '" + seg_name + "' shape " + io::shape_str(shape) +
+                                " has more bytes than fit in 64 bits");
+  return nbytes;
 }
 
 }  // namespace
@@ -70,7 +80,7 @@ const Segment& UnitLayout::add(const std::string& seg_name, SegmentKind kind, io
   s.dtype = dtype;
   s.shape = shape;
   s.offset = nbytes;
-  s.nbytes = segment_nbytes(kind, dtype, shape);
+  s.nbytes = segment_nbytes(kind, dtype, shape, seg_name);
   nbytes = align_up(s.offset + s.nbytes, kSegmentAlign);
   segments.push_back(std::move(s));
   return segments.back();
@@ -114,7 +124,7 @@ std::pair<size_t, size_t> UnitLayout::owned_bytes(size_t itemsize, int rank,
 
 void unit_add_quantized(UnitLayout& unit, const std::string& name,
                         const std::vector<int64_t>& shape, int32_t blocksize, bool double_quant) {
-  const int64_t n = shape_numel(shape);
+  const int64_t n = shape_numel(shape, name);
   const int64_t blocks = kernels::num_blocks(n, blocksize);
   unit.add(name, SegmentKind::packed, io::DType::U8, shape);
   if (double_quant) {

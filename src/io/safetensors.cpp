@@ -146,21 +146,47 @@ bool shape_numel(const std::vector<int64_t>& shape, int64_t* numel) {
   return true;
 }
 
-// Parses JSON text; also reports the top-level keys in file order (nlohmann::json sorts them,
-// ordered_json looks keys up linearly, which is quadratic on a large hostile header) and
-// whether a top-level key appears twice (the parser would keep only the last one).
-json json_parse_keys(const char* text, size_t nbytes, std::vector<std::string>* keys,
-                     std::string* duplicate) {
+// The top-level keys of a JSON object in file order, from a SAX pass that builds nothing.
+struct TopLevelKeys : json::json_sax_t {
+  std::vector<std::string>* keys;
+  std::string* duplicate;
   std::set<std::string> seen;
-  auto on_event = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (depth == 1 && event == json::parse_event_t::key) {
-      const std::string& key = parsed.get_ref<const std::string&>();
+  int depth = 0;
+  TopLevelKeys(std::vector<std::string>* k, std::string* d) : keys(k), duplicate(d) {}
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return ++depth, true; }
+  bool end_object() override { return --depth, true; }
+  bool start_array(std::size_t) override { return ++depth, true; }
+  bool end_array() override { return --depth, true; }
+  bool key(string_t& key) override {
+    if (depth == 1) {
       if (!seen.insert(key).second && duplicate->empty()) *duplicate = key;
       keys->push_back(key);
     }
     return true;
-  };
-  return json::parse(text, text + nbytes, on_event);
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
+    return false;
+  }
+};
+
+// Parses JSON text; also reports the top-level keys in file order (nlohmann::json sorts them,
+// ordered_json looks keys up linearly, which is quadratic on a large hostile header) and
+// whether a top-level key appears twice (the parser would keep only the last one). Not
+// nlohmann's callback parser: it rescans the parent object at the end of every child, which
+// is quadratic too (a 1,000,000-tensor header took minutes).
+json json_parse_keys(const char* text, size_t nbytes, std::vector<std::string>* keys,
+                     std::string* duplicate) {
+  json parsed = json::parse(text, text + nbytes);  // throws json::parse_error on bad JSON
+  TopLevelKeys sax(keys, duplicate);
+  json::sax_parse(text, text + nbytes, &sax);
+  return parsed;
 }
 
 // A non-negative JSON integer that fits in uint64, or false.

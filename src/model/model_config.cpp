@@ -170,7 +170,9 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
   if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
       j["architectures"][0].is_string())
     arch = j["architectures"][0].get<std::string>();
-  const std::string model_type = j.value("model_type", std::string());
+  const std::string model_type = j.contains("model_type") && j["model_type"].is_string()
+                                     ? j["model_type"].get<std::string>()
+                                     : std::string();
   const ArchInfo* found = nullptr;
   for (const ArchInfo& a : kArchs)
     if (arch == a.architecture || (arch.empty() && model_type == a.model_type)) found = &a;
@@ -185,6 +187,13 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
   c.hidden_size = positive_int(j, "hidden_size", where);
   c.intermediate_size = positive_int(j, "intermediate_size", where);
   c.num_hidden_layers = positive_int(j, "num_hidden_layers", where);
+  // Every layer's tensors are listed by name before any is read: bound the count first.
+  constexpr int64_t kMaxLayers = 65536;
+  if (c.num_hidden_layers > kMaxLayers)
+    throw std::invalid_argument(where + ": num_hidden_layers " +
+                                std::to_string(c.num_hidden_layers) +
+                                " is out of range (expected at most " +
+                                std::to_string(kMaxLayers) + ")");
   c.num_attention_heads = positive_int(j, "num_attention_heads", where);
   c.num_key_value_heads = j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
                               ? positive_int(j, "num_key_value_heads", where)
@@ -196,10 +205,13 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
     throw std::invalid_argument(
         where + ": num_attention_heads " + std::to_string(c.num_attention_heads) +
         " is not a multiple of num_key_value_heads " + std::to_string(c.num_key_value_heads));
-  c.max_position_embeddings = j.value("max_position_embeddings", int64_t{2048});
-  c.rms_norm_eps = j.value("rms_norm_eps", 1e-6);
+  const auto present = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+  c.max_position_embeddings = present("max_position_embeddings")
+                                  ? positive_int(j, "max_position_embeddings", where)
+                                  : int64_t{2048};
+  c.rms_norm_eps = present("rms_norm_eps") ? number_key(j, "rms_norm_eps", where) : 1e-6;
   rope_from_json(j, where, c);
-  c.tie_word_embeddings = j.value("tie_word_embeddings", false);
+  c.tie_word_embeddings = bool_key(j, "tie_word_embeddings", false, where);
   // What each family's attention / MLP modules construct, whatever else the file says.
   c.attention_bias = c.arch == Architecture::qwen2   ? true
                      : c.arch == Architecture::llama ? bool_key(j, "attention_bias", false, where)

@@ -172,7 +172,13 @@ void Job::trainer_build() {
   const auto t_load = Clock::now();
   trainer_ = std::make_unique<Trainer>(device_, std::move(in_.source), opts);
   if (!o_.adapter_path.empty()) {
-    trainer_->adapter_load(start_adapter);
+    try {
+      trainer_->adapter_load(start_adapter);
+    } catch (const std::invalid_argument& e) {  // an adapter for another model: name its file
+      throw std::invalid_argument(
+          (fs::path(o_.adapter_path) / "adapter_model.safetensors").string() + ": " +
+          e.what());
+    }
     // DPO / IPO against the model the training starts from (TRL's reference for a model that
     // starts from an adapter), whatever a resume loads next.
     if (opts.preference && opts.pref.needs_reference()) {
