@@ -25,11 +25,11 @@ constexpr int64_t kMaxLayers = int64_t{1} << 12;  // 4096
 int64_t positive_int(const nlohmann::json& j, const char* key, const std::string& where,
                      int64_t max = kMaxSize) {
   if (!j.contains(key) || !j[key].is_number_integer() ||
-      (j[key].is_number_unsigned() && j[key].get<uint64_t>() > uint64_t(max)) ||
-      j[key].get<int64_t>() <= 0)
+      (j[key].is_number_unsigned() ? j[key].get<uint64_t>() == 0 : j[key].get<int64_t>() <= 0))
     throw std::invalid_argument(where + ": key '" + key +
                                 "' must be a positive integer (is it a decoder config.json?)");
-  if (j[key].get<int64_t>() > max)
+  if (j[key].is_number_unsigned() ? j[key].get<uint64_t>() > uint64_t(max)
+                                  : j[key].get<int64_t>() > max)
     throw std::invalid_argument(where + ": key '" + key + "' is " + j[key].dump() +
                                 " (expected at most " + std::to_string(max) + ")");
   return j[key].get<int64_t>();

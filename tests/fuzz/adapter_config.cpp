@@ -16,7 +16,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (config.target_modules)
       for (const std::string& name : *config.target_modules) (void)name.find('.');
   } catch (const std::invalid_argument& e) {
-  fuzz::refused(e);
+    fuzz::refused(e);
   }
   return 0;
 }

@@ -126,12 +126,12 @@ void probe(const std::string& path) {
     try {
       (void)f.attr_string("/", attr);
     } catch (const std::runtime_error& e) {
-    qlora::fuzz::refused(e);
+      qlora::fuzz::refused(e);
     }
     try {
       (void)f.attr_int64("/", attr);
     } catch (const std::runtime_error& e) {
-    qlora::fuzz::refused(e);
+      qlora::fuzz::refused(e);
     }
   }
   for (const char* name : kNames) {
@@ -142,14 +142,14 @@ void probe(const std::string& path) {
       uint8_t buf[64];
       f.read_bytes(name, n > 64 ? n - 64 : 0, n > 64 ? 64 : n, buf);
     } catch (const std::runtime_error& e) {
-    qlora::fuzz::refused(e);
+      qlora::fuzz::refused(e);
     }
     if (shape.size() == 2 && shape[0] > 0 && shape[1] > 0 && shape[1] <= 4096) {
       std::vector<int32_t> row(static_cast<size_t>(shape[1]));
       try {
         f.read_int32_rows(name, shape[0] - 1, 1, row.data());
       } catch (const std::runtime_error& e) {
-      qlora::fuzz::refused(e);
+        qlora::fuzz::refused(e);
       }
     }
   }
@@ -183,8 +183,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       try {
         ds.read({ds.rows()}, ids, labels);
         std::abort();  // a row past the end must be refused
-      } catch (const std::invalid_argument& e) {
-      qlora::fuzz::refused(e);
+      } catch (const std::invalid_argument&) {
       }
     } else if (mode == 1) {
       const data::PairDataset ds(path, cutoff, model_vocab);
@@ -195,11 +194,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       try {
         probe(path);
       } catch (const std::runtime_error& e) {
-      qlora::fuzz::refused(e);
+        qlora::fuzz::refused(e);
       }
     }
   } catch (const std::invalid_argument& e) {
-  qlora::fuzz::refused(e);
+    qlora::fuzz::refused(e);
   }
   return 0;
 }

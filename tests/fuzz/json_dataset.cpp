@@ -75,7 +75,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (static_cast<int64_t>(split.train.size() + split.val.size()) != n) std::abort();
     }
   } catch (const std::invalid_argument& e) {
-  fuzz::refused(e);
+    fuzz::refused(e);
   }
   return 0;
 }

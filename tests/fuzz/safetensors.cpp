@@ -42,8 +42,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     file->at("no such tensor \x01");
     std::abort();  // at() must refuse a name the header does not hold
-  } catch (const io::FormatError& e) {
-  fuzz::refused(e);
+  } catch (const io::FormatError&) {
   }
   return 0;
 }

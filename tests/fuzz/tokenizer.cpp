@@ -35,7 +35,7 @@ void exercise(const qlora::data::Tokenizer& tokenizer, std::string_view text) {
   try {
     (void)tokenizer.decode({-1, 0, 1, static_cast<int32_t>(tokenizer.vocab_size()), 1 << 30});
   } catch (const std::invalid_argument& e) {
-  fuzz::refused(e);
+    qlora::fuzz::refused(e);
   }
   (void)tokenizer.content_hash();
 }
@@ -54,7 +54,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           data::Tokenizer::from_json_text(std::string(json_text), "tokenizer.json");
       exercise(tokenizer, text);
     } catch (const std::invalid_argument& e) {
-    fuzz::refused(e);
+      fuzz::refused(e);
     }
     return 0;
   }
@@ -68,7 +68,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     (void)model->templated().encode(text);
     (void)model->stop_ids();
   } catch (const std::invalid_argument& e) {
-  fuzz::refused(e);
+    fuzz::refused(e);
   }
   return 0;
 }

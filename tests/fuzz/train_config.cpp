@@ -40,7 +40,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     try {
       (void)app::config_guards(config, world);
     } catch (const std::invalid_argument& e) {
-    fuzz::refused(e);
+      fuzz::refused(e);
     }
   }
   (void)app::config_device(config);
