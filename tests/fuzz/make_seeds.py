@@ -195,9 +195,28 @@ def h5_dataset_seeds():
         dataset("input_ids", "f32", [1, 2], [1, 2])], [attr_str("qlora_dist.units"), [3, 5], [5, 3] + list(b"abc")]))
 
 
+def unit_layout_seeds(unit_file):
+    # The layout_json attribute of a unit file `qlora_dist quantize --format h5` wrote (e.g. the
+    # demo's SmolLM2 NF4 file), cut to its first units; without one, a hand-made table.
+    if unit_file and pathlib.Path(unit_file).is_file():
+        import h5py
+
+        with h5py.File(unit_file, "r") as f:
+            units = json.loads(f.attrs["layout_json"])
+        put("unit_layout", "smollm2_nf4_first_units", json.dumps(units[:2] + units[-1:],
+                                                                 separators=(",", ":")))
+    seg = lambda name, kind, dtype, shape, offset, nbytes: dict(
+        name=name, kind=kind, dtype=dtype, shape=shape, offset=offset, nbytes=nbytes)
+    put("unit_layout", "plain_and_packed", json.dumps([
+        {"name": "head", "nbytes": 128, "segments": [seg("norm.weight", "tensor", "F32", [4], 0, 16),
+                                                     seg("w", "packed", "U8", [3, 5], 64, 8)]},
+        {"name": "lora.0", "nbytes": 0, "segments": []}]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", default=str(HERE.parent.parent / ".models" / "smollm2"))
+    ap.add_argument("--unit-file", help="a unit file whose layout_json seeds unit_layout")
     args = ap.parse_args()
     model_dir = pathlib.Path(args.model_dir)
     safetensors_seeds()
@@ -207,6 +226,7 @@ def main():
     tokenizer_seeds(model_dir)
     json_dataset_seeds()
     h5_dataset_seeds()
+    unit_layout_seeds(args.unit_file)
 
 
 if __name__ == "__main__":
