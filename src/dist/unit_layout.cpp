@@ -7,11 +7,17 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "io/shape_str.h"
 #include "quant4_format.h"
 
 namespace qlora::dist {
 
 namespace {
+
+// Sizes come from the model description or from a unit file's layout table: a table written
+// by hand can hold any shape, so every product and sum is checked (2^62 bytes is far beyond any
+// unit and keeps the alignment and the offsets below free of overflow).
+constexpr size_t kMaxUnitBytes = size_t{1} << 62;
 
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
@@ -19,7 +25,9 @@ int64_t shape_numel(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t d : shape) {
     if (d < 0) throw std::invalid_argument("negative dimension in a unit segment shape");
-    n *= d;
+    if (__builtin_mul_overflow(n, d, &n) || static_cast<uint64_t>(n) > kMaxUnitBytes)
+      throw std::invalid_argument("unit segment shape " + io::shape_str(shape) +
+                                  " has more elements than a unit can hold (2^62 bytes)");
   }
   return n;
 }
@@ -27,7 +35,11 @@ int64_t shape_numel(const std::vector<int64_t>& shape) {
 size_t segment_nbytes(SegmentKind kind, io::DType dtype, const std::vector<int64_t>& shape) {
   const int64_t n = shape_numel(shape);
   if (kind == SegmentKind::packed) return static_cast<size_t>((n + 1) / 2);
-  return static_cast<size_t>(n) * io::dtype_size(dtype);
+  const size_t nbytes = static_cast<size_t>(n) * io::dtype_size(dtype);  // n <= 2^62, size <= 8
+  if (nbytes > kMaxUnitBytes)
+    throw std::invalid_argument("unit segment shape " + io::shape_str(shape) + " of " +
+                                io::dtype_name(dtype) + " is more than a unit can hold (2^62 bytes)");
+  return nbytes;
 }
 
 }  // namespace
@@ -71,6 +83,9 @@ const Segment& UnitLayout::add(const std::string& seg_name, SegmentKind kind, io
   s.shape = shape;
   s.offset = nbytes;
   s.nbytes = segment_nbytes(kind, dtype, shape);
+  if (s.nbytes > kMaxUnitBytes - s.offset)
+    throw std::invalid_argument("unit '" + name + "' would be more than 2^62 bytes with segment '" +
+                                seg_name + "'");
   nbytes = align_up(s.offset + s.nbytes, kSegmentAlign);
   segments.push_back(std::move(s));
   return segments.back();
