@@ -3,15 +3,16 @@
 # into build-fuzz/ and runs it for SECONDS on its seed corpus.
 #   scripts/fuzz.sh NAME SECONDS [--merge] [libFuzzer options...]
 #   scripts/fuzz.sh --list
-# NAME: safetensors, hf_config, adapter_config, train_config, h5_dataset, tokenizer, json_dataset.
+# NAME: safetensors, hf_config, adapter_config, train_config, h5_dataset, unit_layout, tokenizer,
+# json_dataset (scripts/fuzz.sh --list).
 # New inputs go to build-fuzz/corpus/NAME (kept between runs, not committed); with --merge, the
 # ones that add coverage are then merged into the committed seeds tests/fuzz/corpus/NAME (check
 # their size before committing). A crash, leak, timeout (-timeout=10 s per input) or
 # out-of-memory (-rss_limit_mb=2048) stops the run with its reproducer in
 # build-fuzz/artifacts/NAME/; fix it, then add the reproducer to tests/fuzz/corpus/NAME as a
 # regression seed (the ctest fuzz.NAME replays every seed in the normal build).
-# Needs scripts/setup.sh first (the .venv with libtorch); installs clang and libclang-rt-dev if
-# missing. Environment: QLORA_FUZZ_BUILD_DIR (default build-fuzz), QLORA_JOBS (default nproc).
+# Needs scripts/setup.sh first (the .venv with libtorch; clang and libclang-rt-dev).
+# Environment: QLORA_FUZZ_BUILD_DIR (default build-fuzz), QLORA_JOBS (default nproc).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -27,15 +28,9 @@ shift 2
 merge=0
 if [ "${1:-}" = "--merge" ]; then merge=1; shift; fi
 
-missing=()
-for p in clang libclang-rt-dev; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "[fuzz] installing Debian packages: ${missing[*]}"
-  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+if ! command -v clang++ >/dev/null || [ -z "$(clang++ -print-file-name=libclang_rt.fuzzer-x86_64.a 2>/dev/null | grep /)" ]; then
+  echo "[fuzz] no clang++ with libFuzzer (Debian: clang, libclang-rt-dev): run scripts/setup.sh" >&2
+  exit 1
 fi
 if [ ! -x .venv/bin/python ]; then
   echo "[fuzz] no .venv (libtorch): run scripts/setup.sh first" >&2

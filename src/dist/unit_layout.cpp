@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 
 #include "io/shape_str.h"
@@ -158,6 +159,34 @@ std::string units_to_json(const std::vector<UnitLayout>& units) {
   return out.dump();
 }
 
+namespace {
+
+// object[key] as a non-negative integer: nlohmann's get<size_t>() would cast a float (2e118) or a
+// negative number, undefined behaviour or a wrapped value.
+size_t json_size(const nlohmann::json& object, const char* key) {
+  const nlohmann::json& v = object.at(key);
+  if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0))
+    throw std::invalid_argument(std::string("'") + key + "' is " + std::string(v.type_name()) +
+                                " " + (v.is_structured() ? "" : v.dump()) +
+                                " (expected a non-negative integer)");
+  return v.get<size_t>();
+}
+
+std::vector<int64_t> json_shape(const nlohmann::json& object) {
+  const nlohmann::json& v = object.at("shape");
+  if (!v.is_array()) throw std::invalid_argument("'shape' is not an array");
+  std::vector<int64_t> shape;
+  for (const nlohmann::json& d : v) {
+    if (!d.is_number_integer() || (d.is_number_unsigned() && d.get<uint64_t>() > INT64_MAX))
+      throw std::invalid_argument("'shape' holds " + std::string(d.type_name()) +
+                                  " (expected integers)");
+    shape.push_back(d.get<int64_t>());
+  }
+  return shape;
+}
+
+}  // namespace
+
 std::vector<UnitLayout> units_from_json(const std::string& json, const std::string& where) {
   std::vector<UnitLayout> units;
   try {
@@ -170,18 +199,17 @@ std::vector<UnitLayout> units_from_json(const std::string& json, const std::stri
         const Segment& s = u.add(js.at("name").get<std::string>(),
                                  segment_kind_from_name(js.at("kind").get<std::string>()),
                                  io::dtype_from_name(js.at("dtype").get<std::string>()),
-                                 js.at("shape").get<std::vector<int64_t>>());
-        if (s.offset != js.at("offset").get<size_t>() || s.nbytes != js.at("nbytes").get<size_t>())
+                                 json_shape(js));
+        const size_t offset = json_size(js, "offset"), nbytes = json_size(js, "nbytes");
+        if (s.offset != offset || s.nbytes != nbytes)
           throw std::invalid_argument("segment '" + s.name + "' of unit '" + u.name +
-                                      "' has offset/nbytes " +
-                                      std::to_string(js.at("offset").get<size_t>()) + "/" +
-                                      std::to_string(js.at("nbytes").get<size_t>()) +
-                                      ", its shape and dtype give " + std::to_string(s.offset) +
-                                      "/" + std::to_string(s.nbytes));
+                                      "' has offset/nbytes " + std::to_string(offset) + "/" +
+                                      std::to_string(nbytes) + ", its shape and dtype give " +
+                                      std::to_string(s.offset) + "/" + std::to_string(s.nbytes));
       }
-      if (u.nbytes != ju.at("nbytes").get<size_t>())
-        throw std::invalid_argument("unit '" + u.name + "' says nbytes " +
-                                    std::to_string(ju.at("nbytes").get<size_t>()) +
+      const size_t nbytes = json_size(ju, "nbytes");
+      if (u.nbytes != nbytes)
+        throw std::invalid_argument("unit '" + u.name + "' says nbytes " + std::to_string(nbytes) +
                                     ", its segments give " + std::to_string(u.nbytes));
       units.push_back(std::move(u));
     }
