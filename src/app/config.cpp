@@ -362,8 +362,15 @@ std::string bare_key(const std::string& name) {
   return dot == std::string::npos ? name : name.substr(dot + 1);
 }
 
+// A key name from a file, quoted at most this long: a hostile file's megabyte-long "key" must
+// neither flood the message nor drive the quadratic edit distance (no real key is near 64 chars).
+constexpr size_t kMaxKeyQuoted = 64;
+
 std::string unknown_key_message(const std::string& key) {
-  return "unknown key '" + key + "' (did you mean '" + config_nearest_key(key) + "'?)";
+  const bool long_key = key.size() > kMaxKeyQuoted;
+  const std::string shown = long_key ? key.substr(0, kMaxKeyQuoted) + "..." : key;
+  return "unknown key '" + shown + "' (did you mean '" +
+         config_nearest_key(long_key ? key.substr(0, kMaxKeyQuoted) : key) + "'?)";
 }
 
 // One line of an INI file as Boost reads it: '#' starts a comment anywhere, blanks are trimmed.
@@ -683,9 +690,12 @@ TrainConfig config_read(const std::string& ini_path,
       throw std::invalid_argument(ini_path + ": " + e.what());
     }
     std::string unknown;
+    size_t unknown_count = 0;  // the first kMaxUnknownListed are named
+    constexpr size_t kMaxUnknownListed = 5;
     for (const po::option& opt : from_file.options) {
       if (opt.unregistered) {
-        unknown += (unknown.empty() ? "" : "; ") + unknown_key_message(opt.string_key);
+        if (++unknown_count <= kMaxUnknownListed)
+          unknown += (unknown.empty() ? "" : "; ") + unknown_key_message(opt.string_key);
         continue;
       }
       if (override_values.count(opt.string_key) == 0) {
@@ -694,6 +704,8 @@ TrainConfig config_read(const std::string& ini_path,
         where_of[opt.string_key] = ini_path;
       }
     }
+    if (unknown_count > kMaxUnknownListed)
+      unknown += "; and " + std::to_string(unknown_count - kMaxUnknownListed) + " more unknown keys";
     if (!unknown.empty()) throw std::invalid_argument(ini_path + ": " + unknown);
     try {
       po::store(from_file, vm);

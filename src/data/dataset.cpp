@@ -224,20 +224,21 @@ std::pair<int64_t, int64_t> vocab_attrs_check(const io::H5File& f, const std::st
   return {vocab_size, pad_token_id};
 }
 
-// Reads rows of a checked file: one row of an int32 dataset at a time, cut to seq_len, each
-// value checked; an error names file, dataset, row and column.
+// Reads rows of a checked file: one row of an int32 dataset at a time, only its first seq_len
+// columns (a file's seq_len is only bounded by HDF5: a few bytes on disk can claim 2^35 columns
+// that are never written; cutoff_len bounds what is read), each value checked; an error names
+// file, dataset, row and column.
 class RowReader {
  public:
-  RowReader(const io::H5File& file, const std::string& path, int64_t file_seq_len, int64_t seq_len,
-            int64_t model_vocab)
+  RowReader(const io::H5File& file, const std::string& path, int64_t seq_len, int64_t model_vocab)
       : file_(file), path_(path), seq_len_(seq_len), model_vocab_(model_vocab),
-        buffer_(static_cast<size_t>(file_seq_len)),
+        buffer_(static_cast<size_t>(seq_len)),
         vocab_text_("[0, " + std::to_string(model_vocab) + ")") {}
 
   // `bad(v)` says what is wrong with a value ("" when nothing).
   template <typename Bad>
   void row(const std::string& name, int64_t row, int64_t* out, Bad&& bad) {
-    as_user_error([&] { file_.read_int32_rows(name, row, 1, buffer_.data()); });
+    as_user_error([&] { file_.read_int32_rows(name, row, 1, buffer_.data(), seq_len_); });
     for (int64_t c = 0; c < seq_len_; ++c) {
       const int64_t v = buffer_[static_cast<size_t>(c)];
       if (const std::string why = bad(v); !why.empty())
@@ -266,7 +267,7 @@ class RowReader {
   const io::H5File& file_;
   const std::string& path_;
   int64_t seq_len_, model_vocab_;
-  std::vector<int32_t> buffer_;  // one row, uncut
+  std::vector<int32_t> buffer_;  // one row, cut to seq_len
   std::string vocab_text_;
 };
 
@@ -313,7 +314,7 @@ void TokenDataset::read(const std::vector<int64_t>& rows, at::Tensor& input_ids,
   labels = at::empty({n, seq_len_}, at::TensorOptions().dtype(at::kLong));     // [n, seq_len]
   int64_t* ids_out = input_ids.data_ptr<int64_t>();
   int64_t* labels_out = labels.data_ptr<int64_t>();
-  RowReader reader(*file_, path_, file_seq_len_, seq_len_, model_vocab_);
+  RowReader reader(*file_, path_, seq_len_, model_vocab_);
   at::Tensor positions;
   int64_t* pos_out = nullptr;
   if (position_ids && has_position_ids_) {
@@ -365,7 +366,7 @@ void PairDataset::read(const std::vector<int64_t>& pairs, at::Tensor& input_ids,
   labels = at::empty({2 * n, seq_len_}, at::TensorOptions().dtype(at::kLong));     // [2n, seq_len]
   int64_t* ids_out = input_ids.data_ptr<int64_t>();
   int64_t* labels_out = labels.data_ptr<int64_t>();
-  RowReader reader(*file_, path_, file_seq_len_, seq_len_, model_vocab_);
+  RowReader reader(*file_, path_, seq_len_, model_vocab_);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pair = pairs[static_cast<size_t>(i)];
     row_index_check(path_, pair, rows_, "pair");

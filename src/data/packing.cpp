@@ -206,8 +206,10 @@ void rows_file_write(const std::string& path, const std::vector<NamedRows>& sets
     if (string_attrs.count(reserved))
       throw std::invalid_argument(path + ": attribute '" + reserved + "' is written by " + who +
                                   " itself (pass another name)");
-  for (const auto& [prefix, rows_ptr] : sets) {
-    const TokenRows& rows = *rows_ptr;
+  for (const NamedRows& set : sets) {
+    const std::string& prefix = set.prefix;  // not a structured binding: the lambda below captures
+                                             // it, which C++17 (clang) does not allow for one
+    const TokenRows& rows = *set.rows;
     const std::string side = prefix.empty() ? "" : prefix.substr(0, prefix.size() - 1) + ": ";
     if (rows.rows < 1 || rows.seq_len < 2)
       throw std::invalid_argument(path + ": " + side + std::to_string(rows.rows) + " rows of " +

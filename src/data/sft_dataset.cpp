@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -261,6 +262,8 @@ std::vector<JsonRow> read_json_rows(const std::string& path, int64_t max_rows) {
     } catch (const json::parse_error& e) {
       throw std::invalid_argument(path + ": not valid JSON at byte " + std::to_string(e.byte) + " (" +
                                   e.what() + ")");
+    } catch (const json::exception& e) {  // out_of_range: a number like 1e999
+      throw std::invalid_argument(path + ": not valid JSON (" + std::string(e.what()) + ")");
     }
     for (size_t i = 0; i < all.size() && !full(); ++i) {
       const std::string where = path + " row " + std::to_string(i + 1);
@@ -284,7 +287,7 @@ std::vector<JsonRow> read_json_rows(const std::string& path, int64_t max_rows) {
     json v;
     try {
       v = json::parse(line);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
       if (rows.empty() && json::accept(text))
         throw std::invalid_argument(path + ": the top level is one JSON object; " + expected);
       throw std::invalid_argument(where + ": not valid JSON (" + e.what() + ")");
@@ -624,6 +627,12 @@ TrainValSplit split_train_val(int64_t n, double val_size, uint64_t seed) {
     if (val_size != std::floor(val_size))
       throw std::invalid_argument("val_size above 1 is a count of samples and must be whole, got " +
                                   std::to_string(val_size));
+    if (val_size >= static_cast<double>(n)) {  // also keeps the cast below inside int64
+      char count[32];
+      std::snprintf(count, sizeof count, "%.17g", val_size);
+      throw std::invalid_argument("val_size " + std::string(count) + " of " + std::to_string(n) +
+                                  " samples leaves none to train on; both need at least one");
+    }
     n_val = static_cast<int64_t>(val_size);
   } else {
     n_val = static_cast<int64_t>(std::ceil(val_size * static_cast<double>(n)));

@@ -1048,7 +1048,7 @@ Tokenizer Tokenizer::from_json_text(const std::string& text, const std::string& 
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
     throw std::invalid_argument(where + ": not valid JSON (" + e.what() + ")");
   }
   if (!j.is_object()) r.fail("the top level", "must be a JSON object");

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 
 #include "io/shape_str.h"
@@ -14,17 +15,20 @@ namespace qlora::dist {
 
 namespace {
 
+// Sizes come from the model description or from a unit file's layout table: a table written
+// by hand can hold any shape, so every product and sum is checked (2^62 bytes is far beyond any
+// unit and keeps the alignment and the offsets below free of overflow).
+constexpr size_t kMaxUnitBytes = size_t{1} << 62;
+
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
-// Shapes come from files (a unit file's layout table): a product that leaves int64, or bytes
-// that leave size_t, is an error, never a wrapped number.
 int64_t shape_numel(const std::vector<int64_t>& shape, const std::string& seg_name) {
   int64_t n = 1;
   for (int64_t d : shape) {
     if (d < 0) throw std::invalid_argument("negative dimension in a unit segment shape");
-    if (__builtin_mul_overflow(n, d, &n))
+    if (__builtin_mul_overflow(n, d, &n) || static_cast<uint64_t>(n) > kMaxUnitBytes)
       throw std::invalid_argument("segment '" + seg_name + "' shape " + io::shape_str(shape) +
-                                  " has more elements than fit in 64 bits");
+                                  " has more elements than a unit can hold (2^62 bytes)");
   }
   return n;
 }
@@ -33,10 +37,10 @@ size_t segment_nbytes(SegmentKind kind, io::DType dtype, const std::vector<int64
                       const std::string& seg_name) {
   const int64_t n = shape_numel(shape, seg_name);
   if (kind == SegmentKind::packed) return static_cast<size_t>((n + 1) / 2);
-  size_t nbytes = 0;
-  if (__builtin_mul_overflow(static_cast<size_t>(n), io::dtype_size(dtype), &nbytes))
-    throw std::invalid_argument("segment '" + seg_name + "' shape " + io::shape_str(shape) +
-                                " has more bytes than fit in 64 bits");
+  const size_t nbytes = static_cast<size_t>(n) * io::dtype_size(dtype);  // n <= 2^62, size <= 8
+  if (nbytes > kMaxUnitBytes)
+    throw std::invalid_argument("segment '" + seg_name + "' shape " + io::shape_str(shape) + " of " +
+                                io::dtype_name(dtype) + " is more than a unit can hold (2^62 bytes)");
   return nbytes;
 }
 
@@ -81,6 +85,9 @@ const Segment& UnitLayout::add(const std::string& seg_name, SegmentKind kind, io
   s.shape = shape;
   s.offset = nbytes;
   s.nbytes = segment_nbytes(kind, dtype, shape, seg_name);
+  if (s.nbytes > kMaxUnitBytes - s.offset)
+    throw std::invalid_argument("unit '" + name + "' would be more than 2^62 bytes with segment '" +
+                                seg_name + "'");
   nbytes = align_up(s.offset + s.nbytes, kSegmentAlign);
   segments.push_back(std::move(s));
   return segments.back();
@@ -153,6 +160,34 @@ std::string units_to_json(const std::vector<UnitLayout>& units) {
   return out.dump();
 }
 
+namespace {
+
+// object[key] as a non-negative integer: nlohmann's get<size_t>() would cast a float (2e118) or a
+// negative number, undefined behaviour or a wrapped value.
+size_t json_size(const nlohmann::json& object, const char* key) {
+  const nlohmann::json& v = object.at(key);
+  if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0))
+    throw std::invalid_argument(std::string("'") + key + "' is " + std::string(v.type_name()) +
+                                " " + (v.is_structured() ? "" : v.dump()) +
+                                " (expected a non-negative integer)");
+  return v.get<size_t>();
+}
+
+std::vector<int64_t> json_shape(const nlohmann::json& object) {
+  const nlohmann::json& v = object.at("shape");
+  if (!v.is_array()) throw std::invalid_argument("'shape' is not an array");
+  std::vector<int64_t> shape;
+  for (const nlohmann::json& d : v) {
+    if (!d.is_number_integer() || (d.is_number_unsigned() && d.get<uint64_t>() > INT64_MAX))
+      throw std::invalid_argument("'shape' holds " + std::string(d.type_name()) +
+                                  " (expected integers)");
+    shape.push_back(d.get<int64_t>());
+  }
+  return shape;
+}
+
+}  // namespace
+
 std::vector<UnitLayout> units_from_json(const std::string& json, const std::string& where) {
   std::vector<UnitLayout> units;
   try {
@@ -165,18 +200,17 @@ std::vector<UnitLayout> units_from_json(const std::string& json, const std::stri
         const Segment& s = u.add(js.at("name").get<std::string>(),
                                  segment_kind_from_name(js.at("kind").get<std::string>()),
                                  io::dtype_from_name(js.at("dtype").get<std::string>()),
-                                 js.at("shape").get<std::vector<int64_t>>());
-        if (s.offset != js.at("offset").get<size_t>() || s.nbytes != js.at("nbytes").get<size_t>())
+                                 json_shape(js));
+        const size_t offset = json_size(js, "offset"), nbytes = json_size(js, "nbytes");
+        if (s.offset != offset || s.nbytes != nbytes)
           throw std::invalid_argument("segment '" + s.name + "' of unit '" + u.name +
-                                      "' has offset/nbytes " +
-                                      std::to_string(js.at("offset").get<size_t>()) + "/" +
-                                      std::to_string(js.at("nbytes").get<size_t>()) +
-                                      ", its shape and dtype give " + std::to_string(s.offset) +
-                                      "/" + std::to_string(s.nbytes));
+                                      "' has offset/nbytes " + std::to_string(offset) + "/" +
+                                      std::to_string(nbytes) + ", its shape and dtype give " +
+                                      std::to_string(s.offset) + "/" + std::to_string(s.nbytes));
       }
-      if (u.nbytes != ju.at("nbytes").get<size_t>())
-        throw std::invalid_argument("unit '" + u.name + "' says nbytes " +
-                                    std::to_string(ju.at("nbytes").get<size_t>()) +
+      const size_t nbytes = json_size(ju, "nbytes");
+      if (u.nbytes != nbytes)
+        throw std::invalid_argument("unit '" + u.name + "' says nbytes " + std::to_string(nbytes) +
                                     ", its segments give " + std::to_string(u.nbytes));
       units.push_back(std::move(u));
     }

@@ -483,7 +483,7 @@ std::vector<int64_t> H5File::shape(const std::string& dataset) const {
 }
 
 void H5File::read_int32_rows(const std::string& dataset, int64_t row0, int64_t nrows,
-                             int32_t* out) const {
+                             int32_t* out, int64_t ncols) const {
   if (row0 < 0 || nrows < 0)
     throw std::invalid_argument(where(dataset) + ": negative row range (row0 " +
                                 std::to_string(row0) + ", nrows " + std::to_string(nrows) + ")");
@@ -495,7 +495,10 @@ void H5File::read_int32_rows(const std::string& dataset, int64_t row0, int64_t n
     throw std::runtime_error(where(dataset) + " holds " + type_name(type.get()) + " " +
                              shape_str(dims) + " (expected 2-D integer token ids, e.g. int32)");
   const int64_t rows = dims[0];
-  const int64_t cols = dims[1];
+  if (ncols > dims[1])
+    throw std::invalid_argument(where(dataset) + ": columns [0, " + std::to_string(ncols) +
+                                ") are beyond its end (shape " + shape_str(dims) + ")");
+  const int64_t cols = ncols >= 0 ? ncols : dims[1];
   if (row0 > rows || nrows > rows - row0) {
     const std::string end = row0 > INT64_MAX - nrows
                                 ? std::to_string(row0) + " + " + std::to_string(nrows)

@@ -48,10 +48,13 @@ class H5File {
                       const int32_t* data,  // [rows, cols]
                       int64_t rows, int64_t cols);
   std::vector<int64_t> shape(const std::string& dataset) const;  // any dataset
-  // Rows [row0, row0 + nrows), all columns. The dataset may hold any integer type (h5py writes
-  // int64 by default); a value outside the int32 range is an error, floats are rejected.
+  // Rows [row0, row0 + nrows), all columns, or with ncols >= 0 only columns [0, ncols) (at most
+  // the dataset's; a reader cutting rows reads no more than it keeps). The dataset may hold any
+  // integer type (h5py writes int64 by default); a value outside the int32 range is an error,
+  // floats are rejected.
   void read_int32_rows(const std::string& dataset, int64_t row0, int64_t nrows,
-                       int32_t* out) const;  // [nrows, cols]
+                       int32_t* out,  // [nrows, cols or ncols]
+                       int64_t ncols = -1) const;
 
   // Attributes on an object (a dataset, a group, or "/" for the root). Setting an attribute that
   // exists replaces it. Strings are variable-length UTF-8 (h5py reads them back as str) and may be

@@ -18,8 +18,8 @@
 #include <stdexcept>
 
 #include "io/atomic_write.h"
-#include "io/json_file.h"
 #include "io/safetensors.h"
+#include "lora/peft_config.h"
 #include "quant/tensor_io.h"
 
 namespace qlora::lora {
@@ -129,55 +129,6 @@ void weights_check(const std::string& where, const std::string& layer, const at:
                                 ", expected [out_features, r = " + std::to_string(rank) + "]");
 }
 
-json adapter_json_read(const std::string& path) {
-  std::error_code ec;
-  if (!fs::is_regular_file(path, ec))
-    throw std::invalid_argument(path + ": not found (a peft adapter directory holds " +
-                                kConfigFile + " and " + kWeightsFile + ")");
-  return io::json_file_read(path);
-}
-
-// Typed look-ups of adapter_config.json keys; absent or null keys take peft's default.
-struct ConfigReader {
-  const json& j;
-  const std::string& path;
-
-  bool has(const char* key) const { return j.contains(key) && !j.at(key).is_null(); }
-  [[noreturn]] void fail(const char* key, const std::string& what) const {
-    throw std::invalid_argument(path + ": key '" + key + "' " + what);
-  }
-  std::string string_or(const char* key, const std::string& fallback) const {
-    if (!has(key)) return fallback;
-    if (!j.at(key).is_string()) fail(key, "is " + j.at(key).dump() + ", expected a string");
-    return j.at(key).get<std::string>();
-  }
-  double number_or(const char* key, double fallback) const {
-    if (!has(key)) return fallback;
-    if (!j.at(key).is_number()) fail(key, "is " + j.at(key).dump() + ", expected a number");
-    return j.at(key).get<double>();
-  }
-  bool bool_or(const char* key, bool fallback) const {
-    if (!has(key)) return fallback;
-    if (!j.at(key).is_boolean()) fail(key, "is " + j.at(key).dump() + ", expected true or false");
-    return j.at(key).get<bool>();
-  }
-  int64_t int_or(const char* key, int64_t fallback) const {
-    if (!has(key)) return fallback;
-    if (!j.at(key).is_number_integer())
-      fail(key, "is " + j.at(key).dump() + ", expected an integer");
-    return j.at(key).get<int64_t>();
-  }
-  // Features that change the math and that we do not implement: reject rather than ignore.
-  void require_false(const char* key, const std::string& why) const {
-    if (has(key) && !(j.at(key).is_boolean() && !j.at(key).get<bool>()))
-      fail(key, "is " + j.at(key).dump() + ": " + why);
-  }
-  void require_empty(const char* key, const std::string& why) const {
-    if (has(key) && !(j.at(key).is_object() && j.at(key).empty()))
-      fail(key, "is " + j.at(key).dump() + ": " + why);
-  }
-};
-
 }  // namespace
 
 void peft_adapter_write(const std::string& dir, const PeftAdapter& adapter) {
@@ -211,49 +162,15 @@ void peft_adapter_write(const std::string& dir, const PeftAdapter& adapter) {
 PeftAdapter peft_adapter_read(const std::string& dir) {
   const std::string config_path = dir + "/" + kConfigFile;
   const std::string weights_path = dir + "/" + kWeightsFile;
-  const json j = adapter_json_read(config_path);
-  if (!j.is_object())
-    throw std::invalid_argument(config_path + ": top level is " + j.dump() +
-                                ", expected an object");
-  const ConfigReader cfg{j, config_path};
-
-  if (!j.contains("peft_type")) cfg.fail("peft_type", "is missing (expected \"LORA\")");
-  const std::string peft_type = cfg.string_or("peft_type", "");
-  if (peft_type != "LORA")
-    cfg.fail("peft_type", "is \"" + peft_type + "\", expected \"LORA\" (only LoRA adapters)");
-  const std::string bias = cfg.string_or("bias", "none");
-  if (bias != "none")
-    cfg.fail("bias", "is \"" + bias + "\", expected \"none\" (trained biases are not supported)");
-  cfg.require_false("use_dora", "DoRA adapters are not supported");
-  cfg.require_false("lora_bias", "LoRA biases are not supported");
-  cfg.require_false("fan_in_fan_out", "transposed (Conv1D) weights are not supported");
-  cfg.require_empty("rank_pattern", "per-layer ranks are not supported");
-  cfg.require_empty("alpha_pattern", "per-layer alphas are not supported");
-
+  const PeftConfigFile cfg = peft_config_read(config_path);
   PeftAdapter adapter;
-  // Defaults are peft's LoraConfig defaults.
-  adapter.config.rank = cfg.int_or("r", 8);
-  adapter.config.alpha = cfg.number_or("lora_alpha", 8.0);
-  adapter.config.dropout = cfg.number_or("lora_dropout", 0.0);
-  adapter.config.use_rslora = cfg.bool_or("use_rslora", false);
+  adapter.config.rank = cfg.rank;
+  adapter.config.alpha = cfg.alpha;
+  adapter.config.dropout = cfg.dropout;
+  adapter.config.use_rslora = cfg.use_rslora;
   adapter.config.validate(config_path);
-  adapter.base_model_name_or_path = cfg.string_or("base_model_name_or_path", "");
-
-  // target_modules: a list of names (peft matches a module whose name is the entry or ends with
-  // "." + entry) or one regex string; the list is kept as short names.
-  std::optional<std::set<std::string>> targets;
-  if (cfg.has("target_modules")) {
-    const json& t = j.at("target_modules");
-    if (t.is_array()) {
-      targets.emplace();
-      for (const json& e : t) {
-        if (!e.is_string()) cfg.fail("target_modules", "holds " + e.dump() + ", expected strings");
-        targets->insert(last_component(e.get<std::string>()));
-      }
-    } else if (!t.is_string()) {
-      cfg.fail("target_modules", "is " + t.dump() + ", expected a list of names or a string");
-    }
-  }
+  adapter.base_model_name_or_path = cfg.base_model_name_or_path;
+  const std::optional<std::set<std::string>>& targets = cfg.target_modules;
 
   const auto file = io::SafetensorsFile::open(weights_path);  // validates the header
   std::map<std::string, std::pair<at::Tensor, at::Tensor>> weights;

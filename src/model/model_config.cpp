@@ -16,11 +16,32 @@ constexpr ArchInfo kArchs[] = {{"LlamaForCausalLM", "llama", Architecture::llama
                                {"MistralForCausalLM", "mistral", Architecture::mistral},
                                {"Qwen2ForCausalLM", "qwen2", Architecture::qwen2}};
 
-int64_t positive_int(const nlohmann::json& j, const char* key, const std::string& where) {
-  if (!j.contains(key) || !j[key].is_number_integer() || j[key].get<int64_t>() <= 0)
+// Bounds on the sizes a config.json may give, far above any real model (the largest have ~10^6
+// vocabulary entries, ~10^5 hidden units, ~10^2 layers), so that every product of two sizes fits
+// int64 and a hostile file cannot make us build millions of tensor names.
+constexpr int64_t kMaxSize = int64_t{1} << 24;    // 16777216
+constexpr int64_t kMaxLayers = int64_t{1} << 12;  // 4096
+
+int64_t positive_int(const nlohmann::json& j, const char* key, const std::string& where,
+                     int64_t max = kMaxSize) {
+  if (!j.contains(key) || !j[key].is_number_integer() ||
+      (j[key].is_number_unsigned() ? j[key].get<uint64_t>() == 0 : j[key].get<int64_t>() <= 0))
     throw std::invalid_argument(where + ": key '" + key +
                                 "' must be a positive integer (is it a decoder config.json?)");
+  if (j[key].is_number_unsigned() ? j[key].get<uint64_t>() > uint64_t(max)
+                                  : j[key].get<int64_t>() > max)
+    throw std::invalid_argument(where + ": key '" + key + "' is " + j[key].dump() +
+                                " (expected at most " + std::to_string(max) + ")");
   return j[key].get<int64_t>();
+}
+
+// j[key] when it is present and not null, else `fallback`; the wrong type names the key.
+std::string string_key(const nlohmann::json& j, const char* key, const std::string& fallback,
+                       const std::string& where) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  if (!j[key].is_string())
+    throw std::invalid_argument(where + ": key '" + key + "' must be a string");
+  return j[key].get<std::string>();
 }
 
 bool bool_key(const nlohmann::json& j, const char* key, bool fallback, const std::string& where) {
@@ -170,9 +191,8 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
   if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
       j["architectures"][0].is_string())
     arch = j["architectures"][0].get<std::string>();
-  const std::string model_type = j.contains("model_type") && j["model_type"].is_string()
-                                     ? j["model_type"].get<std::string>()
-                                     : std::string();
+  if (!j.is_object()) throw std::invalid_argument(where + ": expected a JSON object");
+  const std::string model_type = string_key(j, "model_type", "", where);
   const ArchInfo* found = nullptr;
   for (const ArchInfo& a : kArchs)
     if (arch == a.architecture || (arch.empty() && model_type == a.model_type)) found = &a;
@@ -186,14 +206,7 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
   c.vocab_size = positive_int(j, "vocab_size", where);
   c.hidden_size = positive_int(j, "hidden_size", where);
   c.intermediate_size = positive_int(j, "intermediate_size", where);
-  c.num_hidden_layers = positive_int(j, "num_hidden_layers", where);
-  // Every layer's tensors are listed by name before any is read: bound the count first.
-  constexpr int64_t kMaxLayers = 65536;
-  if (c.num_hidden_layers > kMaxLayers)
-    throw std::invalid_argument(where + ": num_hidden_layers " +
-                                std::to_string(c.num_hidden_layers) +
-                                " is out of range (expected at most " +
-                                std::to_string(kMaxLayers) + ")");
+  c.num_hidden_layers = positive_int(j, "num_hidden_layers", where, kMaxLayers);
   c.num_attention_heads = positive_int(j, "num_attention_heads", where);
   c.num_key_value_heads = j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
                               ? positive_int(j, "num_key_value_heads", where)
@@ -201,15 +214,22 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
   c.head_dim = j.contains("head_dim") && !j["head_dim"].is_null()
                    ? positive_int(j, "head_dim", where)
                    : c.hidden_size / c.num_attention_heads;
+  if (c.head_dim < 1)
+    throw std::invalid_argument(where + ": hidden_size " + std::to_string(c.hidden_size) +
+                                " / num_attention_heads " + std::to_string(c.num_attention_heads) +
+                                " gives head_dim 0 (expected hidden_size >= num_attention_heads, "
+                                "or a head_dim key)");
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     throw std::invalid_argument(
         where + ": num_attention_heads " + std::to_string(c.num_attention_heads) +
         " is not a multiple of num_key_value_heads " + std::to_string(c.num_key_value_heads));
-  const auto present = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
-  c.max_position_embeddings = present("max_position_embeddings")
-                                  ? positive_int(j, "max_position_embeddings", where)
-                                  : int64_t{2048};
-  c.rms_norm_eps = present("rms_norm_eps") ? number_key(j, "rms_norm_eps", where) : 1e-6;
+  c.max_position_embeddings =
+      j.contains("max_position_embeddings") && !j["max_position_embeddings"].is_null()
+          ? positive_int(j, "max_position_embeddings", where)
+          : 2048;
+  c.rms_norm_eps = j.contains("rms_norm_eps") && !j["rms_norm_eps"].is_null()
+                       ? number_key(j, "rms_norm_eps", where)
+                       : 1e-6;
   rope_from_json(j, where, c);
   c.tie_word_embeddings = bool_key(j, "tie_word_embeddings", false, where);
   // What each family's attention / MLP modules construct, whatever else the file says.

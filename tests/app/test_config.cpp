@@ -424,6 +424,22 @@ TEST_F(ConfigTest, UnknownKeyInFileNamesTheNearest) {
             path + ": unknown key 'train.learnig_rate' (did you mean 'train.learning_rate'?)");
 }
 
+// Found by fuzzing the INI (tests/fuzz/train_config.cpp): a file of many or huge unknown keys made
+// one message of all of them and an edit distance per key quadratic in its length.
+TEST_F(ConfigTest, ManyOrLongUnknownKeysAreCut) {
+  std::string ini = std::string(kMinimalIni) + "[train]\n";
+  for (int i = 0; i < 8; ++i) ini += "bogus" + std::to_string(i) + " = 1\n";
+  ini += std::string(5000, 'k') + " = 1\n";
+  const std::string m = read_error(ini);
+  EXPECT_TRUE(contains(m, "unknown key 'train.bogus4'")) << m;
+  EXPECT_FALSE(contains(m, "bogus5")) << m;
+  EXPECT_TRUE(contains(m, "; and 4 more unknown keys")) << m;
+  EXPECT_LT(m.size(), 1000u) << m;
+  const std::string long_key = read_error(std::string(kMinimalIni) + "[train]\n" +
+                                          std::string(5000, 'k') + " = 1\n");
+  EXPECT_TRUE(contains(long_key, "unknown key 'train." + std::string(58, 'k') + "...'")) << long_key;
+}
+
 TEST_F(ConfigTest, KeyInTheWrongSection) {
   const std::string path = ini_write(std::string(kMinimalIni) + "[model]\nlearning_rate = 0.1\n");
   EXPECT_EQ(invalid_argument_message([&] { config_read(path, {}); }),

@@ -71,6 +71,11 @@ TEST_F(SftFiles, FileErrorsAreOneClearLine) {
   const std::string row = write("r.json", "[{\"text\": \"a\"}, 3]");
   EXPECT_TRUE(contains(msg(row), row + " row 2: a row must be a JSON object")) << msg(row);
   EXPECT_TRUE(contains(msg((dir_ / "missing.json").string()), "cannot be read"));
+  // A number JSON cannot hold (found by fuzzing: nlohmann's out_of_range escaped unnamed).
+  const std::string big = write("big.jsonl", "{\"text\": 1e999}\n");
+  EXPECT_TRUE(contains(msg(big), big + ":1: not valid JSON")) << msg(big);
+  const std::string big_arr = write("big.json", "[{\"text\": 1e999}]");
+  EXPECT_TRUE(contains(msg(big_arr), big_arr + ": not valid JSON")) << msg(big_arr);
 }
 
 TEST(SftFormatting, AutoDetectionFromTheFirstRowsKeys) {
@@ -301,6 +306,9 @@ TEST(SftSplit, FractionIsCeiledCountIsExactDeterministicBySeed) {
   EXPECT_EQ(split_train_val(10, 1e-3, 0).val.size(), 1u);
   EXPECT_TRUE(contains(invalid_argument_message([] { split_train_val(10, 10, 0); }), "both need at least one"));
   EXPECT_TRUE(contains(invalid_argument_message([] { split_train_val(10, 2.5, 0); }), "whole"));
+  // Found by fuzzing (tests/fuzz/json_dataset.cpp): a count beyond int64 was cast before the check.
+  EXPECT_TRUE(contains(invalid_argument_message([] { split_train_val(3, 1e300, 0); }),
+                       "val_size 1.0000000000000001e+300 of 3 samples leaves none to train on"));
   EXPECT_TRUE(contains(invalid_argument_message([] { split_train_val(10, 0, 0); }), "val_size"));
 }
 

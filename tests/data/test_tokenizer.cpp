@@ -128,6 +128,8 @@ TEST(Tokenizer, UnsupportedComponentsNameTheirPlace) {
 
 TEST(Tokenizer, MalformedFilesNameWhatIsWrong) {
   EXPECT_TRUE(contains(load_error("{not json"), "tok.json: not valid JSON")) << load_error("{not json");
+  // A number JSON cannot hold (found by fuzzing: nlohmann's out_of_range escaped unnamed).
+  EXPECT_TRUE(contains(load_error(R"({"model": {"vocab": {"a": 1e999}}})"), "tok.json: not valid JSON"));
   EXPECT_EQ(load_error("[1, 2]"), "tok.json: the top level must be a JSON object");
   EXPECT_EQ(load_error(R"({"normalizer": null})"), "tok.json: model is missing");
   EXPECT_EQ(load_error(with("model", R"({"type": "BPE", "merges": []})")), "tok.json: model.vocab is missing");

@@ -116,6 +116,34 @@ TEST(RopeConfig, Errors) {
                        "hidden_act 'gelu' is not supported (expected silu)"));
 }
 
+// Found by fuzzing config.json (tests/fuzz/hf_config.cpp): sizes are bounded (a 30888888-layer
+// config took minutes to name its tensors), and a key of the wrong type is one line naming it
+// (nlohmann's type_error escaped from json::value()).
+TEST(ModelConfigJson, HostileSizesAndTypes) {
+  const auto message = [](const json& j) {
+    return invalid_argument_message([&] { model_config_from_json(j, kWhere); });
+  };
+  json j = llama31_json();
+  j["num_hidden_layers"] = 30888888;
+  EXPECT_TRUE(contains(message(j), kWhere + ": key 'num_hidden_layers' is 30888888 (expected at most 4096)"))
+      << message(j);
+  j = llama31_json();
+  j["vocab_size"] = int64_t{1} << 40;
+  EXPECT_TRUE(contains(message(j), "key 'vocab_size' is 1099511627776 (expected at most 16777216)"));
+  j = llama31_json();
+  j["hidden_size"] = 4;
+  EXPECT_TRUE(contains(message(j), "gives head_dim 0"));
+  for (const char* key : {"max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"}) {
+    j = llama31_json();
+    j[key] = "8192";
+    EXPECT_TRUE(contains(message(j), std::string("key '") + key + "' must be")) << key << ": " << message(j);
+  }
+  j = llama31_json();
+  j.erase("architectures");
+  j["model_type"] = 5;
+  EXPECT_TRUE(contains(message(j), "key 'model_type' must be a string"));
+}
+
 TEST(SlidingWindowConfig, Mistral) {
   json j = llama31_json();
   j["architectures"] = {"MistralForCausalLM"};
