@@ -16,7 +16,10 @@ case "$kind" in
   asan)
     build=$root/build-asan
     cmake_args="-DQLORA_SANITIZE=address -DQLORA_WITH_CUDA=OFF -DQLORA_BUILD_BENCH=OFF"
-    export ASAN_OPTIONS="abort_on_error=0:exitcode=86:detect_odr_violation=0:detect_leaks=1:alloc_dealloc_mismatch=0"
+    # Full unwinding at malloc (Open MPI and libc are built without frame pointers) and Open MPI's
+    # components kept loaded, so that leaks at exit have stacks the suppressions can name.
+    export ASAN_OPTIONS="abort_on_error=0:exitcode=86:detect_odr_violation=0:detect_leaks=1:alloc_dealloc_mismatch=0:fast_unwind_on_malloc=0"
+    export OMPI_MCA_mca_base_component_disable_dlclose=1
     export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
     export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87:suppressions=$supp/ubsan.supp"
     labels="unit|cli|mpi"
