@@ -29,6 +29,7 @@ case "$kind" in
     build=$root/build-tsan
     cmake_args="-DQLORA_SANITIZE=thread -DQLORA_WITH_CUDA=OFF -DQLORA_BUILD_BENCH=OFF"
     export TSAN_OPTIONS="exitcode=88:halt_on_error=1:second_deadlock_stack=1:suppressions=$supp/tsan.supp"
+    export OMPI_MCA_mca_base_component_disable_dlclose=1
     labels="unit|mpi"
     # Only the communicator's tests: TSan needs every thread's memory accesses instrumented, and
     # libtorch's OpenMP pool is not, so the training tests would report its races, not ours.
