@@ -20,6 +20,10 @@ job_field(env, jid, field) and requeued_run_to_end(...): a test SLURM's job stat
 make_pairs(rng, n, vocab) and write_pairs(path, pairs, vocab): a synthetic preference task (prompt:
 random tokens; chosen: the prompt copied and an end token; rejected: other random tokens) as our
 pair file (src/data/dataset.h PairDataset).
+
+BUILD, QLORA, ROOT, MPIRUN and MPI_ENV: where the build and the binary are (QLORA_BUILD_DIR, set
+by ctest), the source root, mpirun, and the environment a test job runs in (root MPI allowed, one
+OpenMP thread, no fault injection left over from the caller).
 """
 import json
 import os
@@ -29,6 +33,15 @@ import subprocess
 import time
 
 import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(_HERE, "..", "build")
+QLORA = os.path.join(BUILD, "qlora_dist")
+ROOT = os.path.join(_HERE, "..")
+MPIRUN = os.environ.get("MPIRUN", "mpirun")
+MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMP_NUM_THREADS="1")
+MPI_ENV.pop("QLORA_FAULT_NAN_AT_STEP", None)
 
 
 def make_tiny_job(qlora, d, train_rows, eval_rows=0, model_format="h5"):

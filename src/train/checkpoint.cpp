@@ -15,6 +15,7 @@
 #include "io/shape_str.h"
 #include "train/sharded_model.h"
 #include "lora/peft_adapter.h"
+#include "lora/peft_config.h"
 
 namespace fs = std::filesystem;
 
@@ -225,16 +226,13 @@ void checkpoint_check(const fs::path& dir, const model::ModelConfig& model) {
 
   // The adapter: the tensors the model and the adapter's own r and target_modules give.
   const fs::path config_file = dir / "adapter_config.json";
-  const nlohmann::json cfg = io::json_file_read(config_file);
-  int64_t rank = 0;
-  std::vector<std::string> targets;
-  try {
-    rank = cfg.at("r").get<int64_t>();
-    for (const auto& t : cfg.at("target_modules")) targets.push_back(t.get<std::string>());
-  } catch (const nlohmann::json::exception& e) {
-    throw bad(config_file, std::string("r or target_modules unreadable (") + e.what() + ")");
-  }
+  // The same reader (and its checks) as any adapter a user hands us.
+  const lora::PeftConfigFile cfg = lora::peft_config_read(config_file.string());
+  if (!cfg.target_modules)
+    throw bad(config_file, "target_modules is not a list (a checkpoint's adapter names its modules)");
+  const int64_t rank = cfg.rank;
   if (rank < 1 || rank > (1 << 16)) throw bad(config_file, "r = " + std::to_string(rank));
+  const std::vector<std::string> targets(cfg.target_modules->begin(), cfg.target_modules->end());
   const std::vector<dist::UnitLayout> units = lora_units(model, rank, targets);
   const fs::path weights_file = dir / "adapter_model.safetensors";
   const auto weights = io::SafetensorsFile::open(weights_file.string());

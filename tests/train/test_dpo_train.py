@@ -24,15 +24,10 @@ import pytest
 from safetensors.numpy import load_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tiny_job import job_kill, make_pairs, make_tiny_job, metrics, write_pairs  # noqa: E402
+from tiny_job import (MPI_ENV, MPIRUN, QLORA, ROOT, job_kill, make_pairs,  # noqa: E402
+                      make_tiny_job, metrics, write_pairs)
 
-BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "build")
-QLORA = os.path.join(BUILD, "qlora_dist")
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-MPIRUN = os.environ.get("MPIRUN", "mpirun")
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-           OMP_NUM_THREADS="1")
+ENV = MPI_ENV
 LR = 3e-3
 STEPS = 6
 REWARDS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

@@ -32,16 +32,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tiny_job import job_kill, make_tiny_job, metrics  # noqa: E402
+from tiny_job import MPI_ENV, MPIRUN, QLORA, ROOT, job_kill, make_tiny_job, metrics  # noqa: E402
 
-BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "build")
-QLORA = os.path.join(BUILD, "qlora_dist")
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-MPIRUN = os.environ.get("MPIRUN", "mpirun")
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-           OMP_NUM_THREADS="1")
-ENV.pop("QLORA_FAULT_NAN_AT_STEP", None)
+ENV = MPI_ENV
 NP = 2
 KILLS = 20
 STEPS = 40  # the kill chain advanced 10-12 steps in 20 runs here; the last run finishes
