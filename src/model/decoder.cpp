@@ -45,12 +45,14 @@ lora::AdapterSlot adapter_slot_zeros(const lora::QLoraLinear& l, int64_t rank) {
 }
 
 // transformers' LlamaRMSNorm. With upcast_layernorm the weight is fp32 and the product stays in
-// fp32 until the cast back to the input's dtype.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+// fp32 until the cast back to the input's dtype. Gemma3RMSNorm (`gemma`): the weight is an offset
+// from one, applied in fp32: (h * (1 + w32)).to(x.dtype).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma = false) {
   const at::ScalarType input_dtype = x.scalar_type();
   at::Tensor h = x.to(at::kFloat);
   const at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   h = h * at::rsqrt(variance + eps);
+  if (gemma) return (h * (weight.to(at::kFloat) + 1.0)).to(input_dtype);
   if (weight.scalar_type() != input_dtype) return (weight * h).to(input_dtype);
   return weight * h.to(input_dtype);
 }
@@ -72,13 +74,14 @@ at::Tensor repeat_kv(const at::Tensor& x, int64_t n_rep) {
 // ------------------------------------------------------------------------------------------
 // RoPE
 
-at::Tensor rope_inv_freq(const ModelConfig& c) {
+at::Tensor rope_inv_freq(const ModelConfig& c, int64_t layer) {
   const int64_t dim = c.head_dim;
+  const double rope_theta = c.layer_rope_theta(layer);
   // transformers: 1.0 / (base ** (arange(0, dim, 2, int64).float() / dim)); Python evaluates
   // `base ** t` as pow(base, t) and `1.0 / t` as t.reciprocal() * 1.0, all in fp32.
   const at::Tensor exponent = at::arange(0, dim, 2, at::kLong).to(at::kFloat) / dim;
-  const at::Tensor inv_freq = at::reciprocal(at::pow(c.rope_theta, exponent)) * 1.0;  // [dim/2]
-  const RopeScaling& r = c.rope_scaling;
+  const at::Tensor inv_freq = at::reciprocal(at::pow(rope_theta, exponent)) * 1.0;  // [dim/2]
+  const RopeScaling& r = c.layer_rope_scaling(layer);
   if (r.rope_type == "default") return inv_freq;
   if (r.rope_type == "linear") return inv_freq / r.factor;
   if (r.rope_type == "llama3") {
@@ -152,6 +155,19 @@ lora::QLoraLinear& DecoderBlock::linear(const std::string& short_name) {
   return const_cast<lora::QLoraLinear&>(std::as_const(*this).linear(short_name));
 }
 
+at::Tensor& DecoderBlock::norm(const std::string& name) {
+  if (name == "input_layernorm") return input_layernorm;
+  if (name == "post_attention_layernorm") return post_attention_layernorm;
+  if (name == "pre_feedforward_layernorm") return pre_feedforward_layernorm;
+  if (name == "post_feedforward_layernorm") return post_feedforward_layernorm;
+  if (name == "self_attn.q_norm") return q_norm;
+  if (name == "self_attn.k_norm") return k_norm;
+  throw std::invalid_argument("unknown block norm '" + name +
+                              "' (expected input_layernorm, post_attention_layernorm, "
+                              "pre_feedforward_layernorm, post_feedforward_layernorm, "
+                              "self_attn.q_norm or self_attn.k_norm)");
+}
+
 // ------------------------------------------------------------------------------------------
 // Loading
 
@@ -190,8 +206,8 @@ DecoderModel DecoderModel::load(const std::string& dir, const LoadOptions& optio
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     DecoderBlock& b = m.blocks_[static_cast<size_t>(i)];
     const std::string p = layer_prefix(i);
-    b.input_layernorm = load_float(p + "input_layernorm.weight", norm_dtype);
-    b.post_attention_layernorm = load_float(p + "post_attention_layernorm.weight", norm_dtype);
+    for (const auto& [norm, size] : block_norms(c))
+      b.norm(norm) = load_float(p + norm + ".weight", norm_dtype);
     for (const std::string& short_name : lora::block_linear_names()) {
       const std::string name = block_linear_module(i, short_name);  // model.layers.i.self_attn.q_proj
       // A pre-quantized checkpoint's 4-bit linears as they are; any other quantized on load.
@@ -201,7 +217,7 @@ DecoderModel DecoderModel::load(const std::string& dir, const LoadOptions& optio
       b.linears.emplace_back(name, std::move(q), std::move(bias));
     }
   }
-  m.rope_inv_freq_ = rope_inv_freq(c);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) m.rope_inv_freq_.push_back(rope_inv_freq(c, i));
   return m;
 }
 
@@ -218,7 +234,8 @@ DecoderModel DecoderModel::skeleton(const ModelConfig& config, const LoadOptions
   m.compute_dtype_ = compute;
   m.upcast_layernorm_ = options.upcast_layernorm;
   m.blocks_.resize(static_cast<size_t>(config.num_hidden_layers));
-  m.rope_inv_freq_ = rope_inv_freq(config);
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i)
+    m.rope_inv_freq_.push_back(rope_inv_freq(config, i));
   return m;
 }
 
@@ -249,7 +266,11 @@ at::Tensor DecoderModel::embed(const at::Tensor& tokens) const {
                                   " is out of range [0, " + std::to_string(config_.vocab_size) +
                                   ") of the model's vocabulary");
   }
-  return at::embedding(embed_tokens_, ids);  // [B, T, H]
+  const at::Tensor e = at::embedding(embed_tokens_, ids);  // [B, T, H]
+  if (config_.embed_scale == 0.0) return e;
+  // Gemma3TextScaledWordEmbedding: times torch.tensor(hidden_size**0.5) (fp32) cast to the
+  // embedding's dtype.
+  return e * at::scalar_tensor(config_.embed_scale, at::kFloat).to(e.scalar_type());
 }
 
 namespace {
@@ -264,8 +285,12 @@ at::Tensor block_apply(const ModelConfig& c, const DecoderBlock& b, const at::Te
                        bool training, const std::optional<at::Generator>& dropout_gen,
                        at::Tensor cos, at::Tensor sin, const AttendFn& attend) {
   const int64_t batch = x.size(0), seq = x.size(1), d = c.head_dim;
+  const bool gemma = c.gemma_norms;
+  const auto norm = [&](const at::Tensor& t, const at::Tensor& w) {
+    return rms_norm(t, w, c.rms_norm_eps, gemma);
+  };
   // Attention.
-  const at::Tensor h = rms_norm(x, b.input_layernorm, c.rms_norm_eps);  // [B, T, H]
+  const at::Tensor h = norm(x, b.input_layernorm);  // [B, T, H]
   const auto proj = [&](const char* name) {  // [B, T, n * D] -> [B, n, T, D]
     return b.linear(name)
         .forward(h, training, dropout_gen)
@@ -273,19 +298,30 @@ at::Tensor block_apply(const ModelConfig& c, const DecoderBlock& b, const at::Te
         .transpose(1, 2);
   };
   at::Tensor q = proj("q_proj"), k = proj("k_proj"), v = proj("v_proj");
+  if (c.qk_norm) {  // over head_dim of each head, before RoPE
+    q = norm(q, b.q_norm);
+    k = norm(k, b.k_norm);
+  }
   cos = cos.unsqueeze(1);  // [B or 1, 1, T, D]
   sin = sin.unsqueeze(1);
   q = q * cos + rotate_half(q) * sin;
   k = k * cos + rotate_half(k) * sin;
   at::Tensor attn = attend(q, k, v);                      // [B, heads, T, D]
   attn = attn.transpose(1, 2).reshape({batch, seq, -1});  // [B, T, heads * D]
-  const at::Tensor hidden = x + b.linear("o_proj").forward(attn, training, dropout_gen);
+  at::Tensor attn_out = b.linear("o_proj").forward(attn, training, dropout_gen);
+  if (gemma) attn_out = norm(attn_out, b.post_attention_layernorm);
+  const at::Tensor hidden = x + attn_out;
 
   // MLP.
-  const at::Tensor h2 = rms_norm(hidden, b.post_attention_layernorm, c.rms_norm_eps);
+  const at::Tensor h2 =
+      norm(hidden, gemma ? b.pre_feedforward_layernorm : b.post_attention_layernorm);
   const at::Tensor gate = b.linear("gate_proj").forward(h2, training, dropout_gen);
   const at::Tensor up = b.linear("up_proj").forward(h2, training, dropout_gen);
-  return hidden + b.linear("down_proj").forward(at::silu(gate) * up, training, dropout_gen);
+  const at::Tensor act = c.hidden_act == "gelu_pytorch_tanh" ? at::gelu(gate, "tanh")
+                                                             : at::silu(gate);
+  at::Tensor mlp_out = b.linear("down_proj").forward(act * up, training, dropout_gen);
+  if (gemma) mlp_out = norm(mlp_out, b.post_feedforward_layernorm);
+  return hidden + mlp_out;
 }
 
 // Query positions q0..q0+T-1 against key positions 0..S-1 (S = q0 + T): key j is visible to
@@ -312,7 +348,8 @@ const DecoderBlock& DecoderModel::block_checked(int64_t i, const at::Tensor& x,
                                 std::to_string(c.hidden_size) + "], not " +
                                 shape_str(x.sizes().vec()));
   const DecoderBlock& b = blocks_[static_cast<size_t>(i)];
-  if (b.linears.size() != lora::block_linear_names().size() || !b.input_layernorm.defined())
+  if (b.linears.size() != lora::block_linear_names().size() || !b.input_layernorm.defined() ||
+      (c.qk_norm && !b.k_norm.defined()) || (c.gemma_norms && !b.post_feedforward_layernorm.defined()))
     throw std::logic_error(std::string(what) + ": block " + std::to_string(i) +
                            " has no weights bound");
   return b;
@@ -335,10 +372,10 @@ at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool trai
                                 c10::toString(position_ids.scalar_type()));
   const int64_t n_rep = c.num_attention_heads / c.num_key_value_heads;
   const at::Tensor positions = packed ? position_ids.to(x.device()).to(at::kLong) : at::Tensor();
-  auto [cos, sin] = packed ? rope_cos_sin_at(rope_inv_freq_.to(x.device()), positions,
-                                             x.scalar_type())
-                           : rope_cos_sin(rope_inv_freq_.to(x.device()), seq, x.scalar_type());
-  const double scaling = std::pow(static_cast<double>(c.head_dim), -0.5);  // Python's head_dim**-0.5
+  const at::Tensor inv_freq = rope_inv_freq_.at(static_cast<size_t>(i)).to(x.device());
+  auto [cos, sin] = packed ? rope_cos_sin_at(inv_freq, positions, x.scalar_type())
+                           : rope_cos_sin(inv_freq, seq, x.scalar_type());
+  const double scaling = c.attention_scaling();
   const int64_t window = c.attention_window(i);
   const auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
     if (packed) {
@@ -375,8 +412,9 @@ at::Tensor DecoderModel::block_step(int64_t i, const at::Tensor& x, KvCache& cac
   const at::Tensor positions =
       at::arange(past, past + seq, at::TensorOptions().dtype(at::kLong).device(x.device()))
           .unsqueeze(0);  // [1, T]
-  auto [cos, sin] = rope_cos_sin_at(rope_inv_freq_.to(x.device()), positions, x.scalar_type());
-  const double scaling = std::pow(static_cast<double>(c.head_dim), -0.5);
+  auto [cos, sin] = rope_cos_sin_at(rope_inv_freq_.at(static_cast<size_t>(i)).to(x.device()),
+                                    positions, x.scalar_type());
+  const double scaling = c.attention_scaling();
   const int64_t window = c.attention_window(i);
   const int64_t total = past + seq;
   const auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -420,7 +458,7 @@ at::Tensor DecoderModel::forward_step(const at::Tensor& tokens, KvCache& cache,
 
 at::Tensor DecoderModel::final_norm(const at::Tensor& x) const {
   if (!norm_.defined()) throw std::logic_error("final_norm: the head is not bound (set_head)");
-  return rms_norm(x, norm_, config_.rms_norm_eps);
+  return rms_norm(x, norm_, config_.rms_norm_eps, config_.gemma_norms);
 }
 
 at::Tensor DecoderModel::logits(const at::Tensor& normed) const {

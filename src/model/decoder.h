@@ -1,10 +1,15 @@
-// Decoder-only LLaMA-family model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) on
-// libtorch, with every block linear a QLoraLinear over a frozen 4-bit weight:
-//   x0 = embed(tokens);  x_{i+1} = block_i(x_i);  logits = lm_head(norm(x_L))
+// Decoder-only LLaMA-family model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+// Qwen3ForCausalLM, Gemma3ForCausalLM) on libtorch, with every block linear a QLoraLinear over a
+// frozen 4-bit weight:
+//   x0 = embed(tokens) (* sqrt(hidden) for Gemma 3);  x_{i+1} = block_i(x_i);
+//   logits = lm_head(norm(x_L))
 //   block(x) = h + mlp(rmsnorm(h)),  h = x + o_proj(attn(rmsnorm(x)))
-//   attn: q/k/v projections (bias on Qwen2), RoPE (rope_theta; rope_scaling type llama3),
+//     Gemma 3: h = x + post_attention_norm(o_proj(attn(input_norm(x)))),
+//              out = h + post_feedforward_norm(mlp(pre_feedforward_norm(h)))
+//   attn: q/k/v projections (bias on Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), RoPE
+//         (rope_theta; rope_scaling linear / llama3; Gemma 3's local layers their own base),
 //         grouped-query attention through scaled_dot_product_attention, causal
-//   mlp(x) = down_proj(silu(gate_proj(x)) * up_proj(x))
+//   mlp(x) = down_proj(act(gate_proj(x)) * up_proj(x)), act = silu (GELU-tanh for Gemma 3)
 // Embedding, norms and lm_head stay in the compute dtype (norms in fp32 with upcast_layernorm).
 // The model knows nothing of ranks: the trainer drives it block by block.
 #pragma once
@@ -36,15 +41,21 @@ struct LoadOptions {
 struct DecoderBlock {
   at::Tensor input_layernorm;                                // [hidden]
   at::Tensor post_attention_layernorm;                       // [hidden]
+  at::Tensor pre_feedforward_layernorm;                      // [hidden] Gemma 3 only
+  at::Tensor post_feedforward_layernorm;                     // [hidden] Gemma 3 only
+  at::Tensor q_norm;                                         // [head_dim] Qwen3, Gemma 3
+  at::Tensor k_norm;                                         // [head_dim] Qwen3, Gemma 3
+  // The norm of block_norms' name ("input_layernorm", "self_attn.q_norm", ...).
+  at::Tensor& norm(const std::string& name);
   std::vector<lora::QLoraLinear> linears;                    // in lora::block_linear_names() order
   lora::QLoraLinear& linear(const std::string& short_name);  // "q_proj", ...
   const lora::QLoraLinear& linear(const std::string& short_name) const;
 };
 
-// RoPE as transformers computes it (fp32): inv_freq [head_dim / 2] from rope_theta and
-// rope_scaling (default, linear, llama3), and cos / sin [1, T, head_dim] of positions 0..T-1 in
-// `dtype`. Exposed for tests.
-at::Tensor rope_inv_freq(const ModelConfig& config);
+// RoPE as transformers computes it (fp32): inv_freq [head_dim / 2] of layer `layer` from its
+// rope_theta and rope_scaling (default, linear, llama3; Gemma 3's local layers have their own),
+// and cos / sin [1, T, head_dim] of positions 0..T-1 in `dtype`. Exposed for tests.
+at::Tensor rope_inv_freq(const ModelConfig& config, int64_t layer = -1);
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, int64_t seq_len,
                                                at::ScalarType dtype);
 // The same at given positions: position_ids [B, T] integer -> cos / sin [B, T, head_dim].
@@ -154,7 +165,7 @@ class DecoderModel {
   at::Tensor norm_;          // [H]
   at::Tensor lm_head_;       // [V, H] (the embedding when tied)
   std::vector<DecoderBlock> blocks_;
-  at::Tensor rope_inv_freq_;  // [head_dim / 2] fp32
+  std::vector<at::Tensor> rope_inv_freq_;  // per block [head_dim / 2] fp32
 };
 
 }  // namespace qlora::model

@@ -1,6 +1,7 @@
 // config.json -> ModelConfig, and weight-name rules of the LLaMA family.
 #include "model/model_config.h"
 
+#include <cmath>
 #include <regex>
 #include <stdexcept>
 
@@ -14,7 +15,9 @@ struct ArchInfo {
 };
 constexpr ArchInfo kArchs[] = {{"LlamaForCausalLM", "llama", Architecture::llama},
                                {"MistralForCausalLM", "mistral", Architecture::mistral},
-                               {"Qwen2ForCausalLM", "qwen2", Architecture::qwen2}};
+                               {"Qwen2ForCausalLM", "qwen2", Architecture::qwen2},
+                               {"Qwen3ForCausalLM", "qwen3", Architecture::qwen3},
+                               {"Gemma3ForCausalLM", "gemma3_text", Architecture::gemma3}};
 
 // Bounds on the sizes a config.json may give, far above any real model (the largest have ~10^6
 // vocabulary entries, ~10^5 hidden units, ~10^2 layers), so that every product of two sizes fits
@@ -58,9 +61,58 @@ double number_key(const nlohmann::json& j, const std::string& key, const std::st
   return j[key].get<double>();
 }
 
+// One RoPE object (rope_scaling, rope_parameters or one layer type's entry of a nested
+// rope_parameters) into `theta` / `r`; `key` names it in messages. rope_theta from the object
+// when it has one (else `theta` stays as given); rope_type from "rope_type", else "type", else
+// "default".
+void rope_object(const nlohmann::json& j, const nlohmann::json& rope, const std::string& key,
+                 const std::string& where, int64_t max_positions, double& theta, RopeScaling& r) {
+  if (rope.contains("rope_theta") && !rope["rope_theta"].is_null())
+    theta = number_key(rope, "rope_theta", where + ": " + key);
+  const char* type_key = rope.contains("rope_type") ? "rope_type" : "type";
+  if (rope.contains(type_key)) {
+    if (!rope[type_key].is_string())
+      throw std::invalid_argument(where + ": key '" + key + "." + type_key + "' must be a string");
+    r.rope_type = rope[type_key].get<std::string>();
+  }
+  const std::string at = where + ": " + key;
+  if (r.rope_type == "default") return;
+  if (r.rope_type != "linear" && r.rope_type != "llama3")
+    throw std::invalid_argument(where + ": " + key + "." + type_key + " '" + r.rope_type +
+                                "' is not supported (supported: default, linear, llama3)");
+  if (rope.contains("partial_rotary_factor") && !rope["partial_rotary_factor"].is_null() &&
+      number_key(rope, "partial_rotary_factor", at) != 1.0)
+    throw std::invalid_argument(where + ": " + key +
+                                ".partial_rotary_factor other than 1 is not supported");
+  r.factor = number_key(rope, "factor", at);
+  if (!(r.factor > 0.0))
+    throw std::invalid_argument(where + ": " + key + ".factor must be positive, not " +
+                                rope["factor"].dump());
+  if (r.rope_type == "linear") return;
+  r.low_freq_factor = number_key(rope, "low_freq_factor", at);
+  r.high_freq_factor = number_key(rope, "high_freq_factor", at);
+  if (!(r.low_freq_factor > 0.0) || !(r.high_freq_factor > r.low_freq_factor))
+    throw std::invalid_argument(where + ": " + key + ": llama3 needs 0 < low_freq_factor < " +
+                                "high_freq_factor, not " + rope["low_freq_factor"].dump() +
+                                " and " + rope["high_freq_factor"].dump());
+  // A top-level original_max_position_embeddings wins (transformers' exception for Phi3-style
+  // files), then the rope object's, then max_position_embeddings.
+  if (j.contains("original_max_position_embeddings") &&
+      !j["original_max_position_embeddings"].is_null())
+    r.original_max_position_embeddings = positive_int(j, "original_max_position_embeddings", where);
+  else if (rope.contains("original_max_position_embeddings"))
+    r.original_max_position_embeddings =
+        positive_int(rope, "original_max_position_embeddings", at);
+  else
+    r.original_max_position_embeddings = max_positions;
+}
+
 // transformers' PreTrainedConfig.convert_rope_params_to_dict + standardize_rope_params: a non-empty
 // rope_scaling (older files) wins over rope_parameters (transformers 5); rope_theta from that
-// object, else the top level; rope_type from "rope_type", else "type", else "default".
+// object, else the top level. Gemma 3 (Gemma3TextConfig.convert_rope_params_to_dict): its
+// rope_parameters is nested by layer type (full_attention, sliding_attention); an older file's
+// rope_scaling applies to the full-attention layers, rope_theta (default 1e6) to those and
+// rope_local_base_freq (default 1e4) to the sliding ones.
 void rope_from_json(const nlohmann::json& j, const std::string& where, ModelConfig& c) {
   const nlohmann::json* rope = nullptr;
   std::string key;
@@ -73,49 +125,36 @@ void rope_from_json(const nlohmann::json& j, const std::string& where, ModelConf
                                   j[k].dump());
     }
   }
-  c.rope_theta = 10000.0;
+  const bool gemma = c.arch == Architecture::gemma3;
+  c.rope_theta = gemma ? 1e6 : 10000.0;
   if (j.contains("rope_theta") && !j["rope_theta"].is_null())
     c.rope_theta = number_key(j, "rope_theta", where);
-  if (rope == nullptr) return;
-  if (rope->contains("rope_theta") && !(*rope)["rope_theta"].is_null())
-    c.rope_theta = number_key(*rope, "rope_theta", where + ": " + key);
-  RopeScaling& r = c.rope_scaling;
-  const char* type_key = rope->contains("rope_type") ? "rope_type" : "type";
-  if (rope->contains(type_key)) {
-    if (!(*rope)[type_key].is_string())
-      throw std::invalid_argument(where + ": key '" + key + "." + type_key + "' must be a string");
-    r.rope_type = (*rope)[type_key].get<std::string>();
+  if (!gemma) {
+    if (rope != nullptr)
+      rope_object(j, *rope, key, where, c.max_position_embeddings, c.rope_theta, c.rope_scaling);
+    return;
   }
-  const std::string at = where + ": " + key;
-  if (r.rope_type == "default") return;
-  if (r.rope_type != "linear" && r.rope_type != "llama3")
-    throw std::invalid_argument(where + ": " + key + "." + type_key + " '" + r.rope_type +
-                                "' is not supported (supported: default, linear, llama3)");
-  if (rope->contains("partial_rotary_factor") && !(*rope)["partial_rotary_factor"].is_null() &&
-      number_key(*rope, "partial_rotary_factor", at) != 1.0)
-    throw std::invalid_argument(where + ": " + key +
-                                ".partial_rotary_factor other than 1 is not supported");
-  r.factor = number_key(*rope, "factor", at);
-  if (!(r.factor > 0.0))
-    throw std::invalid_argument(where + ": " + key + ".factor must be positive, not " +
-                                (*rope)["factor"].dump());
-  if (r.rope_type == "linear") return;
-  r.low_freq_factor = number_key(*rope, "low_freq_factor", at);
-  r.high_freq_factor = number_key(*rope, "high_freq_factor", at);
-  if (!(r.low_freq_factor > 0.0) || !(r.high_freq_factor > r.low_freq_factor))
-    throw std::invalid_argument(where + ": " + key + ": llama3 needs 0 < low_freq_factor < " +
-                                "high_freq_factor, not " + (*rope)["low_freq_factor"].dump() +
-                                " and " + (*rope)["high_freq_factor"].dump());
-  // A top-level original_max_position_embeddings wins (transformers' exception for Phi3-style
-  // files), then the rope object's, then max_position_embeddings.
-  if (j.contains("original_max_position_embeddings") &&
-      !j["original_max_position_embeddings"].is_null())
-    r.original_max_position_embeddings = positive_int(j, "original_max_position_embeddings", where);
-  else if (rope->contains("original_max_position_embeddings"))
-    r.original_max_position_embeddings =
-        positive_int(*rope, "original_max_position_embeddings", at);
-  else
-    r.original_max_position_embeddings = c.max_position_embeddings;
+  c.sliding_rope_theta = 1e4;
+  if (j.contains("rope_local_base_freq") && !j["rope_local_base_freq"].is_null())
+    c.sliding_rope_theta = number_key(j, "rope_local_base_freq", where);
+  const bool nested = rope != nullptr && key == "rope_parameters" &&
+                      (rope->contains("full_attention") || rope->contains("sliding_attention"));
+  if (!nested) {
+    if (rope != nullptr)
+      rope_object(j, *rope, key, where, c.max_position_embeddings, c.rope_theta, c.rope_scaling);
+    return;
+  }
+  const std::pair<const char*, std::pair<double*, RopeScaling*>> types[] = {
+      {"full_attention", {&c.rope_theta, &c.rope_scaling}},
+      {"sliding_attention", {&c.sliding_rope_theta, &c.sliding_rope_scaling}}};
+  for (const auto& [type, out] : types) {
+    if (!rope->contains(type) || (*rope)[type].is_null()) continue;
+    if (!(*rope)[type].is_object())
+      throw std::invalid_argument(where + ": key 'rope_parameters." + type +
+                                  "' must be an object, not " + (*rope)[type].dump());
+    rope_object(j, (*rope)[type], std::string("rope_parameters.") + type, where,
+                c.max_position_embeddings, *out.first, *out.second);
+  }
 }
 
 // sliding_window: a positive integer, null (none) or absent (4096, the config classes' default).
@@ -125,28 +164,48 @@ int64_t window_key(const nlohmann::json& j, const std::string& where) {
   return positive_int(j, "sliding_window", where);
 }
 
+// layer_types: one "full_attention" or "sliding_attention" per layer -> c.sliding_layers.
+void layer_types_key(const nlohmann::json& j, const std::string& where, ModelConfig& c) {
+  const size_t layers = static_cast<size_t>(c.num_hidden_layers);
+  const nlohmann::json& types = j["layer_types"];
+  if (!types.is_array() || types.size() != layers)
+    throw std::invalid_argument(where + ": key 'layer_types' must be a list of " +
+                                std::to_string(layers) + " layer types");
+  for (size_t i = 0; i < layers; ++i) {
+    const std::string t = types[i].is_string() ? types[i].get<std::string>() : types[i].dump();
+    if (t != "full_attention" && t != "sliding_attention")
+      throw std::invalid_argument(where + ": layer_types[" + std::to_string(i) + "] '" + t +
+                                  "' (expected full_attention or sliding_attention)");
+    c.sliding_layers[i] = t == "sliding_attention";
+  }
+}
+
 void sliding_from_json(const nlohmann::json& j, const std::string& where, ModelConfig& c) {
   const size_t layers = static_cast<size_t>(c.num_hidden_layers);
   if (c.arch == Architecture::mistral) {
     c.sliding_window = window_key(j, where);
     c.sliding_layers.assign(layers, c.sliding_window > 0);
-  } else if (c.arch == Architecture::qwen2) {
-    // Qwen2Config: sliding_window only with use_sliding_window; which layers from layer_types,
-    // else layers i >= max_window_layers.
+  } else if (c.arch == Architecture::gemma3) {
+    // Gemma3TextConfig: sliding_window (null: none) on the sliding_attention layers of
+    // layer_types, else of sliding_window_pattern (layer i is local unless (i + 1) % pattern == 0).
+    // A local layer without a window still has the local RoPE.
+    c.sliding_window = window_key(j, where);
+    c.sliding_layers.assign(layers, false);
+    if (j.contains("layer_types") && !j["layer_types"].is_null()) {
+      layer_types_key(j, where, c);
+    } else {
+      int64_t pattern = 6;
+      if (j.contains("sliding_window_pattern") && !j["sliding_window_pattern"].is_null())
+        pattern = positive_int(j, "sliding_window_pattern", where, kMaxLayers);
+      for (size_t i = 0; i < layers; ++i) c.sliding_layers[i] = (i + 1) % pattern != 0;
+    }
+  } else if (c.arch == Architecture::qwen2 || c.arch == Architecture::qwen3) {
+    // Qwen2Config / Qwen3Config: sliding_window only with use_sliding_window; which layers from
+    // layer_types, else layers i >= max_window_layers.
     c.sliding_window = bool_key(j, "use_sliding_window", false, where) ? window_key(j, where) : 0;
     c.sliding_layers.assign(layers, false);
     if (j.contains("layer_types") && !j["layer_types"].is_null()) {
-      const nlohmann::json& types = j["layer_types"];
-      if (!types.is_array() || types.size() != layers)
-        throw std::invalid_argument(where + ": key 'layer_types' must be a list of " +
-                                    std::to_string(layers) + " layer types");
-      for (size_t i = 0; i < layers; ++i) {
-        const std::string t = types[i].is_string() ? types[i].get<std::string>() : types[i].dump();
-        if (t != "full_attention" && t != "sliding_attention")
-          throw std::invalid_argument(where + ": layer_types[" + std::to_string(i) + "] '" + t +
-                                      "' (expected full_attention or sliding_attention)");
-        c.sliding_layers[i] = c.sliding_window > 0 && t == "sliding_attention";
-      }
+      layer_types_key(j, where, c);
     } else if (c.sliding_window > 0) {
       int64_t first = 28;  // Qwen2Config's default
       if (j.contains("max_window_layers") && !j["max_window_layers"].is_null()) {
@@ -171,12 +230,47 @@ int64_t ModelConfig::attention_window(int64_t layer) const {
 bool ModelConfig::linear_has_bias(const std::string& short_name) const {
   if (short_name == "q_proj" || short_name == "k_proj" || short_name == "v_proj")
     return attention_bias;
-  if (short_name == "o_proj") return attention_bias && arch == Architecture::llama;
+  if (short_name == "o_proj") return attention_bias && arch != Architecture::qwen2;
   if (short_name == "gate_proj" || short_name == "up_proj" || short_name == "down_proj")
     return mlp_bias;
   throw std::invalid_argument("unknown block linear '" + short_name +
                               "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or "
                               "down_proj)");
+}
+
+double ModelConfig::layer_rope_theta(int64_t layer) const {
+  const bool local = sliding_rope_theta > 0.0 && layer >= 0 &&
+                     layer < static_cast<int64_t>(sliding_layers.size()) &&
+                     sliding_layers[static_cast<size_t>(layer)];
+  return local ? sliding_rope_theta : rope_theta;
+}
+
+const RopeScaling& ModelConfig::layer_rope_scaling(int64_t layer) const {
+  const bool local = sliding_rope_theta > 0.0 && layer >= 0 &&
+                     layer < static_cast<int64_t>(sliding_layers.size()) &&
+                     sliding_layers[static_cast<size_t>(layer)];
+  return local ? sliding_rope_scaling : rope_scaling;
+}
+
+double ModelConfig::attention_scaling() const {
+  // Python's x**-0.5 (pow), as transformers computes self.scaling.
+  return std::pow(query_pre_attn_scalar > 0.0 ? query_pre_attn_scalar
+                                              : static_cast<double>(head_dim),
+                  -0.5);
+}
+
+std::vector<std::pair<std::string, int64_t>> block_norms(const ModelConfig& c) {
+  std::vector<std::pair<std::string, int64_t>> norms = {{"input_layernorm", c.hidden_size},
+                                                        {"post_attention_layernorm", c.hidden_size}};
+  if (c.gemma_norms) {
+    norms.emplace_back("pre_feedforward_layernorm", c.hidden_size);
+    norms.emplace_back("post_feedforward_layernorm", c.hidden_size);
+  }
+  if (c.qk_norm) {
+    norms.emplace_back("self_attn.q_norm", c.head_dim);
+    norms.emplace_back("self_attn.k_norm", c.head_dim);
+  }
+  return norms;
 }
 
 std::string supported_architectures() {
@@ -211,9 +305,14 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
   c.num_key_value_heads = j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
                               ? positive_int(j, "num_key_value_heads", where)
                               : c.num_attention_heads;
+  // Qwen3Config and Gemma3TextConfig default head_dim to 128 and 256, the others to
+  // hidden_size / num_attention_heads.
+  const bool gemma = c.arch == Architecture::gemma3;
   c.head_dim = j.contains("head_dim") && !j["head_dim"].is_null()
                    ? positive_int(j, "head_dim", where)
-                   : c.hidden_size / c.num_attention_heads;
+                   : (c.arch == Architecture::qwen3 ? 128
+                      : gemma                       ? 256
+                                                    : c.hidden_size / c.num_attention_heads);
   if (c.head_dim < 1)
     throw std::invalid_argument(where + ": hidden_size " + std::to_string(c.hidden_size) +
                                 " / num_attention_heads " + std::to_string(c.num_attention_heads) +
@@ -231,18 +330,41 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
                        ? number_key(j, "rms_norm_eps", where)
                        : 1e-6;
   rope_from_json(j, where, c);
-  c.tie_word_embeddings = bool_key(j, "tie_word_embeddings", false, where);
+  c.tie_word_embeddings = bool_key(j, "tie_word_embeddings", gemma, where);  // Gemma 3: true
   // What each family's attention / MLP modules construct, whatever else the file says.
-  c.attention_bias = c.arch == Architecture::qwen2   ? true
-                     : c.arch == Architecture::llama ? bool_key(j, "attention_bias", false, where)
-                                                     : false;
+  c.attention_bias = c.arch == Architecture::qwen2     ? true
+                     : c.arch == Architecture::mistral ? false
+                                                       : bool_key(j, "attention_bias", false, where);
   c.mlp_bias = c.arch == Architecture::llama && bool_key(j, "mlp_bias", false, where);
-  const std::string act = j.contains("hidden_act") && j["hidden_act"].is_string()
-                              ? j["hidden_act"].get<std::string>()
-                              : (j.contains("hidden_act") ? j["hidden_act"].dump() : "silu");
-  if (act != "silu")
-    throw std::invalid_argument(where + ": hidden_act '" + act +
-                                "' is not supported (expected silu)");
+  // Gemma3TextConfig calls it hidden_activation (default gelu_pytorch_tanh); the others
+  // hidden_act (silu).
+  const char* act_key = gemma && j.contains("hidden_activation") ? "hidden_activation" : "hidden_act";
+  const std::string expected_act = gemma ? "gelu_pytorch_tanh" : "silu";
+  c.hidden_act = j.contains(act_key) && !j[act_key].is_null()
+                     ? (j[act_key].is_string() ? j[act_key].get<std::string>() : j[act_key].dump())
+                     : expected_act;
+  if (c.hidden_act != expected_act)
+    throw std::invalid_argument(where + ": " + act_key + " '" + c.hidden_act +
+                                "' is not supported (expected " + expected_act + " for " +
+                                c.architecture + ")");
+  c.qk_norm = c.arch == Architecture::qwen3 || gemma;
+  if (gemma) {
+    c.gemma_norms = true;
+    c.embed_scale = std::sqrt(static_cast<double>(c.hidden_size));  // hidden_size**0.5
+    c.query_pre_attn_scalar = 256.0;  // Gemma3TextConfig's default
+    if (j.contains("query_pre_attn_scalar") && !j["query_pre_attn_scalar"].is_null())
+      c.query_pre_attn_scalar = number_key(j, "query_pre_attn_scalar", where);
+    if (!(c.query_pre_attn_scalar > 0.0))
+      throw std::invalid_argument(where + ": query_pre_attn_scalar must be positive, not " +
+                                  j["query_pre_attn_scalar"].dump());
+    for (const char* k : {"final_logit_softcapping", "attn_logit_softcapping"})
+      if (j.contains(k) && !j[k].is_null())
+        throw std::invalid_argument(where + ": " + k + " " + j[k].dump() +
+                                    " is not supported (Gemma 3 has none: expected null)");
+    if (bool_key(j, "use_bidirectional_attention", false, where))
+      throw std::invalid_argument(where + ": use_bidirectional_attention true is not supported "
+                                  "(a causal language model needs false)");
+  }
   sliding_from_json(j, where, c);
   const char* dtype_key = j.contains("torch_dtype") ? "torch_dtype" : "dtype";
   if (j.contains(dtype_key) && j[dtype_key].is_string()) c.torch_dtype = j[dtype_key];
@@ -263,8 +385,7 @@ std::map<std::string, std::vector<int64_t>> expected_weight_shapes(const ModelCo
       {"mlp.down_proj", {h, f}}};
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    m[p + "input_layernorm.weight"] = {h};
-    m[p + "post_attention_layernorm.weight"] = {h};
+    for (const auto& [norm, size] : block_norms(c)) m[p + norm + ".weight"] = {size};
     for (const auto& [module, shape] : linears) {
       m[p + module + ".weight"] = shape;
       const std::string short_name = std::string(module).substr(std::string(module).find('.') + 1);

@@ -8,11 +8,12 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace qlora::model {
 
-enum class Architecture { llama, mistral, qwen2 };
+enum class Architecture { llama, mistral, qwen2, qwen3, gemma3 };
 
 // RoPE frequency scaling, as transformers' rope_parameters (transformers 5) or rope_scaling (older
 // files) holds it. "default": inv_freq = 1 / theta^(2i/d); "linear": inv_freq / factor;
@@ -46,20 +47,54 @@ struct ModelConfig {
   // attention_bias puts them on q/k/v/o and mlp_bias on gate/up/down; Mistral has none.
   bool attention_bias = false;
   bool mlp_bias = false;  // LLaMA only
-  // Sliding-window attention (Mistral; Qwen2 with use_sliding_window): a query at position t sees
-  // keys t - sliding_window + 1 .. t. 0: none. sliding_layers[i] says whether layer i uses it
-  // (all layers for Mistral; Qwen2's layer_types or max_window_layers).
+  // Sliding-window attention (Mistral; Qwen2 / Qwen3 with use_sliding_window; Gemma 3's local
+  // layers): a query at position t sees keys t - sliding_window + 1 .. t. 0: none.
+  // sliding_layers[i] says whether layer i uses it (all layers for Mistral; layer_types, else
+  // max_window_layers for Qwen; layer_types, else sliding_window_pattern for Gemma 3).
   int64_t sliding_window = 0;
   std::vector<bool> sliding_layers;
   std::string torch_dtype = "float32";
+
+  // Qwen3 and Gemma 3: an RMSNorm over head_dim on every query and key head before RoPE
+  // (model.layers.{i}.self_attn.q_norm / k_norm, [head_dim]).
+  bool qk_norm = false;
+  // Gemma 3 ("gemma" norms):
+  //   - every RMSNorm weight is stored as an offset from one: out = (x32 * rsqrt(..)) *
+  //     (1 + w32), cast to x's dtype at the end;
+  //   - four norms per block: input_layernorm before attention, post_attention_layernorm on the
+  //     attention output before the residual add, pre_feedforward_layernorm before the MLP and
+  //     post_feedforward_layernorm on the MLP output before the residual add;
+  //   - the embedding multiplied by sqrt(hidden_size) rounded to the compute dtype;
+  //   - scores scaled by query_pre_attn_scalar^-0.5 instead of head_dim^-0.5;
+  //   - the MLP's activation GELU with the tanh approximation.
+  bool gemma_norms = false;
+  std::string hidden_act = "silu";      // "silu" or "gelu_pytorch_tanh"
+  double embed_scale = 0.0;             // 0: none (Gemma 3: sqrt(hidden_size))
+  double query_pre_attn_scalar = 0.0;   // 0: head_dim (scores * query_pre_attn_scalar^-0.5)
+  // Gemma 3's local (sliding) layers have their own RoPE: rope_parameters.sliding_attention (or
+  // rope_local_base_freq of older files, default scaling). sliding_rope_theta 0: every layer
+  // uses rope_theta / rope_scaling.
+  double sliding_rope_theta = 0.0;
+  RopeScaling sliding_rope_scaling;
 
   // The window of layer i (0: full causal attention).
   int64_t attention_window(int64_t layer) const;
   // Whether the block linear `short_name` ("q_proj", ...) has a bias [out].
   bool linear_has_bias(const std::string& short_name) const;
+  // The RoPE base and scaling of layer i (Gemma 3's local layers have their own).
+  double layer_rope_theta(int64_t layer) const;
+  const RopeScaling& layer_rope_scaling(int64_t layer) const;
+  // Attention score scale: query_pre_attn_scalar^-0.5 (Gemma 3), else head_dim^-0.5.
+  double attention_scaling() const;
 };
 
-// "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM".
+// The RMSNorm weights of every block, by name under model.layers.{i}. with their size:
+// input_layernorm and post_attention_layernorm [hidden]; Gemma 3's pre_feedforward_layernorm and
+// post_feedforward_layernorm [hidden]; self_attn.q_norm and self_attn.k_norm [head_dim] (Qwen3,
+// Gemma 3). In this order (the order of a block unit's segments).
+std::vector<std::pair<std::string, int64_t>> block_norms(const ModelConfig& config);
+
+// "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM".
 std::string supported_architectures();
 
 // Throws std::invalid_argument naming `where` (the config.json path): an architecture we do not
@@ -75,7 +110,7 @@ bool is_block_linear_weight(const std::string& name);
 std::string block_linear_module(int64_t layer, const std::string& short_name);
 
 // Every tensor a checkpoint of this config must hold, with the shape the config implies:
-// embeddings, lm_head (unless tied), per layer the two norms, seven linear weights [out, in] and
+// embeddings, lm_head (unless tied), per layer its norms (block_norms), seven linear weights [out, in] and
 // the biases the config calls for, and the final norm. Bitsandbytes 4-bit weights are checked
 // against these shapes through their quant_state.
 std::map<std::string, std::vector<int64_t>> expected_weight_shapes(const ModelConfig& config);

@@ -255,8 +255,8 @@ std::vector<dist::UnitLayout> base_units(const UnitsSpec& spec) {
     dist::UnitLayout b;
     b.name = "block." + std::to_string(i);
     const std::string p = layer_prefix(i);
-    b.add(p + "input_layernorm.weight", dist::SegmentKind::tensor, pd, {h});
-    b.add(p + "post_attention_layernorm.weight", dist::SegmentKind::tensor, pd, {h});
+    for (const auto& [norm, size] : model::block_norms(c))
+      b.add(p + norm + ".weight", dist::SegmentKind::tensor, pd, {size});
     for (const std::string& short_name : lora::block_linear_names()) {
       const std::string module = model::block_linear_module(i, short_name);
       const std::vector<int64_t>& shape = shapes.at(module + ".weight");
@@ -419,9 +419,8 @@ void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
   static const at::Tensor nested_code = quant::nested_code_table();
   const std::string p = layer_prefix(i);
   model::DecoderBlock b;
-  b.input_layernorm = unit.segment_view(buffer, p + "input_layernorm.weight").to(m.norm_dtype());
-  b.post_attention_layernorm =
-      unit.segment_view(buffer, p + "post_attention_layernorm.weight").to(m.norm_dtype());
+  for (const auto& [norm, size] : model::block_norms(m.config()))
+    b.norm(norm) = unit.segment_view(buffer, p + norm + ".weight").to(m.norm_dtype());
   const dist::UnitLayout& layout = unit.layout();
   const std::vector<std::string>& names = lora::block_linear_names();
   for (size_t k = 0; k < names.size(); ++k) {

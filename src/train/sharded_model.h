@@ -4,7 +4,8 @@
 //   units:  [embed] [block.0] ... [block.L-1] [head]       base units, storage = compute dtype
 //           [lora.0] ... [lora.L-1]                          LoRA A / B of each block, fp32
 //   embed = model.embed_tokens.weight;  head = model.norm.weight + lm_head.weight (a copy of the
-//   embedding when tied, so that the head is one unit like any other);  block.i = its two norms,
+//   embedding when tied, so that the head is one unit like any other);  block.i = its norms
+//   (model::block_norms: two, four for Gemma 3, plus q/k norms for Qwen3 and Gemma 3),
 //   each linear's packed weight + absmax (+ nested absmax + offset) and bias (Qwen2).
 // Embedding, norms, biases and lm_head are stored in the model's own dtype (config torch_dtype)
 // and converted to the compute dtype when bound.

@@ -1,8 +1,9 @@
 """One-rank QLoRA against transformers + bitsandbytes + peft (real packages, CPU, fp32).
 
 For a tiny LLaMA (GQA, hidden 96: not a multiple of 64, untied), a LLaMA with llama3 rope
-scaling, a Mistral-shaped (hidden 80, one KV head) and a Qwen2-shaped model (q/k/v bias, tied
-embeddings):
+scaling, a Mistral-shaped (hidden 80, one KV head), a Qwen2-shaped model (q/k/v bias, tied
+embeddings), a Qwen3 (q/k norms, explicit head_dim, biases, a sliding layer) and a Gemma 3 text
+model (its norms, GELU-tanh, scaled embeddings, local and global layers with two rope bases):
   - transformers quantizes the fp32 base with bitsandbytes (NF4, double quant) and saves it;
     our model loads that very checkpoint, so both sides compute with identical 4-bit weights;
     logits and loss must agree;
@@ -38,8 +39,8 @@ from conftest import (binary, bnb_reference_model, lf_module, run,  # noqa: E402
 
 use_generic_bnb_cpu_dequantize()
 
-from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig,  # noqa: E402
-                          MistralConfig, Qwen2Config)
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Gemma3TextConfig,  # noqa: E402
+                          LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -65,7 +66,45 @@ MODELS = {
                                  num_hidden_layers=2, num_attention_heads=7,
                                  num_key_value_heads=7, initializer_range=0.1,
                                  tie_word_embeddings=True),
+    # Qwen3: per-head q/k RMSNorm, an explicit head_dim (20, not 72 / 6), biases on all four
+    # attention linears, untied; layer 1 slides with a window of 6 (< the 11 tokens of a row,
+    # > the longest packed sample, whose 4-D mask transformers takes as given).
+    "qwen3": lambda: Qwen3Config(vocab_size=136, hidden_size=72, intermediate_size=152,
+                                 num_hidden_layers=2, num_attention_heads=6,
+                                 num_key_value_heads=2, head_dim=20, attention_bias=True,
+                                 initializer_range=0.1, tie_word_embeddings=False,
+                                 use_sliding_window=True, sliding_window=6,
+                                 layer_types=["full_attention", "sliding_attention"]),
+    # Gemma 3 (text): (1 + w) RMSNorms, four per block, q/k norms, GELU-tanh, embeddings times
+    # sqrt(80), query_pre_attn_scalar 18 (not head_dim 24), tied; layers 0 and 2 local (window 6,
+    # rope base 1e4), layer 1 global (base 1e6 with linear scaling 4).
+    "gemma3": lambda: Gemma3TextConfig(vocab_size=150, hidden_size=80, intermediate_size=168,
+                                       num_hidden_layers=3, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=24,
+                                       query_pre_attn_scalar=18, initializer_range=0.1,
+                                       sliding_window=6, sliding_window_pattern=2,
+                                       rope_parameters={
+                                           "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                              "rope_theta": 1e6},
+                                           "sliding_attention": {"rope_type": "default",
+                                                                 "rope_theta": 1e4}}),
 }
+# The same Gemma 3 with config.json in the form the published checkpoints have (written by
+# transformers 4.5x): rope_theta, rope_local_base_freq, rope_scaling and sliding_window_pattern
+# instead of rope_parameters by layer type and layer_types; both sides read that file.
+MODELS["gemma3_legacy"] = MODELS["gemma3"]
+
+
+def legacy_gemma3_config(path):
+    cfg = json.load(open(path))
+    for key in ("rope_parameters", "layer_types", "_sliding_window_pattern"):
+        cfg.pop(key)
+    cfg.update(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=2,
+               rope_scaling={"rope_type": "linear", "factor": 4.0})
+    json.dump(cfg, open(path, "w"), indent=2)
+
+
+LEGACY_CONFIG = {"gemma3_legacy": legacy_gemma3_config}
 
 
 def close(ours, ref, rtol, atol_rel):
@@ -80,18 +119,23 @@ def setup(request, tmp_path_factory):
     torch.manual_seed(1234)
     cfg = MODELS[name]()
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    if name == "qwen2":  # make the q/k/v biases non-zero so they matter
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(proj.bias, std=0.1)
-    for layer in model.model.layers:  # norms != 1 so that a mixed-up norm shows
-        torch.nn.init.normal_(layer.input_layernorm.weight, mean=1.0, std=0.2)
-        torch.nn.init.normal_(layer.post_attention_layernorm.weight, mean=1.0, std=0.2)
+    for mod in model.modules():  # make the biases non-zero so they matter
+        if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+            torch.nn.init.normal_(mod.bias, std=0.1)
+    # Every RMSNorm weight random (input, post-attention, Gemma's pre/post-feedforward, q/k
+    # norms, final), so that a mixed-up norm shows; Gemma's are offsets from one.
+    mean = 0.0 if name.startswith("gemma3") else 1.0
+    for n, p in model.named_parameters():
+        if n.endswith("norm.weight"):
+            torch.nn.init.normal_(p, mean=mean, std=0.2)
     model.save_pretrained(d / "base")
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     q = AutoModelForCausalLM.from_pretrained(d / "base", quantization_config=bnb, device_map="cpu")
     q.save_pretrained(d / "q4")
+    if name in LEGACY_CONFIG:
+        for checkpoint in ("base", "q4"):
+            LEGACY_CONFIG[name](d / checkpoint / "config.json")
     g = torch.Generator().manual_seed(99)
     ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=g)
     labels = ids.clone()
