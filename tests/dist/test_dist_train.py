@@ -137,6 +137,56 @@ def test_hf_directory_source_equals_h5(models, tmp_path, source):
         np.testing.assert_array_equal(ad_a[k], ad_b[k])
 
 
+def transformers_model(arch, out):
+    """A small random Qwen3 or Gemma 3 text model made and saved by transformers (fp32), with
+    random norm weights: the families whose blocks carry q/k norms (and, for Gemma, four norms
+    and local / global layers) in their units."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
+    torch.manual_seed(5)
+    if arch == "qwen3":
+        cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=136,
+                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=24, initializer_range=0.05, use_sliding_window=True,
+                          sliding_window=8, max_window_layers=1)
+    else:
+        cfg = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=136,
+                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=24, query_pre_attn_scalar=24, initializer_range=0.05,
+                               sliding_window=8, sliding_window_pattern=2)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    for n, p in m.named_parameters():
+        if n.endswith("norm.weight"):
+            torch.nn.init.normal_(p, mean=0.0 if arch == "gemma3" else 1.0, std=0.1)
+    m.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_architectures_train_alike(tmp_path, arch):
+    """Qwen3 and Gemma 3 (sliding layers with a window of 8 < the 32 tokens of a row) train
+    alike on one rank unsharded and on three ranks sharded with prefetch: the same per-step
+    losses and adapter within the tolerances above."""
+    model = transformers_model(arch, tmp_path / arch)
+    ref_out, out = tmp_path / "ref", tmp_path / "np3"
+    res = probe(1, ref_out, "--model", model, "--sharding", "none", "--prefetch", 0)
+    assert res.returncode == 0, res.stderr
+    res = probe(3, out, "--model", model, "--sharding", "full", "--prefetch", 1)
+    assert res.returncode == 0, res.stderr
+    (ref,), ref_adapter = results(ref_out, 1)
+    ranks, adapter = results(out, 3)
+    for r in ranks:
+        np.testing.assert_allclose(r["loss"], ref["loss"], rtol=LOSS_RTOL, atol=0, err_msg=arch)
+    assert sorted(adapter) == sorted(ref_adapter)
+    worst = max(float(np.abs(adapter[k] - ref_adapter[k]).max()) for k in ref_adapter)
+    assert worst <= ADAPTER_ATOL, f"{arch}: adapter differs by {worst}"
+    # Training moved the adapter far beyond that bound (lora_B starts at zero).
+    moved = max(float(np.abs(v).max()) for k, v in ref_adapter.items() if "lora_B" in k)
+    assert moved > 20 * ADAPTER_ATOL, f"{arch}: lora_B reached only {moved}"
+    print(f"\n{arch}: loss {ref['loss'][0]:.4f} -> {ref['loss'][-1]:.4f}, max |lora_B| "
+          f"{moved:.3g}, np 3 adapter max diff {worst:.3g}")
+
+
 def assert_job_failed(res, *parts, within=30.0):
     ctx = f"exit {res.returncode} after {res.seconds:.1f} s\nstderr: {res.stderr[-3000:]}"
     assert res.returncode != 0, ctx
