@@ -334,5 +334,110 @@ TEST(Rope, CosSinLayout) {
   EXPECT_TRUE(at::equal(cos16, cos.to(at::kBFloat16)));
 }
 
+// Gemma 3 1B's config.json as published (transformers 4.50 spelling).
+json gemma3_1b_json() {
+  return json::parse(R"({
+    "architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": null, "bos_token_id": 2,
+    "cache_implementation": "hybrid", "eos_token_id": [1, 106], "final_logit_softcapping": null,
+    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+    "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+    "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26,
+    "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": null,
+    "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+    "torch_dtype": "bfloat16", "use_cache": true, "vocab_size": 262144})");
+}
+
+TEST(Gemma3Config, PublishedOneBillion) {
+  const ModelConfig c = model_config_from_json(gemma3_1b_json(), kWhere);
+  EXPECT_EQ(c.arch, Architecture::gemma3);
+  EXPECT_TRUE(c.tie_word_embeddings);  // Gemma3TextConfig's default
+  EXPECT_TRUE(c.gemma_norms && c.qk_norm);
+  EXPECT_EQ(c.hidden_act, "gelu_pytorch_tanh");
+  EXPECT_EQ(c.embed_scale, std::sqrt(1152.0));
+  EXPECT_EQ(c.attention_scaling(), std::pow(256.0, -0.5));
+  // sliding_window_pattern 6: layers 5, 11, 17, 23 global, the others local with window 512.
+  for (int64_t i = 0; i < 26; ++i) {
+    const bool global = (i + 1) % 6 == 0;
+    EXPECT_EQ(c.attention_window(i), global ? 0 : 512) << i;
+    EXPECT_EQ(c.layer_rope_theta(i), global ? 1e6 : 1e4) << i;
+    EXPECT_EQ(c.layer_rope_scaling(i).rope_type, "default") << i;
+  }
+  const auto shapes = expected_weight_shapes(c);
+  EXPECT_EQ(shapes.count("lm_head.weight"), 0u);
+  EXPECT_EQ(shapes.at("model.layers.3.pre_feedforward_layernorm.weight"),
+            std::vector<int64_t>{1152});
+  EXPECT_EQ(shapes.at("model.layers.3.post_feedforward_layernorm.weight"),
+            std::vector<int64_t>{1152});
+  EXPECT_EQ(shapes.at("model.layers.3.self_attn.q_norm.weight"), std::vector<int64_t>{256});
+  EXPECT_EQ(shapes.at("model.layers.3.self_attn.q_proj.weight"),
+            (std::vector<int64_t>{1024, 1152}));
+  EXPECT_EQ(block_norms(c).size(), 6u);
+}
+
+TEST(Gemma3Config, RopeScalingAppliesToGlobalLayersOnly) {
+  json j = gemma3_1b_json();  // Gemma 3 4B's text part: linear scaling 8 on the global layers
+  j["rope_scaling"] = {{"factor", 8.0}, {"rope_type", "linear"}};
+  const ModelConfig c = model_config_from_json(j, kWhere);
+  EXPECT_EQ(c.layer_rope_scaling(5).rope_type, "linear");
+  EXPECT_EQ(c.layer_rope_scaling(5).factor, 8.0);
+  EXPECT_EQ(c.layer_rope_scaling(0).rope_type, "default");
+  EXPECT_TRUE(at::equal(rope_inv_freq(c, 5), rope_inv_freq(c, 11)));
+  EXPECT_FALSE(at::equal(rope_inv_freq(c, 5), rope_inv_freq(c, 0)));
+  // transformers 5's spelling: rope_parameters by layer type, layer_types.
+  j.erase("rope_scaling");
+  j.erase("rope_local_base_freq");
+  j.erase("sliding_window_pattern");
+  j["rope_parameters"] = {
+      {"full_attention", {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 1e6}}},
+      {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 1e4}}}};
+  j["layer_types"] = json::array();
+  for (int i = 0; i < 26; ++i)
+    j["layer_types"].push_back((i + 1) % 6 == 0 ? "full_attention" : "sliding_attention");
+  const ModelConfig d = model_config_from_json(j, kWhere);
+  for (int64_t i = 0; i < 26; ++i) {
+    EXPECT_EQ(d.attention_window(i), c.attention_window(i)) << i;
+    EXPECT_TRUE(at::equal(rope_inv_freq(d, i), rope_inv_freq(c, i))) << i;
+  }
+}
+
+TEST(Gemma3Config, RefusesWhatGemma3DoesNotHave) {
+  const std::pair<const char*, json> cases[] = {
+      {"final_logit_softcapping", 30.0},
+      {"attn_logit_softcapping", 50.0},
+      {"hidden_activation", "gelu"},
+      {"use_bidirectional_attention", true},
+      {"query_pre_attn_scalar", 0}};
+  for (const auto& [key, value] : cases) {
+    json j = gemma3_1b_json();
+    j[key] = value;
+    const std::string msg = invalid_argument_message([&] { model_config_from_json(j, kWhere); });
+    EXPECT_TRUE(contains(msg, kWhere) && contains(msg, key)) << key << ": " << msg;
+  }
+}
+
+TEST(Qwen3Config, DefaultsAndBiases) {
+  json j = json::parse(R"({
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+    "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000, "hidden_act": "silu",
+    "tie_word_embeddings": true, "use_sliding_window": false, "sliding_window": null,
+    "max_window_layers": 28, "attention_bias": false, "torch_dtype": "bfloat16"})");
+  ModelConfig c = model_config_from_json(j, kWhere);  // Qwen3-0.6B without its head_dim key
+  EXPECT_EQ(c.arch, Architecture::qwen3);
+  EXPECT_EQ(c.head_dim, 128);  // Qwen3Config's default, not 1024 / 16
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_FALSE(c.gemma_norms);
+  EXPECT_EQ(c.attention_window(27), 0);
+  EXPECT_EQ(expected_weight_shapes(c).at("model.layers.0.self_attn.k_norm.weight"),
+            std::vector<int64_t>{128});
+  EXPECT_FALSE(c.linear_has_bias("o_proj"));
+  j["attention_bias"] = true;  // on all four attention linears (LLaMA's rule, not Qwen2's)
+  c = model_config_from_json(j, kWhere);
+  for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj"}) EXPECT_TRUE(c.linear_has_bias(n));
+  EXPECT_FALSE(c.linear_has_bias("down_proj"));
+}
+
 }  // namespace
 }  // namespace qlora::model
