@@ -30,6 +30,7 @@ std::string inspect_model_dir(const std::string& model_dir) {
       << mc.hidden_size << ", " << mc.num_attention_heads << "/" << mc.num_key_value_heads
       << " heads, vocab " << mc.vocab_size << ", " << weights.files().size()
       << " safetensors file(s)\n"
+      << "  architecture: " << model::architecture_summary(mc) << "\n"
       << "  quantization: " << io::quant_method_name(hf.quantization.method) << "\n";
 
   auto contains = [&](const std::string& n) { return weights.contains(n); };

@@ -130,7 +130,8 @@ class DecoderModel {
   // by one inside, -100 ignored), divided by `normalizer` (the number of target tokens when
   // <= 0; a batch without targets then has loss 0). Computed chunk_tokens rows at a time through
   // a custom autograd function: neither forward nor backward ever holds more than
-  // [chunk_tokens, V] logits. Labels outside [0, V) other than -100 are std::invalid_argument.
+  // [chunk_tokens, V] logits, nor more than 2^25 logits per buffer (a 262k vocabulary gets 128
+  // rows per chunk; loss.cpp). Labels outside [0, V) other than -100 are std::invalid_argument.
   LossResult loss(const at::Tensor& normed, const at::Tensor& labels, int64_t chunk_tokens = 1024,
                   double normalizer = 0.0) const;
 

@@ -159,12 +159,23 @@ Targets targets_select(const ModelConfig& config, const at::Tensor& normed,
   return out;
 }
 
+// Rows per chunk: chunk_tokens, fewer where the vocabulary is large, so that one chunk's logits
+// stay within kChunkLogits elements (128 MiB in fp32; each of the few [rows, V] buffers a chunk
+// holds at once). A 262k vocabulary (Gemma 3) then takes 128 rows per chunk instead of the 1024
+// that would need 1 GiB per buffer; 32k vocabularies keep 1024. The result does not depend on
+// the chunking (per-row math, chunk sums in fp64).
+constexpr int64_t kChunkLogits = int64_t{1} << 25;
+int64_t chunk_rows(int64_t chunk_tokens, int64_t vocab) {
+  return std::max<int64_t>(1, std::min<int64_t>(chunk_tokens, kChunkLogits / std::max<int64_t>(vocab, 1)));
+}
+
 }  // namespace
 
 at::Tensor DecoderModel::row_logps(const at::Tensor& normed, const at::Tensor& labels,
                                    int64_t chunk_tokens) const {
   const Targets t = targets_select(config_, normed, labels, chunk_tokens, "row_logps");
-  const at::Tensor logps = ChunkedTokenLogps::apply(t.hidden, lm_head_, t.targets, chunk_tokens);
+  const at::Tensor logps = ChunkedTokenLogps::apply(
+      t.hidden, lm_head_, t.targets, chunk_rows(chunk_tokens, config_.vocab_size));
   return at::zeros({normed.size(0)}, logps.options()).index_add(0, t.rows, logps);
 }
 
@@ -177,7 +188,8 @@ LossResult DecoderModel::loss(const at::Tensor& normed, const at::Tensor& labels
   result.num_targets = targets.numel();
   double norm = normalizer > 0.0 ? normalizer : static_cast<double>(result.num_targets);
   if (norm <= 0.0) norm = 1.0;  // no targets: the sum is 0, and so is the loss
-  result.loss = ChunkedLmLoss::apply(hidden, lm_head_, targets, chunk_tokens, norm);
+  result.loss = ChunkedLmLoss::apply(hidden, lm_head_, targets,
+                                     chunk_rows(chunk_tokens, config_.vocab_size), norm);
   return result;
 }
 

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <regex>
+#include <sstream>
 #include <stdexcept>
 
 namespace qlora::model {
@@ -277,6 +278,50 @@ std::string supported_architectures() {
   std::string s;
   for (const ArchInfo& a : kArchs) s += (s.empty() ? "" : ", ") + std::string(a.architecture);
   return s;
+}
+
+namespace {
+std::string rope_summary(double theta, const RopeScaling& r) {
+  std::ostringstream s;
+  s << "rope base " << theta;
+  if (r.rope_type != "default") s << " " << r.rope_type << " x" << r.factor;
+  return s.str();
+}
+}  // namespace
+
+std::string architecture_summary(const ModelConfig& c) {
+  std::ostringstream s;
+  s << c.architecture << ": " << (c.hidden_act == "silu" ? "SwiGLU" : "GELU-tanh") << " MLP";
+  if (c.qk_norm) s << ", q/k norm";
+  if (c.gemma_norms) s << ", (1 + w) norms x4 per block";
+  if (c.embed_scale != 0.0) s << ", embeddings x sqrt(hidden)";
+  if (c.query_pre_attn_scalar > 0.0)
+    s << ", scores x query_pre_attn_scalar^-0.5 (" << c.query_pre_attn_scalar << ")";
+  std::vector<std::string> biases;
+  for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    if (c.linear_has_bias(n)) biases.emplace_back(n);
+  if (!biases.empty()) {
+    s << ", biases on";
+    for (const std::string& b : biases) s << " " << b;
+  }
+  s << "; ";
+  int64_t local = 0;
+  for (bool b : c.sliding_layers) local += b ? 1 : 0;
+  if (local > 0) {
+    if (local == c.num_hidden_layers)
+      s << "all layers ";
+    else
+      s << local << " of " << c.num_hidden_layers << " layers ";
+    s << (c.sliding_window > 0 ? "sliding (window " + std::to_string(c.sliding_window)
+                               : std::string("local (no window"));
+    if (c.sliding_rope_theta > 0.0) s << ", " << rope_summary(c.sliding_rope_theta, c.sliding_rope_scaling);
+    s << (local == c.num_hidden_layers ? "), " : "), the others full attention, ");
+  } else {
+    s << "full attention, ";
+  }
+  s << rope_summary(c.rope_theta, c.rope_scaling) << (c.tie_word_embeddings ? ", tied" : ", untied")
+    << " embeddings";
+  return s.str();
 }
 
 ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& where) {

@@ -96,6 +96,10 @@ std::vector<std::pair<std::string, int64_t>> block_norms(const ModelConfig& conf
 
 // "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM".
 std::string supported_architectures();
+// What the decoder does for this config, in one line: "Gemma3ForCausalLM: GELU-tanh MLP, q/k
+// norm, (1 + w) norms x4 per block, embeddings x sqrt(hidden), scores x query_pre_attn_scalar^-0.5
+// (256); 22 of 26 layers local (window 512, rope base 10000), global rope base 1e+06, tied".
+std::string architecture_summary(const ModelConfig& config);
 
 // Throws std::invalid_argument naming `where` (the config.json path): an architecture we do not
 // support names the supported ones; missing or non-positive sizes name the key; an activation

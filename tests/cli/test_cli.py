@@ -24,7 +24,8 @@ BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "build")
 QLORA = os.path.join(BUILD, "qlora_dist")
 
-SUPPORTED = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+SUPPORTED = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+             "Gemma3ForCausalLM")
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"  # [256, 256] in the tiny preset
 
 # Every option of each command, as its --help lists them.

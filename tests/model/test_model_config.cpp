@@ -113,7 +113,7 @@ TEST(RopeConfig, Errors) {
   json j = llama31_json();
   j["hidden_act"] = "gelu";
   EXPECT_TRUE(contains(invalid_argument_message([&] { model_config_from_json(j, kWhere); }),
-                       "hidden_act 'gelu' is not supported (expected silu)"));
+                       "hidden_act 'gelu' is not supported (expected silu for LlamaForCausalLM)"));
 }
 
 // Found by fuzzing config.json (tests/fuzz/hf_config.cpp): sizes are bounded (a 30888888-layer

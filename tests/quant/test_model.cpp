@@ -123,14 +123,16 @@ TEST(ModelConfigFromJson, DefaultsAndModelTypeFallback) {
 }
 
 TEST(ModelConfigFromJson, UnsupportedArchitectureListsSupported) {
-  EXPECT_EQ(supported_architectures(), "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM");
+  EXPECT_EQ(supported_architectures(),
+            "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+            "Gemma3ForCausalLM");
   json j = llama_json();
   j["architectures"] = {"GPT2LMHeadModel"};
   j["model_type"] = "gpt2";
   std::string msg = invalid_argument_message([&] { model_config_from_json(j, kWhere); });
   EXPECT_EQ(msg.rfind(kWhere + ": ", 0), 0u) << msg;
   EXPECT_TRUE(contains(msg, "unsupported architecture 'GPT2LMHeadModel'")) << msg;
-  EXPECT_TRUE(contains(msg, "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")) << msg;
+  EXPECT_TRUE(contains(msg, "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM")) << msg;
 
   j.erase("architectures");
   msg = invalid_argument_message([&] { model_config_from_json(j, kWhere); });

@@ -173,6 +173,26 @@ def test_base_logits_and_loss(setup):
     assert ok, f"{setup['name']}: loss {ours['loss'].item()} vs {ref.loss.item()}"
 
 
+def test_inspect_names_the_architecture(setup):
+    """`qlora_dist inspect` says what the decoder will run for this config.json."""
+    res = run([binary("qlora_dist"), "inspect", "--model", setup["dir"] / "q4"])
+    arch = json.load(open(setup["dir"] / "q4" / "config.json"))["architectures"][0]
+    line = next(x for x in res.stdout.splitlines() if x.strip().startswith("architecture:"))
+    assert arch in line, line
+    cfg = setup["cfg"]
+    expect = {"qwen3": ["q/k norm", "1 of 2 layers sliding (window 6)", "biases on q_proj k_proj "
+                        "v_proj o_proj", "untied"],
+              "gemma3": ["GELU-tanh", "q/k norm", "(1 + w) norms x4", "x sqrt(hidden)",
+                         "query_pre_attn_scalar^-0.5 (18)",
+                         "2 of 3 layers sliding (window 6, rope base 10000)",
+                         "rope base 1e+06 linear x4", "tied"],
+              "qwen2": ["SwiGLU", "biases on q_proj k_proj v_proj;", "full attention", "tied"]}
+    expect["gemma3_legacy"] = expect["gemma3"]
+    for part in expect.get(setup["name"], ["SwiGLU", "untied" if not cfg.tie_word_embeddings
+                                           else "tied"]):
+        assert part in line, f"{part!r} not in {line!r}"
+
+
 def test_quantize_on_load(setup):
     """Our model quantizing the fp32 base on load (NF4, double quant, blocksize 64).
     bitsandbytes' CPU double quantization misses the nearest 8-bit absmax code in a few blocks
