@@ -28,7 +28,9 @@ ExportReport export_merged(const ExportOptions& opt) {
   model_dir_require(opt.model_dir);
   const fs::path out = output_dir_check(opt.out_dir);
   const io::HfConfig hf = io::read_hf_config((fs::path(opt.model_dir) / "config.json").string());
-  model::model_config_from_json(hf.raw, hf.path);  // a supported architecture, or a clear error
+  // A supported architecture, or a clear error; its weights_prefix maps stored names to the
+  // adapter's layer names.
+  const model::ModelConfig mc = model::model_config_from_json(hf.raw, hf.path);
   if (hf.quantization.method != io::QuantMethod::none &&
       hf.quantization.method != io::QuantMethod::bnb_4bit)
     throw std::invalid_argument(hf.path + ": cannot export from a '" + hf.quantization.quant_method +
@@ -56,11 +58,13 @@ ExportReport export_merged(const ExportOptions& opt) {
     } else {
       w = quant::tensor_from_weights(weights, name);
     }
-    const std::string layer = name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0
-                                  ? name.substr(0, name.size() - 7)
-                                  : name;
+    const std::string inside = model::canonical_weight_name(mc, name);
+    const std::string layer =
+        inside.size() > 7 && inside.compare(inside.size() - 7, 7, ".weight") == 0
+            ? inside.substr(0, inside.size() - 7)
+            : inside;
     const auto it = adapter.weights.find(layer);
-    if (it != adapter.weights.end() && name != layer) {
+    if (it != adapter.weights.end() && inside != layer) {
       const at::Tensor& a = it->second.first;   // [r, in]
       const at::Tensor& b = it->second.second;  // [out, r]
       if (w.dim() != 2 || b.size(0) != w.size(0) || a.size(1) != w.size(1))

@@ -16,6 +16,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <stdexcept>
 
 namespace qlora::io {
 namespace {
@@ -708,9 +709,27 @@ std::vector<std::string> ModelWeights::names() const {
   return names;
 }
 
-bool ModelWeights::contains(const std::string& name) const { return where_.count(name) > 0; }
+const std::string& ModelWeights::resolve(const std::string& name) const {
+  const auto it = aliases_.find(name);
+  return it == aliases_.end() ? name : it->second;
+}
 
-const TensorInfo& ModelWeights::info(const std::string& name) const {
+void ModelWeights::alias(const std::string& alias, const std::string& name) {
+  if (where_.count(name) == 0)
+    throw std::invalid_argument(dir_ + ": cannot alias " + name_quote(alias) + " to " +
+                                name_quote(name) + ", which is not stored");
+  if (where_.count(alias) != 0 || aliases_.count(alias) != 0)
+    throw std::invalid_argument(dir_ + ": tensor " + name_quote(alias) + " is stored both as " +
+                                name_quote(alias) + " and as " + name_quote(name));
+  aliases_[alias] = name;
+}
+
+bool ModelWeights::contains(const std::string& name) const {
+  return where_.count(resolve(name)) > 0;
+}
+
+const TensorInfo& ModelWeights::info(const std::string& alias_or_name) const {
+  const std::string& name = resolve(alias_or_name);
   const auto it = where_.find(name);
   if (it == where_.end()) {
     format_error_throw(dir_, "model weights have no tensor " + name_quote(name),
@@ -722,7 +741,7 @@ const TensorInfo& ModelWeights::info(const std::string& name) const {
 
 const uint8_t* ModelWeights::data(const std::string& name) const {
   const TensorInfo& tensor = info(name);
-  return files_[where_.at(name)]->data(tensor);
+  return files_[where_.at(resolve(name))]->data(tensor);
 }
 
 }  // namespace qlora::io

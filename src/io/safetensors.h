@@ -90,16 +90,22 @@ class SafetensorsWriter {
 class ModelWeights {
  public:
   static ModelWeights open_dir(const std::string& dir);  // throws FormatError naming what is missing
-  std::vector<std::string> names() const;                // sorted
+  std::vector<std::string> names() const;                // sorted, as stored (no aliases)
   bool contains(const std::string& name) const;
   const TensorInfo& info(const std::string& name) const;  // throws FormatError naming the tensor
   const uint8_t* data(const std::string& name) const;
+  // Makes `alias` another name of stored tensor `name` for contains / info / data (a model whose
+  // decoder is stored under a prefix, read by the names the loader uses). info().name stays the
+  // stored name. Throws std::invalid_argument if `name` is not stored or `alias` already is.
+  void alias(const std::string& alias, const std::string& name);
   const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
 
  private:
   std::string dir_;  // named in errors
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, size_t> where_;  // name -> index into files_
+  std::map<std::string, std::string> aliases_;  // alias -> stored name
+  const std::string& resolve(const std::string& name) const;
 };
 
 }  // namespace qlora::io

@@ -59,6 +59,23 @@ json alpha_json(double alpha) {
   return alpha;
 }
 
+// The file's name of a layer (module_prefix applied).
+std::string file_layer(const PeftAdapter& adapter, const std::string& layer) {
+  if (adapter.module_prefix.empty() || layer.rfind("model.", 0) != 0) return layer;
+  return adapter.module_prefix + layer.substr(6);
+}
+
+// peft's regex form of target_modules (re.fullmatch on module names): the language model's
+// linears of these short names only.
+std::string prefixed_targets_regex(const std::string& prefix,
+                                   const std::vector<std::string>& targets) {
+  std::string p;
+  for (char ch : prefix) p += ch == '.' ? std::string("\\.") : std::string(1, ch);
+  std::string alt;
+  for (const std::string& t : targets) alt += (alt.empty() ? "" : "|") + t;
+  return p + "layers\\.\\d+\\.(self_attn|mlp)\\.(" + alt + ")";
+}
+
 json config_json(const PeftAdapter& adapter) {
   std::vector<std::string> targets = adapter.target_modules;
   std::sort(targets.begin(), targets.end());
@@ -99,7 +116,9 @@ json config_json(const PeftAdapter& adapter) {
   j["r"] = c.rank;
   j["rank_pattern"] = json::object();
   j["revision"] = nullptr;
-  j["target_modules"] = targets;
+  j["target_modules"] = adapter.module_prefix.empty()
+                            ? json(targets)
+                            : json(prefixed_targets_regex(adapter.module_prefix, targets));
   j["target_parameters"] = nullptr;
   j["task_type"] = "CAUSAL_LM";
   j["trainable_token_indices"] = nullptr;
@@ -145,8 +164,9 @@ void peft_adapter_write(const std::string& dir, const PeftAdapter& adapter) {
     if (targets.count(last_component(layer)) == 0)
       throw std::invalid_argument(where + ": layer " + layer + " is not in target_modules, so " +
                                   "peft would not load its weights");
-    quant::writer_add(writer, kPrefix + layer + kSuffixA, a.detach().to(at::kCPU, at::kFloat));
-    quant::writer_add(writer, kPrefix + layer + kSuffixB, b.detach().to(at::kCPU, at::kFloat));
+    const std::string name = file_layer(adapter, layer);
+    quant::writer_add(writer, kPrefix + name + kSuffixA, a.detach().to(at::kCPU, at::kFloat));
+    quant::writer_add(writer, kPrefix + name + kSuffixB, b.detach().to(at::kCPU, at::kFloat));
   }
 
   std::error_code ec;
@@ -187,7 +207,19 @@ PeftAdapter peft_adapter_read(const std::string& dir) {
         info.dtype != io::DType::F16)
       throw std::invalid_argument(weights_path + ": tensor '" + key + "' is " +
                                   io::dtype_name(info.dtype) + ", expected F32, BF16 or F16");
-    const std::string layer = key.substr(prefix_len, key.size() - prefix_len - suffix_len);
+    std::string layer = key.substr(prefix_len, key.size() - prefix_len - suffix_len);
+    // A Gemma3ForConditionalGeneration adapter names the language model's layers under its
+    // prefix: kept as module_prefix, the layer named as inside.
+    for (const char* p : {"model.language_model.", "language_model.model."}) {
+      const std::string prefix(p);
+      if (layer.rfind(prefix, 0) == 0) {
+        if (!adapter.module_prefix.empty() && adapter.module_prefix != prefix)
+          throw std::invalid_argument(weights_path + ": tensor '" + key + "' names its layer under " +
+                                      prefix + ", others under " + adapter.module_prefix);
+        adapter.module_prefix = prefix;
+        layer = "model." + layer.substr(prefix.size());
+      }
+    }
     at::Tensor t = quant::tensor_from_safetensors(info, file->data(info)).to(at::kFloat);
     (is_a ? weights[layer].first : weights[layer].second) = t;
   }

@@ -22,6 +22,12 @@ struct PeftAdapter {
   std::vector<std::string> target_modules;  // q_proj, ...
   std::string base_model_name_or_path;
   std::map<std::string, std::pair<at::Tensor, at::Tensor>> weights;  // layer name -> (A, B)
+  // Where the base model keeps the decoder (model::ModelConfig::weights_prefix): "" for the
+  // *ForCausalLM models; "model.language_model." (or "language_model.model.", older files) for
+  // Gemma3ForConditionalGeneration. `weights` always names layers model.layers.{i}...; the file
+  // names them <module_prefix>layers.{i}... and its target_modules is then a regex over the
+  // language model's linears only (peft would otherwise also wrap the vision tower's q/k/v_proj).
+  std::string module_prefix;
 };
 
 // Writes both files into dir (created if needed; files written to temporary names first).

@@ -521,6 +521,7 @@ void DecoderModel::adapters_load(const lora::PeftAdapter& adapter) {
 lora::PeftAdapter DecoderModel::adapters_export(const std::string& base_model_name_or_path) const {
   lora::PeftAdapter out;
   out.base_model_name_or_path = base_model_name_or_path;
+  out.module_prefix = config_.weights_prefix;
   std::vector<lora::AdapterSlot> slots;
   for (const DecoderBlock& b : blocks_)
     for (const lora::QLoraLinear& l : b.linears)

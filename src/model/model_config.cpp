@@ -277,7 +277,14 @@ std::vector<std::pair<std::string, int64_t>> block_norms(const ModelConfig& c) {
 std::string supported_architectures() {
   std::string s;
   for (const ArchInfo& a : kArchs) s += (s.empty() ? "" : ", ") + std::string(a.architecture);
-  return s;
+  return s + ", Gemma3ForConditionalGeneration (its language model)";
+}
+
+std::string canonical_weight_name(const ModelConfig& c, const std::string& stored) {
+  if (c.weights_prefix.empty()) return stored;
+  for (const std::string& p : {c.weights_prefix, std::string("language_model.model.")})
+    if (stored.rfind(p, 0) == 0) return "model." + stored.substr(p.size());
+  return stored;
 }
 
 namespace {
@@ -324,12 +331,64 @@ std::string architecture_summary(const ModelConfig& c) {
   return s.str();
 }
 
+namespace {
+
+std::string first_architecture(const nlohmann::json& j) {
+  if (j.is_object() && j.contains("architectures") && j["architectures"].is_array() &&
+      !j["architectures"].empty() && j["architectures"][0].is_string())
+    return j["architectures"][0].get<std::string>();
+  return "";
+}
+
+// Gemma3TextConfig's defaults for the keys a config.json may leave out (the published multimodal
+// checkpoints' text_config holds only the sizes that differ), under the file's own keys.
+nlohmann::json gemma3_with_defaults(const nlohmann::json& j) {
+  nlohmann::json out = {{"vocab_size", 262208},          {"hidden_size", 2304},
+                        {"intermediate_size", 9216},     {"num_hidden_layers", 26},
+                        {"num_attention_heads", 8},      {"num_key_value_heads", 4},
+                        {"head_dim", 256},               {"max_position_embeddings", 131072},
+                        {"rms_norm_eps", 1e-6},          {"query_pre_attn_scalar", 256},
+                        {"sliding_window", 4096},        {"tie_word_embeddings", true}};
+  out.update(j);
+  return out;
+}
+
+ModelConfig model_config_parse(const nlohmann::json& j, const std::string& where);
+
+}  // namespace
+
 ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& where) {
+  const std::string arch = first_architecture(j);
+  const std::string model_type =
+      j.is_object() && j.contains("model_type") && j["model_type"].is_string() ? j["model_type"].get<std::string>() : "";
+  if (arch == "Gemma3ForConditionalGeneration" || (arch.empty() && model_type == "gemma3")) {
+    // Its language model: text_config (a Gemma3TextConfig), tensors under model.language_model.
+    // (transformers 5) or language_model.model. (the published files); the vision tower and
+    // projector are not read.
+    if (!j.contains("text_config") || !j["text_config"].is_object())
+      throw std::invalid_argument(where + ": key 'text_config' must be an object (a "
+                                  "Gemma3ForConditionalGeneration keeps its language model's "
+                                  "settings there)");
+    nlohmann::json text = gemma3_with_defaults(j["text_config"]);
+    text["architectures"] = {"Gemma3ForCausalLM"};
+    for (const char* k : {"tie_word_embeddings", "torch_dtype", "dtype"})
+      if (j.contains(k) && !j[k].is_null()) text[k] = j[k];
+    ModelConfig c = model_config_parse(text, where + ": text_config");
+    c.architecture = "Gemma3ForConditionalGeneration";
+    c.model_type = "gemma3";
+    c.weights_prefix = "model.language_model.";
+    return c;
+  }
+  if (arch == "Gemma3ForCausalLM" || (arch.empty() && model_type == "gemma3_text"))
+    return model_config_parse(gemma3_with_defaults(j), where);
+  return model_config_parse(j, where);
+}
+
+namespace {
+
+ModelConfig model_config_parse(const nlohmann::json& j, const std::string& where) {
   ModelConfig c;
-  std::string arch;
-  if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
-      j["architectures"][0].is_string())
-    arch = j["architectures"][0].get<std::string>();
+  const std::string arch = first_architecture(j);
   if (!j.is_object()) throw std::invalid_argument(where + ": expected a JSON object");
   const std::string model_type = string_key(j, "model_type", "", where);
   const ArchInfo* found = nullptr;
@@ -415,6 +474,8 @@ ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& w
   if (j.contains(dtype_key) && j[dtype_key].is_string()) c.torch_dtype = j[dtype_key];
   return c;
 }
+
+}  // namespace
 
 
 std::map<std::string, std::vector<int64_t>> expected_weight_shapes(const ModelConfig& c) {

@@ -76,6 +76,12 @@ struct ModelConfig {
   // uses rope_theta / rope_scaling.
   double sliding_rope_theta = 0.0;
   RopeScaling sliding_rope_scaling;
+  // Where the checkpoint keeps the decoder's tensors and where peft names its modules: "" for
+  // the *ForCausalLM models (model.embed_tokens, model.layers.{i}, ...: the names used
+  // everywhere inside), "model.language_model." for Gemma3ForConditionalGeneration, whose
+  // model.X is stored as model.language_model.X (transformers 5) or language_model.model.X (the
+  // published files) and whose adapter modules are model.language_model.layers.{i}....
+  std::string weights_prefix;
 
   // The window of layer i (0: full causal attention).
   int64_t attention_window(int64_t layer) const;
@@ -94,14 +100,20 @@ struct ModelConfig {
 // Gemma 3). In this order (the order of a block unit's segments).
 std::vector<std::pair<std::string, int64_t>> block_norms(const ModelConfig& config);
 
-// "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM".
+// "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM,
+// Gemma3ForConditionalGeneration (its language model)".
 std::string supported_architectures();
+// The inside name ("model.layers.0....") of a stored tensor name: for a weights_prefix, both
+// stored spellings of the decoder's tensors map back to model.X; anything else (a vision tower's
+// tensors) is returned as it is.
+std::string canonical_weight_name(const ModelConfig& config, const std::string& stored);
 // What the decoder does for this config, in one line: "Gemma3ForCausalLM: GELU-tanh MLP, q/k
 // norm, (1 + w) norms x4 per block, embeddings x sqrt(hidden), scores x query_pre_attn_scalar^-0.5
 // (256); 22 of 26 layers local (window 512, rope base 10000), global rope base 1e+06, tied".
 std::string architecture_summary(const ModelConfig& config);
 
-// Throws std::invalid_argument naming `where` (the config.json path): an architecture we do not
+// Gemma3ForConditionalGeneration: its text_config (under Gemma3TextConfig's defaults), with
+// weights_prefix set. Throws std::invalid_argument naming `where` (the config.json path): an architecture we do not
 // support names the supported ones; missing or non-positive sizes name the key; an activation
 // other than silu, a rope_type other than default / linear / llama3 or an incomplete llama3
 // rope_scaling names the key and the value.

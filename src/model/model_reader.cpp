@@ -32,6 +32,12 @@ void ModelReader::weights_open() {
     throw std::logic_error(hf_.path + ": quant_method '" + hf_.quantization.quant_method +
                            "' reached the model reader; the caller refuses it first");
   weights_ = io::ModelWeights::open_dir(dir_);
+  // A decoder stored under a prefix (Gemma3ForConditionalGeneration) is read by the inside names.
+  if (!config_.weights_prefix.empty())
+    for (const std::string& name : weights_->names()) {
+      const std::string inside = canonical_weight_name(config_, name);
+      if (inside != name) weights_->alias(inside, name);
+    }
   const io::ModelWeights& w = *weights_;
   const ModelConfig& c = config_;
   for (const auto& [name, shape] : expected_weight_shapes(c)) {

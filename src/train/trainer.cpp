@@ -710,6 +710,7 @@ lora::PeftAdapter Trainer::adapter_gather() {
   lora::PeftAdapter out;
   out.config = options_.lora;
   out.base_model_name_or_path = model_path_;
+  out.module_prefix = spec().config.weights_prefix;
   for (auto& unit : lora_) {
     dist::ShardedUnit::Gathered gathered = unit->gather_start();
     gathered.work.wait();

@@ -39,8 +39,9 @@ from conftest import (binary, bnb_reference_model, lf_module, run,  # noqa: E402
 
 use_generic_bnb_cpu_dequantize()
 
-from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Gemma3TextConfig,  # noqa: E402
-                          LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Gemma3Config,  # noqa: E402
+                          Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+                          SiglipVisionConfig)
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,6 +90,20 @@ MODELS = {
                                            "sliding_attention": {"rope_type": "default",
                                                                  "rope_theta": 1e4}}),
 }
+# The same language model inside a Gemma3ForConditionalGeneration (a one-layer SigLIP vision
+# tower and its projector beside it, which we do not read): tensors under model.language_model.
+# (transformers 5), adapters naming model.language_model.layers.{i}...; "_published" renames
+# every tensor of both checkpoints to the published files' spelling (language_model.model.*,
+# vision_tower.*, multi_modal_projector.*), which transformers 5 reads through its conversion
+# mapping.
+MODELS["gemma3_mm"] = lambda: Gemma3Config(
+    text_config=MODELS["gemma3"]().to_dict(),
+    vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=28, patch_size=14),
+    mm_tokens_per_image=4)
+MODELS["gemma3_mm_published"] = MODELS["gemma3_mm"]
+MULTIMODAL = ("gemma3_mm", "gemma3_mm_published")
+
 # The same Gemma 3 with config.json in the form the published checkpoints have (written by
 # transformers 4.5x): rope_theta, rope_local_base_freq, rope_scaling and sliding_window_pattern
 # instead of rope_parameters by layer type and layer_types; both sides read that file.
@@ -105,6 +120,27 @@ def legacy_gemma3_config(path):
 
 
 LEGACY_CONFIG = {"gemma3_legacy": legacy_gemma3_config}
+
+
+def published_tensor_names(model_dir):
+    """Renames a Gemma3ForConditionalGeneration checkpoint's tensors as the published files
+    spell them."""
+    path = model_dir / "model.safetensors"
+    renames = (("model.language_model.", "language_model.model."),
+               ("model.vision_tower.", "vision_tower."),
+               ("model.multi_modal_projector.", "multi_modal_projector."))
+    out = {}
+    for k, v in load_file(path).items():
+        for a, b in renames:
+            if k.startswith(a):
+                k = b + k[len(a):]
+        out[k] = v
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+def inside_name(layer):
+    """Our probe's name of a peft module: model.language_model.X -> model.X."""
+    return layer.replace("model.language_model.", "model.", 1)
 
 
 def close(ours, ref, rtol, atol_rel):
@@ -124,7 +160,7 @@ def setup(request, tmp_path_factory):
             torch.nn.init.normal_(mod.bias, std=0.1)
     # Every RMSNorm weight random (input, post-attention, Gemma's pre/post-feedforward, q/k
     # norms, final), so that a mixed-up norm shows; Gemma's are offsets from one.
-    mean = 0.0 if name.startswith("gemma3") else 1.0
+    mean = 0.0 if name.startswith("gemma3") else 1.0  # (the vision tower's norms too: harmless)
     for n, p in model.named_parameters():
         if n.endswith("norm.weight"):
             torch.nn.init.normal_(p, mean=mean, std=0.2)
@@ -136,8 +172,11 @@ def setup(request, tmp_path_factory):
     if name in LEGACY_CONFIG:
         for checkpoint in ("base", "q4"):
             LEGACY_CONFIG[name](d / checkpoint / "config.json")
+    if name == "gemma3_mm_published":
+        for checkpoint in ("base", "q4"):
+            published_tensor_names(d / checkpoint)
     g = torch.Generator().manual_seed(99)
-    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=g)
+    ids = torch.randint(0, cfg.get_text_config().vocab_size, (2, 11), generator=g)
     labels = ids.clone()
     labels[0, :3] = -100
     labels[1, 7:] = -100
@@ -188,6 +227,8 @@ def test_inspect_names_the_architecture(setup):
                          "rope base 1e+06 linear x4", "tied"],
               "qwen2": ["SwiGLU", "biases on q_proj k_proj v_proj;", "full attention", "tied"]}
     expect["gemma3_legacy"] = expect["gemma3"]
+    expect["gemma3_mm"] = ["Gemma3ForConditionalGeneration"] + expect["gemma3"][1:]
+    expect["gemma3_mm_published"] = expect["gemma3_mm"]
     for part in expect.get(setup["name"], ["SwiGLU", "untied" if not cfg.tie_word_embeddings
                                            else "tied"]):
         assert part in line, f"{part!r} not in {line!r}"
@@ -216,6 +257,9 @@ def test_quantize_on_load(setup):
 
     a = load_file(ours_q / "model.safetensors")
     b = load_file(setup["dir"] / "q4" / "model.safetensors")
+    if setup["name"] in MULTIMODAL:  # we quantize the language model only; compare that
+        a = {k: v for k, v in a.items() if "language_model" in k}
+        b = {k: v for k, v in b.items() if "language_model" in k}
     assert sorted(a) == sorted(b)
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert all(k.endswith(".absmax") and a[k].dtype == torch.uint8 for k in differing), differing
@@ -233,8 +277,11 @@ def test_quantize_on_load(setup):
 def adapter(setup):
     """A peft LoRA on all seven linears with random non-zero A and B, saved by peft."""
     torch.manual_seed(7)
+    # A multimodal model: the language model's linears only (LLaMA-Factory's regex form).
+    targets = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+               if setup["name"] in MULTIMODAL else TARGETS)
     m = get_peft_model(ref_model(setup), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                    target_modules=TARGETS, task_type="CAUSAL_LM"))
+                                                    target_modules=targets, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_" in n:
@@ -251,17 +298,17 @@ def test_adapter_logits_loss_and_grads(setup, adapter):
                  "--write-adapter", setup["dir"] / "our_adapter")
     ok, diff = close(ours["logits"], adapter["logits"], 2e-5, 2e-5)
     assert ok, f"{setup['name']}: logits with adapter differ by up to {diff}"
-    worst = max(((ours[f"{n.split('base_model.model.')[1].split('.lora_')[0]}."
+    worst = max(((ours[f"{inside_name(n.split('base_model.model.')[1].split('.lora_')[0])}."
                        f"{'lora_A' if '.lora_A.' in n else 'lora_B'}.grad"] - g).abs().max()
                  / g.abs().max()).item() for n, g in adapter["grads"].items())
     print(f"\n{setup['name']}: adapter logits max diff {diff:.3g}, worst LoRA grad diff "
           f"{worst:.3g} of that tensor's max")
     ok, _ = close(ours["loss"], adapter["loss"].reshape(1), 2e-5, 2e-5)
     assert ok, f"{setup['name']}: loss {ours['loss'].item()} vs {adapter['loss'].item()}"
-    assert len(adapter["grads"]) == 2 * 7 * setup["cfg"].num_hidden_layers
+    assert len(adapter["grads"]) == 2 * 7 * setup["cfg"].get_text_config().num_hidden_layers
     for peft_name, ref in adapter["grads"].items():
         # base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight
-        layer = peft_name.split("base_model.model.")[1].split(".lora_")[0]
+        layer = inside_name(peft_name.split("base_model.model.")[1].split(".lora_")[0])
         ab = "lora_A" if ".lora_A." in peft_name else "lora_B"
         got = ours[f"{layer}.{ab}.grad"]
         assert got.shape == ref.shape, peft_name
@@ -274,6 +321,10 @@ def test_our_adapter_loads_in_peft(setup, adapter):
                  "--write-adapter", setup["dir"] / "our_adapter2")
     cfg = json.load(open(setup["dir"] / "our_adapter2" / "adapter_config.json"))
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    if setup["name"] in MULTIMODAL:  # the language model's linears only, under its prefix
+        assert isinstance(cfg["target_modules"], str), cfg["target_modules"]
+        keys = load_file(setup["dir"] / "our_adapter2" / "adapter_model.safetensors")
+        assert all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
     m = PeftModel.from_pretrained(ref_model(setup), setup["dir"] / "our_adapter2")
     with torch.no_grad():
         logits = m(input_ids=setup["ids"]).logits
