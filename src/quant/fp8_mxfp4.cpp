@@ -341,12 +341,20 @@ at::Tensor mxfp4_dequantize(const at::Tensor& blocks, const at::Tensor& scales,
   at::Tensor result = at::empty({out, in}, at::TensorOptions().dtype(dtype));
   rows_fill(result, [&](int64_t o, float* dst) {
     for (int64_t g = 0; g < groups; ++g) {
-      const float scale = pp[ep[o * groups + g]];
+      const uint8_t e = ep[o * groups + g];
       const uint8_t* src = bp + (o * groups + g) * kernels::kMxfp4BlockBytes;
       float* d = dst + g * kernels::kMxfp4BlockSize;
-      for (int64_t k = 0; k < kernels::kMxfp4BlockBytes; ++k) {
-        d[2 * k] = kernels::kE2M1Code[src[k] & 15] * scale;   // low nibble first
-        d[2 * k + 1] = kernels::kE2M1Code[src[k] >> 4] * scale;
+      if (e != 255) {  // 2^(e - 127) is an fp32 number: the product is ldexp, rounded once
+        const float scale = pp[e];
+        for (int64_t k = 0; k < kernels::kMxfp4BlockBytes; ++k) {
+          d[2 * k] = kernels::kE2M1Code[src[k] & 15] * scale;  // low nibble first
+          d[2 * k + 1] = kernels::kE2M1Code[src[k] >> 4] * scale;
+        }
+      } else {  // 2^128 is not: ldexp as torch.ldexp computes it (0 stays 0, 0.5 gives 2^127)
+        for (int64_t k = 0; k < kernels::kMxfp4BlockBytes; ++k) {
+          d[2 * k] = std::ldexp(kernels::kE2M1Code[src[k] & 15], 255 - kernels::kE8M0Bias);
+          d[2 * k + 1] = std::ldexp(kernels::kE2M1Code[src[k] >> 4], 255 - kernels::kE8M0Bias);
+        }
       }
     }
   });

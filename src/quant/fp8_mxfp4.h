@@ -6,10 +6,12 @@
 //        `M.weight_scales` uint8 [out, in/32]. transformers stores MXFP4 only for GPT-OSS experts
 //        (`<param>_blocks` / `<param>_scales`); for a dense linear we take the same convention on
 //        the parameter `weight`, with no transpose (GPT-OSS transposes its expert layout only):
-//        W[o, 32 g + 2 k]     = E2M1[b[o, g, k] & 15] * 2^(e[o, g] - 127)
-//        W[o, 32 g + 2 k + 1] = E2M1[b[o, g, k] >> 4] * 2^(e[o, g] - 127)
-// Each product is one fp32 multiply, rounded once to the model's dtype: what transformers 5.23's
-// dequantizing loaders compute (Fp8Dequantize, _convert_moe_packed_tensors).
+//        W[o, 32 g + 2 k]     = ldexp(E2M1[b[o, g, k] & 15], e[o, g] - 127)
+//        W[o, 32 g + 2 k + 1] = ldexp(E2M1[b[o, g, k] >> 4], e[o, g] - 127)
+// Each value is one fp32 product (ldexp for MXFP4, exact but for overflow), rounded once to the
+// model's dtype: what transformers 5.23's dequantizing loaders compute (Fp8Dequantize,
+// _convert_moe_packed_tensors). Their E8M0 byte 255 differs: FP8 uint8 scales read it as
+// exp2(128) = inf (so 0 * inf = NaN), float8_e8m0fnu ones as NaN, MXFP4's torch.ldexp as 2^128.
 #pragma once
 
 #include <ATen/core/Tensor.h>

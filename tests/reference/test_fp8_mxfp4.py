@@ -291,8 +291,9 @@ def train_first_loss(model_dir, data, out, ranks):
 def test_train_on_dequantized_checkpoint(tmp_path, fmt):
     import torch
     data = tmp_path / "train.h5"
-    res = subprocess.run([QLORA, "synth-data", "--out", data, "--vocab", 64, "--seq-len", 32,
-                          "--rows", 16, "--task", "copy", "--seed", 1], capture_output=True, text=True)
+    res = subprocess.run([QLORA, "synth-data", "--out", data, "--vocab", "64", "--seq-len", "32",
+                          "--rows", "16", "--task", "copy", "--seed", "1"],
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     if fmt == "fp8":
         d, cfg, sd, ref = make_fp8(tmp_path / "q", torch.bfloat16, (128, 128))
