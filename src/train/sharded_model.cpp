@@ -81,7 +81,9 @@ class HfUnitSource final : public UnitSource {
     path_ = dir;
     const io::HfConfig& hf = reader_.hf_config();
     check_sharded_method(hf);
-    config_json_ = hf.raw.dump();
+    nlohmann::json config = hf.raw;
+    if (reader_.dequantizes()) config.erase("quantization_config");  // the units hold 4-bit weights
+    config_json_ = config.dump();
     spec_.config = reader_.config();
     spec_.plain_dtype = plain_dtype_from(spec_.config);
     spec_.quant = quant;

@@ -19,7 +19,8 @@ What is checked, every bit (NaNs as NaN):
     on the weight as a one-expert [1, out, G, 16] tensor, transposed back.
   - `qlora_dist quantize` of the FP8 / MXFP4 checkpoint writes the same model.safetensors, byte for
     byte, as `quantize` of the float checkpoint holding transformers' dequantized weights, and a
-    config.json without the fp8 / mxfp4 quantization_config.
+    config.json without the fp8 / mxfp4 quantization_config; with --format h5 the same units and
+    attributes (config_json included).
   - `qlora_dist train` on the FP8 / MXFP4 checkpoint (1 and 2 ranks) gives the step-1 loss of the
     same job on the dequantized float checkpoint, exactly.
   - `qlora_dist inspect` names the format.
@@ -230,9 +231,9 @@ def dequantized_dir(d, cfg, sd, ref):
     return write_dir(d, c, {n: ref.get(n, t) for n, t in sd.items()})
 
 
-def quantize(src, out):
+def quantize(src, out, fmt="safetensors"):
     res = subprocess.run([QLORA, "quantize", "--model", src, "--out", out, "--double_quantization",
-                          "true"], capture_output=True, text=True)
+                          "true", "--format", fmt], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return out
 
@@ -252,6 +253,14 @@ def test_quantize_equals_quantize_of_dequantized(tmp_path, fmt):
     ca, cb = (json.load(open(p / "config.json")) for p in (a, b))
     assert ca == cb
     assert ca["quantization_config"]["quant_method"] == "bitsandbytes"
+    # The sharded unit file (what each rank reads its byte ranges of) the same way.
+    import h5py
+    ha, hb = (h5py.File(quantize(src, tmp_path / f"{n}.h5", "h5"), "r") for n, src in
+              (("a", d), ("b", plain)))
+    assert sorted(ha["units"]) == sorted(hb["units"])
+    for k in ha["units"]:
+        assert ha["units"][k][()].tobytes() == hb["units"][k][()].tobytes(), k
+    assert {k: str(v) for k, v in ha.attrs.items()} == {k: str(v) for k, v in hb.attrs.items()}
 
 
 def inspect_text(d):
