@@ -1,4 +1,5 @@
-// inspect_model_dir: config + weights summary, validating every bitsandbytes 4-bit weight.
+// inspect_model_dir: config + weights summary, validating every bitsandbytes 4-bit weight and
+// naming an FP8 / MXFP4 checkpoint's format (its tensors checked as loading checks them).
 #include "app/inspect_command.h"
 
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/model_config.h"
+#include "model/model_reader.h"
 #include "quant/bnb_checkpoint.h"
 #include "quant/tensor_io.h"
 
@@ -32,6 +34,25 @@ std::string inspect_model_dir(const std::string& model_dir) {
       << " safetensors file(s)\n"
       << "  architecture: " << model::architecture_summary(mc) << "\n"
       << "  quantization: " << io::quant_method_name(hf.quantization.method) << "\n";
+  const io::QuantMethod method = hf.quantization.method;
+  if (method == io::QuantMethod::fp8 || method == io::QuantMethod::mxfp4) {
+    model::ModelReader reader(model_dir);  // the format's settings and every tensor checked
+    reader.weights_open();
+    int64_t dequantized = 0, plain = 0, dequantized_params = 0;
+    for (const auto& [name, shape] : model::expected_weight_shapes(mc)) {
+      if (!model::is_block_linear_weight(name)) continue;
+      if (reader.dequant_sources(name).empty()) {
+        ++plain;
+      } else {
+        ++dequantized;
+        dequantized_params += shape[0] * shape[1];
+      }
+    }
+    out << "  format: " << reader.dequant_format().describe() << ", dequantized on load to "
+        << quant::float_dtype_name(reader.dequant_dtype()) << " then quantized to 4-bit: " << dequantized
+        << " linears (" << dequantized_params << " params), " << plain
+        << " stored as float (modules_to_not_convert)\n";
+  }
 
   auto contains = [&](const std::string& n) { return weights.contains(n); };
   auto get = [&](const std::string& n) -> std::optional<at::Tensor> {

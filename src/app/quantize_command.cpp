@@ -1,5 +1,6 @@
-// quantize_model_dir: read config + weights, check shapes, quantize block linears, write the
-// bitsandbytes tensor set and quantization_config, rename into place.
+// quantize_model_dir: read config + weights through model::ModelReader (shapes checked; FP8 / MXFP4
+// linears dequantized on load), quantize block linears, write the bitsandbytes tensor set and
+// quantization_config (replacing an fp8 / mxfp4 one), rename into place.
 #include "app/quantize_command.h"
 
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/model_config.h"
+#include "model/model_reader.h"
 #include "quant/bnb_checkpoint.h"
 #include "quant/tensor_io.h"
 #include "app/model_dir_output.h"
@@ -61,45 +63,40 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
     throw std::invalid_argument("--quantization_blocksize " + std::to_string(opt.quant.blocksize) +
                                 " is not supported (expected 32, 64, ..., 4096)");
 
-  const io::HfConfig hf = io::read_hf_config((in / "config.json").string());
-  const model::ModelConfig mc = model::model_config_from_json(hf.raw, hf.path);
-  if (hf.quantization.method != io::QuantMethod::none)
+  model::ModelReader reader(opt.model_dir);  // config.json (an fp8 / mxfp4 one checked too)
+  const io::HfConfig& hf = reader.hf_config();
+  const model::ModelConfig& mc = reader.config();
+  if (hf.quantization.method != io::QuantMethod::none && !reader.dequantizes())
     throw std::invalid_argument(hf.path + ": the model is already quantized (quant_method '" +
                                 hf.quantization.quant_method +
-                                "'); quantize takes a bf16/fp16/fp32 model");
-
+                                "'); quantize takes a bf16/fp16/fp32 model, or an fp8 / mxfp4 one");
+  reader.weights_open();  // every tensor's presence, dtype and shape, before any is read
   const io::ModelWeights weights = io::ModelWeights::open_dir(opt.model_dir);
-  const auto expected = model::expected_weight_shapes(mc);
-  for (const auto& [name, shape] : expected) {
-    if (!weights.contains(name))
-      throw std::invalid_argument(opt.model_dir + ": tensor '" + name +
-                                  "' is missing (the config has " +
-                                  std::to_string(mc.num_hidden_layers) + " layers)");
-    if (weights.info(name).shape != shape)
-      throw std::invalid_argument(opt.model_dir + ": tensor '" + name + "' has shape " +
-                                  model::shape_str(weights.info(name).shape) +
-                                  ", config.json implies " + model::shape_str(shape));
-  }
+
+  // FP8 / MXFP4 linears: their stored tensors -> the weight they dequantize to, made once (at
+  // the first of them); the scales are not copied.
+  std::map<std::string, std::string> dequantized_from;
+  for (const auto& [name, shape] : model::expected_weight_shapes(mc))
+    for (const std::string& stored : reader.dequant_sources(name)) dequantized_from[stored] = name;
 
   io::SafetensorsWriter writer;
   writer.set_metadata("format", "pt");
   for (const std::string& name : weights.names()) {
     const io::TensorInfo& info = weights.info(name);
     report.bytes_in += info.nbytes;
-    at::Tensor t = quant::tensor_from_weights(weights, name);
-    if (model::is_block_linear_weight(name)) {
-      const at::ScalarType st = t.scalar_type();
-      if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf)  // what quantize_4bit takes
-        throw std::invalid_argument(opt.model_dir + ": tensor '" + name + "' has dtype " +
-                                    io::dtype_name(info.dtype) +
-                                    " (expected F32, BF16 or F16 to quantize)");
-      const quant::Quantized q = quant::quantize_4bit(t, opt.quant);
-      for (const auto& [key, tensor] : quant::bnb_checkpoint_tensors(name, q))
+    std::string weight_name = name;
+    if (const auto it = dequantized_from.find(name); it != dequantized_from.end()) {
+      if (reader.dequant_sources(it->second).front() != name) continue;
+      weight_name = it->second;
+    }
+    if (model::is_block_linear_weight(weight_name)) {
+      const quant::Quantized q = reader.linear(weight_name, opt.quant);
+      for (const auto& [key, tensor] : quant::bnb_checkpoint_tensors(weight_name, q))
         quant::writer_add(writer, key, tensor);
       ++report.tensors_quantized;
-      report.params_quantized += t.numel();
+      report.params_quantized += q.state.numel();
     } else {
-      quant::writer_add(writer, name, t);
+      quant::writer_add(writer, name, quant::tensor_from_weights(weights, name));
       ++report.tensors_copied;
     }
   }

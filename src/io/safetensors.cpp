@@ -43,6 +43,8 @@ constexpr DTypeTraits kDTypeTraits[] = {
     {DType::U32, "U32", 4},   {DType::I64, "I64", 8},         {DType::U64, "U64", 8},
     {DType::F16, "F16", 2},   {DType::BF16, "BF16", 2},       {DType::F32, "F32", 4},
     {DType::F64, "F64", 8},   {DType::F8_E4M3, "F8_E4M3", 1}, {DType::F8_E5M2, "F8_E5M2", 1},
+    {DType::F8_E8M0, "F8_E8M0", 1}, {DType::F8_E4M3FNUZ, "F8_E4M3FNUZ", 1},
+    {DType::F8_E5M2FNUZ, "F8_E5M2FNUZ", 1},
 };
 
 const DTypeTraits& dtype_traits(DType dtype) {

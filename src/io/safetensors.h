@@ -21,7 +21,12 @@ class FormatError : public std::runtime_error {
 };
 
 // safetensors dtypes we read and write (names as the format spells them).
-enum class DType { BOOL, U8, I8, I16, U16, I32, U32, I64, U64, F16, BF16, F32, F64, F8_E4M3, F8_E5M2 };
+// F8_E8M0: OCP E8M0 scale bytes (torch.float8_e8m0fnu); the FNUZ kinds are read so that a loader
+// can refuse them by name.
+enum class DType {
+  BOOL, U8, I8, I16, U16, I32, U32, I64, U64, F16, BF16, F32, F64,
+  F8_E4M3, F8_E5M2, F8_E8M0, F8_E4M3FNUZ, F8_E5M2FNUZ
+};
 size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);            // "F32", "BF16", ...
 DType dtype_from_name(const std::string& name);  // throws FormatError on an unknown name

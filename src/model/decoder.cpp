@@ -184,12 +184,13 @@ DecoderModel DecoderModel::load(const std::string& dir, const LoadOptions& optio
   if (c.head_dim % 2 != 0)
     throw std::invalid_argument(hf.path + ": head_dim " + std::to_string(c.head_dim) +
                                 " is odd; rotary embeddings need an even head_dim");
-  if (!reader.prequantized() && hf.quantization.method != io::QuantMethod::none)
+  if (!reader.prequantized() && !reader.dequantizes() &&
+      hf.quantization.method != io::QuantMethod::none)
     throw std::invalid_argument(
         hf.path + ": quantization method '" + io::quant_method_name(hf.quantization.method) +
         "' (quant_method '" + hf.quantization.quant_method +
-        "') cannot be loaded; supported: an unquantized (fp32/bf16/fp16) model or a bitsandbytes "
-        "4-bit one");
+        "') cannot be loaded; supported: an unquantized (fp32/bf16/fp16) model, a bitsandbytes "
+        "4-bit one, or an fp8 / mxfp4 one (dequantized on load)");
   m.compute_dtype_ = compute;
   m.upcast_layernorm_ = options.upcast_layernorm;
 

@@ -22,6 +22,9 @@ at::ScalarType scalar_type_from(io::DType dtype) {
     case io::DType::F64: return at::kDouble;
     case io::DType::F8_E4M3: return at::kFloat8_e4m3fn;
     case io::DType::F8_E5M2: return at::kFloat8_e5m2;
+    case io::DType::F8_E8M0: return at::kFloat8_e8m0fnu;
+    case io::DType::F8_E4M3FNUZ: return at::kFloat8_e4m3fnuz;
+    case io::DType::F8_E5M2FNUZ: return at::kFloat8_e5m2fnuz;
     default:
       throw std::invalid_argument(std::string("safetensors dtype ") + io::dtype_name(dtype) +
                                   " has no torch equivalent here");
@@ -42,6 +45,9 @@ io::DType dtype_from(at::ScalarType type) {
     case at::kDouble: return io::DType::F64;
     case at::kFloat8_e4m3fn: return io::DType::F8_E4M3;
     case at::kFloat8_e5m2: return io::DType::F8_E5M2;
+    case at::kFloat8_e8m0fnu: return io::DType::F8_E8M0;
+    case at::kFloat8_e4m3fnuz: return io::DType::F8_E4M3FNUZ;
+    case at::kFloat8_e5m2fnuz: return io::DType::F8_E5M2FNUZ;
     default:
       throw std::invalid_argument(std::string("cannot store a ") + c10::toString(type) +
                                   " tensor in safetensors");

@@ -44,7 +44,9 @@ void check_sharded_method(const io::HfConfig& hf) {
   const std::string what = hf.path + ": quant_method '" + hf.quantization.quant_method + "'";
   switch (m) {
     case QuantMethod::none:
-    case QuantMethod::bnb_4bit: return;
+    case QuantMethod::bnb_4bit:
+    case QuantMethod::fp8:    // dequantized on load (model::ModelReader), then quantized to 4-bit
+    case QuantMethod::mxfp4: return;
     case QuantMethod::bnb_8bit:
       throw std::invalid_argument(what + " (bitsandbytes 8-bit): only 4-bit quantized models can "
                                   "be sharded; use a 4-bit (or unquantized) model");
@@ -59,10 +61,6 @@ void check_sharded_method(const io::HfConfig& hf) {
     case QuantMethod::eetq:
       throw std::invalid_argument(what + ": EETQ-quantized models are incompatible with "
                                   "ZeRO-3/FSDP sharding");
-    case QuantMethod::fp8:
-    case QuantMethod::mxfp4:
-      throw std::invalid_argument(what + ": dequantizing FP8/MXFP4 checkpoints on load is not "
-                                  "supported yet; convert the model to bf16 first");
     case QuantMethod::other:
       throw std::invalid_argument(what + " is not a quantization method qlora_dist knows");
   }
@@ -83,7 +81,9 @@ class HfUnitSource final : public UnitSource {
     path_ = dir;
     const io::HfConfig& hf = reader_.hf_config();
     check_sharded_method(hf);
-    config_json_ = hf.raw.dump();
+    nlohmann::json config = hf.raw;
+    if (reader_.dequantizes()) config.erase("quantization_config");  // the units hold 4-bit weights
+    config_json_ = config.dump();
     spec_.config = reader_.config();
     spec_.plain_dtype = plain_dtype_from(spec_.config);
     spec_.quant = quant;

@@ -115,6 +115,54 @@ class Inputs:
         p.write_bytes(struct.pack("<Q", len(hb)) + hb + body)
         return p.parent
 
+    # --- the tiny model as an FP8 or MXFP4 checkpoint, then edited
+    def fp8(self, edit=None, name="fp8"):
+        """FP8 (block 128x128, fp32 scales; one scale value for every block, enough here);
+        edit(config, tensors, torch) may break it."""
+        import torch
+        from safetensors.torch import load_file, save_file
+        t = load_file(str(self.base / "tiny" / "model.safetensors"))
+        for n in [n for n in t if n.endswith("_proj.weight")]:
+            w = t[n]
+            s = w.abs().amax() / 448
+            t[n] = (w / s).to(torch.float8_e4m3fn)
+            t[n[:-len("weight")] + "weight_scale_inv"] = s.expand(
+                -(-w.shape[0] // 128), -(-w.shape[1] // 128)).contiguous()
+        quant = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+        return self._quantized_dir(name, t, quant, edit, save_file, torch)
+
+    def mxfp4(self, edit=None, name="mxfp4", intermediate=672):
+        """MXFP4 (zero blocks, scale 127): every linear's weight_blocks [out, ceil(in/32), 16] and
+        weight_scales, the MLP sliced to `intermediate` first (the tiny model's 688 is not a
+        multiple of 32)."""
+        import torch
+        from safetensors.torch import load_file, save_file
+        t = load_file(str(self.base / "tiny" / "model.safetensors"))
+        for n in [n for n in t if n.endswith("_proj.weight")]:
+            w = t.pop(n)
+            if n.endswith(("gate_proj.weight", "up_proj.weight")):
+                w = w[:intermediate]
+            elif n.endswith("down_proj.weight"):
+                w = w[:, :intermediate]
+            g = -(-w.shape[1] // 32)
+            t[n[:-len(".weight")] + ".weight_blocks"] = torch.zeros(w.shape[0], g, 16, dtype=torch.uint8)
+            t[n[:-len(".weight")] + ".weight_scales"] = torch.full((w.shape[0], g), 127, dtype=torch.uint8)
+        quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}
+        return self._quantized_dir(name, t, quant, edit, save_file, torch,
+                                   {"intermediate_size": intermediate})
+
+    def _quantized_dir(self, name, tensors, quant, edit, save_file, torch, extra=None):
+        d = self.root / name
+        d.mkdir()
+        cfg = json.loads((self.base / "tiny" / "config.json").read_text())
+        cfg.update(extra or {})
+        cfg["quantization_config"] = quant
+        if edit:
+            edit(cfg, tensors, torch)
+        save_file(tensors, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
     # --- a training job: config.ini on the unit file and the token file
     def ini(self, extra=""):
         return self.write("job.ini", f"[model]\nmodel_name_or_path = {self.copy('tiny.h5')}\n"
@@ -208,6 +256,16 @@ def set_key(key, value):
 def q(edit_model):
     """quantize on a model directory that edit_model(w) broke."""
     return lambda w: ["quantize", "--model", edit_model(w), "--out", w.out]
+
+
+def fp8_quant(key, value):
+    def edit(c, t, torch):
+        c["quantization_config"][key] = value
+    return edit
+
+
+def fp8_tensors(edit_tensors):
+    return lambda c, t, torch: edit_tensors(t, torch)
 
 
 def unit_case(edit):
@@ -329,6 +387,53 @@ CASES = [
     Case("quantize-st-1M-tensors", "quantize", "a header of 1,000,000 empty tensors (80 MB), the last of dtype Q9",
          q(lambda w: w.header(million_tensors)),
          ("model.safetensors", "'t999999'", '"Q9"')),
+    # ---- quantize (and train, inspect): FP8 / MXFP4 checkpoints that cannot be dequantized
+    Case("quantize-fp8-block-triple", "quantize", "fp8 weight_block_size [128, 128, 1]",
+         q(lambda w: w.fp8(fp8_quant("weight_block_size", [128, 128, 1]))),
+         ("config.json", "quantization_config.weight_block_size [128,128,1]",
+          "two positive integers")),
+    Case("quantize-fp8-block-zero", "quantize", "fp8 weight_block_size [0, 128]",
+         q(lambda w: w.fp8(fp8_quant("weight_block_size", [0, 128]))),
+         ("config.json", "weight_block_size [0,128]", "two positive integers")),
+    Case("train-fp8-block-zero", "train", "fp8 weight_block_size [0, 128], under train",
+         lambda w: w.train(f"--model.model_name_or_path={w.fp8(fp8_quant('weight_block_size', [0, 128]))}"),
+         ("config.json", "weight_block_size [0,128]", "two positive integers"), ranks=2),
+    Case("quantize-fp8-fmt-e5m2", "quantize", 'fp8 fmt "e5m2"',
+         q(lambda w: w.fp8(fp8_quant("fmt", "e5m2"))),
+         ("config.json", 'quantization_config.fmt "e5m2"', "float8_e4m3fn")),
+    Case("quantize-fp8-modules-to-convert", "quantize", "fp8 modules_to_convert [embed_tokens]",
+         q(lambda w: w.fp8(fp8_quant("modules_to_convert", ["model.embed_tokens"]))),
+         ("config.json", "modules_to_convert", "FP8 embeddings are not supported")),
+    Case("quantize-fp8-unknown-key", "quantize", "fp8 quantization_config with kv_cache_scheme",
+         q(lambda w: w.fp8(fp8_quant("kv_cache_scheme", "fp8"))),
+         ("config.json", "'kv_cache_scheme'", "cannot honour", "known keys")),
+    Case("quantize-fp8-e5m2-weights", "quantize", "fp8 weights stored as float8_e5m2",
+         q(lambda w: w.fp8(fp8_tensors(lambda t, torch: t.update(
+             {n: v.float().to(torch.float8_e5m2) for n, v in t.items() if v.dtype == torch.float8_e4m3fn})))),
+         ("model.layers.0.mlp.down_proj.weight", "F8_E5M2", "expected F8_E4M3")),
+    Case("quantize-fp8-e4m3fnuz-weights", "quantize", "fp8 weights stored as float8_e4m3fnuz",
+         q(lambda w: w.fp8(fp8_tensors(lambda t, torch: t.update(
+             {n: v.float().to(torch.float8_e4m3fnuz) for n, v in t.items() if v.dtype == torch.float8_e4m3fn})))),
+         ("model.layers.0.mlp.down_proj.weight", "F8_E4M3FNUZ", "expected F8_E4M3")),
+    Case("quantize-fp8-scale-grid", "quantize", "fp8 weight_block_size [64, 64] over scales of 128x128 blocks",
+         q(lambda w: w.fp8(fp8_quant("weight_block_size", [64, 64]))),
+         ("model.layers.0.mlp.down_proj.weight_scale_inv", "[2, 6]", "expected [4, 11]",
+          "weight_block_size [64, 64]")),
+    Case("quantize-fp8-scale-missing", "quantize", "an fp8 weight without its weight_scale_inv",
+         q(lambda w: w.fp8(fp8_tensors(lambda t, torch: t.pop(
+             "model.layers.2.mlp.up_proj.weight_scale_inv")))),
+         ("model.layers.2.mlp.up_proj.weight", "F8_E4M3", "weight_scale_inv' is missing")),
+    Case("inspect-fp8-scale-dtype", "inspect", "fp8 scales stored as int32",
+         lambda w: ["inspect", "--model", w.fp8(fp8_tensors(lambda t, torch: t.update(
+             {n: v.to(torch.int32) for n, v in t.items() if n.endswith("scale_inv")})))],
+         ("weight_scale_inv", "dtype I32", "F32, BF16 or F16")),
+    Case("quantize-mxfp4-in-not-32", "quantize", "mxfp4 down_proj with in_features 200",
+         q(lambda w: w.mxfp4(intermediate=200)),
+         ("model.layers.0.mlp.down_proj.weight_blocks", "multiple of 32", "has 200")),
+    Case("quantize-mxfp4-blocks-shape", "quantize", "mxfp4 weight_blocks [256, 8, 8]",
+         q(lambda w: w.mxfp4(fp8_tensors(lambda t, torch: t.update(
+             {"model.layers.1.self_attn.q_proj.weight_blocks": torch.zeros(256, 8, 8, dtype=torch.uint8)})))),
+         ("model.layers.1.self_attn.q_proj.weight_blocks", "[256, 8, 8]", "expected [256, 8, 16]")),
     Case("inspect-st-truncated", "inspect", "model.safetensors cut to 1000 bytes",
          lambda w: ["inspect", "--model", w.model_file("model.safetensors", lambda b: b[:1000])],
          ("model.safetensors",)),

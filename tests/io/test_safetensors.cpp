@@ -59,13 +59,15 @@ TEST(SafetensorsDType, NamesAndSizesRoundTrip) {
   const std::vector<std::pair<DType, size_t>> expected = {
       {DType::BOOL, 1}, {DType::U8, 1},  {DType::I8, 1},  {DType::I16, 2},     {DType::U16, 2},
       {DType::I32, 4},  {DType::U32, 4}, {DType::I64, 8}, {DType::U64, 8},     {DType::F16, 2},
-      {DType::BF16, 2}, {DType::F32, 4}, {DType::F64, 8}, {DType::F8_E4M3, 1}, {DType::F8_E5M2, 1}};
+      {DType::BF16, 2}, {DType::F32, 4}, {DType::F64, 8}, {DType::F8_E4M3, 1}, {DType::F8_E5M2, 1},
+      {DType::F8_E8M0, 1}, {DType::F8_E4M3FNUZ, 1}, {DType::F8_E5M2FNUZ, 1}};
   for (const auto& [dtype, nbytes] : expected) {
     EXPECT_EQ(dtype_size(dtype), nbytes) << dtype_name(dtype);
     EXPECT_EQ(dtype_from_name(dtype_name(dtype)), dtype) << dtype_name(dtype);
   }
   EXPECT_STREQ(dtype_name(DType::BF16), "BF16");
   EXPECT_STREQ(dtype_name(DType::F8_E4M3), "F8_E4M3");
+  EXPECT_STREQ(dtype_name(DType::F8_E8M0), "F8_E8M0");  // what Python safetensors writes
   try {
     dtype_from_name("F33");
     ADD_FAILURE() << "F33 accepted";

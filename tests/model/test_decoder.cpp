@@ -530,7 +530,7 @@ TEST(DecoderLoad, OtherQuantizationMethodsAreRejected) {
       {{{"quant_method", "gptq"}, {"bits", 4}}, "gptq"},
       {{{"quant_method", "awq"}, {"bits", 4}}, "awq"},
       {{{"quant_method", "hqq"}}, "hqq"},
-      {{{"quant_method", "fp8"}}, "fp8"},
+      {{{"quant_method", "aqlm"}}, "aqlm"},
   };
   for (const auto& k : cases) {
     config_edit(dir, [&](nlohmann::json& j) { j["quantization_config"] = k.config; });
