@@ -84,14 +84,20 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
   for (const std::string& name : weights.names()) {
     const io::TensorInfo& info = weights.info(name);
     report.bytes_in += info.nbytes;
-    std::string weight_name = name;
-    if (const auto it = dequantized_from.find(name); it != dequantized_from.end()) {
-      if (reader.dequant_sources(it->second).front() != name) continue;
+    // The reader's (inside) name: a Gemma3ForConditionalGeneration stores model.X under a prefix.
+    const std::string inside = model::canonical_weight_name(mc, name);
+    std::string weight_name = inside;
+    if (const auto it = dequantized_from.find(inside); it != dequantized_from.end()) {
+      if (reader.dequant_sources(it->second).front() != inside) continue;
       weight_name = it->second;
     }
     if (model::is_block_linear_weight(weight_name)) {
       const quant::Quantized q = reader.linear(weight_name, opt.quant);
-      for (const auto& [key, tensor] : quant::bnb_checkpoint_tensors(weight_name, q))
+      // Written under the prefix this tensor is stored under.
+      const std::string out_name =
+          inside == name ? weight_name
+                         : name.substr(0, name.size() - (inside.size() - 6)) + weight_name.substr(6);
+      for (const auto& [key, tensor] : quant::bnb_checkpoint_tensors(out_name, q))
         quant::writer_add(writer, key, tensor);
       ++report.tensors_quantized;
       report.params_quantized += q.state.numel();
@@ -103,6 +109,11 @@ QuantizeReport quantize_model_dir(const QuantizeCommandOptions& opt) {
 
   nlohmann::ordered_json config = nlohmann::ordered_json::parse(hf.raw.dump());
   config["quantization_config"] = quantization_config(opt.quant, mc.torch_dtype);
+  // Only the language model is quantized: transformers keeps the vision tower, its projector and
+  // lm_head as plain linears (its default, lm_head, otherwise).
+  if (!mc.weights_prefix.empty())
+    config["quantization_config"]["llm_int8_skip_modules"] = {"lm_head", "multi_modal_projector",
+                                                               "vision_tower"};
 
   output_dir_commit(out, [&](const fs::path& tmp) {
     writer.write((tmp / "model.safetensors").string());

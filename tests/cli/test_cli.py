@@ -25,7 +25,7 @@ BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(
 QLORA = os.path.join(BUILD, "qlora_dist")
 
 SUPPORTED = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-             "Gemma3ForCausalLM")
+             "Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its language model)")
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"  # [256, 256] in the tiny preset
 
 # Every option of each command, as its --help lists them.

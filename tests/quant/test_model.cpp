@@ -125,7 +125,7 @@ TEST(ModelConfigFromJson, DefaultsAndModelTypeFallback) {
 TEST(ModelConfigFromJson, UnsupportedArchitectureListsSupported) {
   EXPECT_EQ(supported_architectures(),
             "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-            "Gemma3ForCausalLM");
+            "Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its language model)");
   json j = llama_json();
   j["architectures"] = {"GPT2LMHeadModel"};
   j["model_type"] = "gpt2";
