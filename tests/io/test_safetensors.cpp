@@ -524,6 +524,26 @@ TEST(ModelWeights, ShardedIndex) {
   EXPECT_EQ(weights.info("lm_head.weight").dtype, DType::F32);
 }
 
+// A decoder stored under a prefix is read by the loader's names (Gemma3ForConditionalGeneration).
+TEST(ModelWeights, AliasReadsTheStoredTensor) {
+  TempDir dir;
+  shard_write(dir.file("model.safetensors"),
+              {"model.language_model.norm.weight", "model.vision_tower.w"}, 40);
+  ModelWeights weights = ModelWeights::open_dir(dir.path());
+  weights.alias("model.norm.weight", "model.language_model.norm.weight");
+  EXPECT_TRUE(weights.contains("model.norm.weight"));
+  EXPECT_EQ(weights.data("model.norm.weight")[0], 40);
+  EXPECT_EQ(weights.info("model.norm.weight").name, "model.language_model.norm.weight");
+  // names() lists what is stored, once.
+  EXPECT_EQ(weights.names(), (std::vector<std::string>{"model.language_model.norm.weight",
+                                                       "model.vision_tower.w"}));
+  // An alias of nothing stored, or one that is stored itself, is refused.
+  EXPECT_THROW(weights.alias("x", "not.stored"), std::invalid_argument);
+  EXPECT_THROW(weights.alias("model.vision_tower.w", "model.language_model.norm.weight"),
+               std::invalid_argument);
+  EXPECT_THROW(weights.alias("model.norm.weight", "model.vision_tower.w"), std::invalid_argument);
+}
+
 TEST(ModelWeights, SingleFileWinsOverIndex) {
   TempDir dir;
   shard_write(dir.file("model.safetensors"), {"only"}, 1);
