@@ -54,7 +54,7 @@ std::string model_config_json(const ModelConfig& c) {
   j["dtype"] = c.torch_dtype;
   j["eos_token_id"] = 2;
   j["head_dim"] = c.head_dim;
-  j["hidden_act"] = "silu";
+  j["hidden_act"] = c.hidden_act;
   j["hidden_size"] = c.hidden_size;
   j["initializer_range"] = 0.02;
   j["intermediate_size"] = c.intermediate_size;
@@ -67,23 +67,48 @@ std::string model_config_json(const ModelConfig& c) {
   j["pad_token_id"] = nullptr;
   j["pretraining_tp"] = 1;
   j["rms_norm_eps"] = c.rms_norm_eps;
-  j["rope_parameters"] = {{"rope_theta", c.rope_theta}, {"rope_type", c.rope_scaling.rope_type}};
-  if (c.rope_scaling.rope_type != "default") j["rope_parameters"]["factor"] = c.rope_scaling.factor;
-  if (c.rope_scaling.rope_type == "llama3") {
-    j["rope_parameters"]["low_freq_factor"] = c.rope_scaling.low_freq_factor;
-    j["rope_parameters"]["high_freq_factor"] = c.rope_scaling.high_freq_factor;
-    j["rope_parameters"]["original_max_position_embeddings"] =
-        c.rope_scaling.original_max_position_embeddings;
+  const auto rope_json = [](double theta, const RopeScaling& r) {
+    nlohmann::json o = {{"rope_theta", theta}, {"rope_type", r.rope_type}};
+    if (r.rope_type != "default") o["factor"] = r.factor;
+    if (r.rope_type == "llama3") {
+      o["low_freq_factor"] = r.low_freq_factor;
+      o["high_freq_factor"] = r.high_freq_factor;
+      o["original_max_position_embeddings"] = r.original_max_position_embeddings;
+    }
+    return o;
+  };
+  nlohmann::json types = nlohmann::json::array();
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+    types.push_back(static_cast<size_t>(i) < c.sliding_layers.size() &&
+                            c.sliding_layers[static_cast<size_t>(i)]
+                        ? "sliding_attention"
+                        : "full_attention");
+  if (c.arch == Architecture::gemma3) {
+    // Gemma3TextConfig's keys: rope by layer type, hidden_activation, no soft-capping.
+    j.erase("hidden_act");
+    j.erase("mlp_bias");
+    j.erase("pretraining_tp");
+    j["hidden_activation"] = c.hidden_act;
+    j["query_pre_attn_scalar"] = c.query_pre_attn_scalar;
+    j["final_logit_softcapping"] = nullptr;
+    j["attn_logit_softcapping"] = nullptr;
+    j["use_bidirectional_attention"] = false;
+    j["rope_parameters"] = {
+        {"full_attention", rope_json(c.rope_theta, c.rope_scaling)},
+        {"sliding_attention", rope_json(c.sliding_rope_theta, c.sliding_rope_scaling)}};
+    j["sliding_window"] = c.sliding_window > 0 ? nlohmann::json(c.sliding_window) : nlohmann::json();
+    j["layer_types"] = types;
+  } else {
+    j["rope_parameters"] = rope_json(c.rope_theta, c.rope_scaling);
   }
-  if (c.arch == Architecture::mistral || c.arch == Architecture::qwen2)
+  if (c.arch == Architecture::mistral)
     j["sliding_window"] =
         c.sliding_window > 0 ? nlohmann::json(c.sliding_window) : nlohmann::json();
-  if (c.arch == Architecture::qwen2) {
+  if (c.arch == Architecture::qwen2 || c.arch == Architecture::qwen3) {
+    j["sliding_window"] =
+        c.sliding_window > 0 ? nlohmann::json(c.sliding_window) : nlohmann::json();
     j["use_sliding_window"] = c.sliding_window > 0;
     j["max_window_layers"] = c.num_hidden_layers;
-    nlohmann::json types = nlohmann::json::array();
-    for (int64_t i = 0; i < c.num_hidden_layers; ++i)
-      types.push_back(c.attention_window(i) > 0 ? "sliding_attention" : "full_attention");
     j["layer_types"] = types;
   }
   j["tie_word_embeddings"] = c.tie_word_embeddings;
@@ -117,12 +142,17 @@ InitReport init_model_write(const ModelConfig& c, uint64_t seed, const std::stri
   add_normal("model.embed_tokens.weight", {c.vocab_size, h});
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    add_ones(p + "input_layernorm.weight", h);
+    // RMSNorm weights 1 (Gemma's are offsets from one: 0), drawing nothing.
+    for (const auto& [norm, size] : block_norms(c)) {
+      if (c.gemma_norms)
+        add_zeros(p + norm + ".weight", size);
+      else
+        add_ones(p + norm + ".weight", size);
+    }
     add_normal(p + "self_attn.q_proj.weight", {q, h});
     add_normal(p + "self_attn.k_proj.weight", {kv, h});
     add_normal(p + "self_attn.v_proj.weight", {kv, h});
     add_normal(p + "self_attn.o_proj.weight", {h, q});
-    add_ones(p + "post_attention_layernorm.weight", h);
     add_normal(p + "mlp.gate_proj.weight", {c.intermediate_size, h});
     add_normal(p + "mlp.up_proj.weight", {c.intermediate_size, h});
     add_normal(p + "mlp.down_proj.weight", {h, c.intermediate_size});
@@ -137,7 +167,10 @@ InitReport init_model_write(const ModelConfig& c, uint64_t seed, const std::stri
       if (c.linear_has_bias(m.substr(m.find('.') + 1))) add_zeros(p + m + ".bias", n);
     }
   }
-  add_ones("model.norm.weight", h);
+  if (c.gemma_norms)
+    add_zeros("model.norm.weight", h);
+  else
+    add_ones("model.norm.weight", h);
   if (!c.tie_word_embeddings) add_normal("lm_head.weight", {c.vocab_size, h});
   writer.set_metadata("format", "pt");
 

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -49,6 +50,37 @@ inline ModelConfig as_mistral(ModelConfig c, int64_t sliding_window) {
   c.model_type = "mistral";
   c.sliding_window = sliding_window;
   c.sliding_layers.assign(static_cast<size_t>(c.num_hidden_layers), sliding_window > 0);
+  return c;
+}
+
+// Gemma 3's block on the tiny sizes: every other layer local with `sliding_window` and RoPE base
+// 1e4, the others global with base 1e6 and linear scaling 2; query_pre_attn_scalar 12.
+inline ModelConfig as_gemma3(ModelConfig c, int64_t sliding_window) {
+  c.arch = Architecture::gemma3;
+  c.architecture = "Gemma3ForCausalLM";
+  c.model_type = "gemma3_text";
+  c.qk_norm = c.gemma_norms = true;
+  c.hidden_act = "gelu_pytorch_tanh";
+  c.embed_scale = std::sqrt(static_cast<double>(c.hidden_size));
+  c.query_pre_attn_scalar = 12.0;
+  c.tie_word_embeddings = true;
+  c.sliding_window = sliding_window;
+  c.sliding_layers.clear();
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) c.sliding_layers.push_back(i % 2 == 0);
+  c.rope_theta = 1e6;
+  c.rope_scaling.rope_type = "linear";
+  c.rope_scaling.factor = 2.0;
+  c.sliding_rope_theta = 1e4;
+  return c;
+}
+
+inline ModelConfig as_qwen3(ModelConfig c) {
+  c.arch = Architecture::qwen3;
+  c.architecture = "Qwen3ForCausalLM";
+  c.model_type = "qwen3";
+  c.qk_norm = true;
+  c.attention_bias = true;
+  c.head_dim = 24;  // not hidden / heads
   return c;
 }
 

@@ -118,6 +118,23 @@ TEST(KvCache, StepsEqualTheFullForwardQwen2AndSlidingWindow) {
   expect_steps_equal_full(mw, tokens, {2, 1, 3, 1, 4}, "sliding window 3, chunks");
 }
 
+// Qwen3's q/k norms and Gemma 3's norms, local / global layers with their own RoPE and window 3
+// (shorter than the prompt), scaled embeddings: the cached steps still equal the full forward.
+TEST(KvCache, StepsEqualTheFullForwardQwen3AndGemma3) {
+  TempDir tmp;
+  const ModelConfig q = as_qwen3(tiny_config());
+  DecoderModel mq = tiny_model(tmp, q, "qwen3");
+  adapters_add(mq);
+  expect_steps_equal_full(mq, random_tokens(2, 9, q.vocab_size, 7), {4, 1, 1, 1, 1, 1},
+                          "qwen3 q/k norms + LoRA");
+  const ModelConfig g = as_gemma3(tiny_config(3), 3);
+  DecoderModel mg = tiny_model(tmp, g, "gemma3");
+  adapters_add(mg);
+  const at::Tensor tokens = random_tokens(2, 11, g.vocab_size, 8);
+  expect_steps_equal_full(mg, tokens, {5, 1, 1, 1, 1, 1, 1}, "gemma3 local/global + LoRA");
+  expect_steps_equal_full(mg, tokens, {2, 1, 3, 1, 4}, "gemma3, chunks");
+}
+
 TEST(KvCache, PromptCallIsBitwiseTheFullForward) {
   TempDir tmp;
   const ModelConfig c = tiny_config();

@@ -12,6 +12,7 @@
 #include "model/decoder.h"
 #include "model/init_model.h"
 #include "model/model_config.h"
+#include "model_test_util.h"
 
 namespace qlora::model {
 namespace {
@@ -413,6 +414,23 @@ TEST(Gemma3Config, RefusesWhatGemma3DoesNotHave) {
     j[key] = value;
     const std::string msg = invalid_argument_message([&] { model_config_from_json(j, kWhere); });
     EXPECT_TRUE(contains(msg, kWhere) && contains(msg, key)) << key << ": " << msg;
+  }
+}
+
+// init-model's config.json of a Qwen3 / Gemma 3 config reads back as that config.
+TEST(Qwen3Config, InitModelConfigJsonRoundTrips) {
+  for (const ModelConfig& c : {testing::as_qwen3(testing::tiny_config(3)),
+                               testing::as_gemma3(testing::tiny_config(3), 5)}) {
+    const ModelConfig r = model_config_from_json(json::parse(model_config_json(c)), kWhere);
+    EXPECT_EQ(r.arch, c.arch) << c.architecture;
+    EXPECT_EQ(r.head_dim, c.head_dim) << c.architecture;
+    EXPECT_EQ(r.tie_word_embeddings, c.tie_word_embeddings) << c.architecture;
+    EXPECT_EQ(r.attention_scaling(), c.attention_scaling()) << c.architecture;
+    EXPECT_EQ(expected_weight_shapes(r), expected_weight_shapes(c)) << c.architecture;
+    for (int64_t i = 0; i < 3; ++i) {
+      EXPECT_EQ(r.attention_window(i), c.attention_window(i)) << c.architecture << " " << i;
+      EXPECT_TRUE(at::equal(rope_inv_freq(r, i), rope_inv_freq(c, i))) << c.architecture << i;
+    }
   }
 }
 
