@@ -32,7 +32,9 @@ QLORA = os.path.join(BUILD, "qlora_dist")
 MPIRUN = os.environ.get("MPIRUN", "mpirun")
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
            OMP_NUM_THREADS="1")
-TIMEOUT_S = 120
+# Per command; sanitizer builds (QLORA_TIMEOUT_SCALE 4) run several times slower: the header of a
+# million tensors takes ~3 min under ASan.
+TIMEOUT_S = 120 * float(os.environ.get("QLORA_TIMEOUT_SCALE", "1"))
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00"
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"  # [256, 256] in the tiny preset
 
