@@ -250,8 +250,11 @@ def test_node_loss_ends_job_and_checkpoint_resumes(cluster, data, two_nodes, tmp
     n1 = cluster["nodes"][1]
     assert proc.returncode != 0
     assert ended < 20, ended
-    # Open MPI names the lost node; the placement line names its ranks.
-    assert n1 in stderr, stderr[-3000:]
+    # Open MPI reports the lost node, naming it ("Peer host: <node>") or, when its daemon-failure
+    # path notices first (timing: seen once in several runs), with the generic "unable to reliably
+    # start one or more daemons"; the placement line names the node's ranks.
+    assert n1 in stderr or "ORTE was unable to reliably start one or more daemons" in stderr, \
+        stderr[-3000:]
     assert f"{n1}: ranks 2-3" in placement(stdout)
     assert not node_pids(cluster, 1)
     done = steps_done(out)
