@@ -239,18 +239,21 @@ bool ModelConfig::linear_has_bias(const std::string& short_name) const {
                               "down_proj)");
 }
 
+namespace {
+// Whether layer i uses the local RoPE (Gemma 3's sliding layers).
+bool local_rope(const ModelConfig& c, int64_t layer) {
+  return c.sliding_rope_theta > 0.0 && layer >= 0 &&
+         layer < static_cast<int64_t>(c.sliding_layers.size()) &&
+         c.sliding_layers[static_cast<size_t>(layer)];
+}
+}  // namespace
+
 double ModelConfig::layer_rope_theta(int64_t layer) const {
-  const bool local = sliding_rope_theta > 0.0 && layer >= 0 &&
-                     layer < static_cast<int64_t>(sliding_layers.size()) &&
-                     sliding_layers[static_cast<size_t>(layer)];
-  return local ? sliding_rope_theta : rope_theta;
+  return local_rope(*this, layer) ? sliding_rope_theta : rope_theta;
 }
 
 const RopeScaling& ModelConfig::layer_rope_scaling(int64_t layer) const {
-  const bool local = sliding_rope_theta > 0.0 && layer >= 0 &&
-                     layer < static_cast<int64_t>(sliding_layers.size()) &&
-                     sliding_layers[static_cast<size_t>(layer)];
-  return local ? sliding_rope_scaling : rope_scaling;
+  return local_rope(*this, layer) ? sliding_rope_scaling : rope_scaling;
 }
 
 double ModelConfig::attention_scaling() const {
