@@ -8,7 +8,7 @@ make_tiny_job(qlora, d, train_rows, eval_rows=0, model_format="h5") writes into 
              checkpoint directory (what transformers loads too)
   train.h5   synthetic copy task, vocab 64, 32 tokens a row, seed 1
   eval.h5    the same with seed 2 (when eval_rows > 0)
-and returns the `[model]` and `[data]` INI sections that point at them.
+and returns the `[model]` (compute_dtype = fp32) and `[data]` INI sections that point at them.
 
 job_kill(proc): SIGKILL of a job started with subprocess.Popen([mpirun, ...], start_new_session=True):
 mpirun and every rank at once (Open MPI's ranks run in process groups of their own and outlive a
@@ -58,7 +58,9 @@ def make_tiny_job(qlora, d, train_rows, eval_rows=0, model_format="h5"):
         res = subprocess.run([qlora, *map(str, args)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
     eval_line = f"eval_file = {d / 'eval.h5'}\n" if eval_rows else ""
-    return (f"[model]\nmodel_name_or_path = {model}\n"
+    # fp32 whatever the CPU (model.compute_dtype = auto picks bf16 where it has AVX512_BF16):
+    # the tests compare against fp32 references and their tolerances are fp32's.
+    return (f"[model]\nmodel_name_or_path = {model}\ncompute_dtype = fp32\n"
             f"[data]\ntrain_file = {d / 'train.h5'}\n{eval_line}cutoff_len = 32\n")
 
 

@@ -6,6 +6,7 @@
 #include "app/config.h"
 
 #include "lora/lora_target.h"
+#include "quant4_cpu.h"
 
 #include <boost/program_options.hpp>
 
@@ -59,8 +60,9 @@ const std::vector<KeyDef>& key_defs() {
        "data.dataset is tokenized with; empty = model_name_or_path (give the Hugging Face "
        "directory here when the model is an HDF5 unit file)."},
       {"model", "compute_dtype", &C::compute_dtype,
-       "auto | bf16 | fp16 | fp32: the dtype of activations and dequantized weights (auto: fp32 on "
-       "cpu, bf16 on cuda). LoRA master weights are always fp32."},
+       "auto | bf16 | fp16 | fp32: the dtype of activations and dequantized weights (auto: bf16 "
+       "on cuda and on CPUs with AVX512_BF16 or AMX-BF16, checked at run time, else fp32; the "
+       "log says which and why). LoRA master weights are always fp32."},
       {"model", "device", &C::device,
        "auto | cpu | cuda: where each rank computes. This release trains on the CPU path only: "
        "auto means cpu and cuda is refused (the CUDA kernels and NCCL are built, not wired in)."},
@@ -186,7 +188,14 @@ const std::vector<KeyDef>& key_defs() {
       {"train", "seed", &C::seed,
        "Seed of adapter init, data order and dropout (>= 0); same seed and world size, same run."},
       {"train", "gradient_checkpointing", &C::gradient_checkpointing,
-       "true: each block is recomputed in backward (always on; false is refused)."},
+       "true: the forward keeps each block's input only and the backward recomputes the block "
+       "(activations of one block at a time). false: the forward keeps every block's "
+       "activations and nothing is recomputed (faster, more memory; the base weights are still "
+       "gathered and dequantized again for the backward). A configuration whose activations "
+       "would exceed half of this node's memory per rank is refused."},
+      {"train", "disable_gradient_checkpointing", &C::disable_gradient_checkpointing,
+       "true | false: LLaMA-Factory's name for gradient_checkpointing = false (either one "
+       "turns recompute off)."},
       {"train", "do_train", &C::do_train, "true | false: run training on train_file."},
       {"train", "do_eval", &C::do_eval, "true | false: evaluate the loss on eval_file."},
       {"train", "eval_steps", &C::eval_steps,
@@ -564,11 +573,6 @@ void config_validate(TrainConfig& c, const Where& where) {
   range("train.max_grad_norm", c.max_grad_norm >= 0, dtext(c.max_grad_norm),
         ">= 0; 0 = no clipping");
   range("train.seed", c.seed >= 0, itext(c.seed), ">= 0");
-  if (!c.gradient_checkpointing)
-    throw std::invalid_argument(
-        where("train.gradient_checkpointing") +
-        ": train.gradient_checkpointing = false is not supported: the step loop always recomputes "
-        "each block in backward (that is what keeps activation memory at one block)");
   range("train.eval_steps", c.eval_steps >= 0, itext(c.eval_steps), ">= 0; 0 = only at the end");
   range("train.max_skipped_steps", c.max_skipped_steps >= 1, itext(c.max_skipped_steps), ">= 1");
   if (!c.do_train && !c.do_eval)
@@ -624,7 +628,18 @@ std::string config_device(const TrainConfig& c) {
 
 std::string config_compute_dtype(const TrainConfig& c) {
   if (c.compute_dtype != "auto") return c.compute_dtype;
-  return config_device(c) == "cuda" ? "bf16" : "fp32";
+  if (config_device(c) == "cuda") return "bf16";
+  return *kernels::cpu_bf16_feature() != '\0' ? "bf16" : "fp32";
+}
+
+std::string config_compute_dtype_reason(const TrainConfig& c) {
+  const std::string d = config_compute_dtype(c);
+  if (c.compute_dtype != "auto") return "compute dtype: " + d + " (model.compute_dtype = " + d + ")";
+  if (config_device(c) == "cuda")
+    return "compute dtype: bf16 (model.compute_dtype = auto on cuda)";
+  const std::string feature = kernels::cpu_bf16_feature();
+  return "compute dtype: " + d + " (model.compute_dtype = auto: this CPU " +
+         (feature.empty() ? "has neither AVX512_BF16 nor AMX-BF16" : "has " + feature) + ")";
 }
 
 std::vector<std::string> config_split_list(const std::string& list) { return split_commas(list); }

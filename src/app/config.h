@@ -17,7 +17,7 @@ struct TrainConfig {
   std::string model_name_or_path;    // HF directory or HDF5 unit file (required)
   std::string adapter_name_or_path;  // "" = none; a comma list = several (rejected when quantized)
   std::string tokenizer_name_or_path;  // "" = model_name_or_path (tokenizer.json, tokenizer_config.json)
-  std::string compute_dtype = "auto";  // auto | bf16 | fp16 | fp32 (auto: fp32 on cpu, bf16 on cuda)
+  std::string compute_dtype = "auto";  // auto | bf16 | fp16 | fp32 (auto: see config_compute_dtype)
   std::string device = "auto";         // auto | cpu | cuda
   bool upcast_layernorm = false;
   bool resize_vocab = false;
@@ -76,7 +76,8 @@ struct TrainConfig {
   double adam_epsilon = 1e-8;
   double max_grad_norm = 1.0;
   int64_t seed = 42;
-  bool gradient_checkpointing = true;  // the step loop always recomputes per block; false is refused
+  bool gradient_checkpointing = true;  // false: keep every block's activations, no recompute
+  bool disable_gradient_checkpointing = false;  // LLaMA-Factory's name: true = the above false
   bool do_train = true;
   bool do_eval = false;
   int64_t eval_steps = 0;  // 0 = only at the end
@@ -123,10 +124,14 @@ std::string config_to_ini(const TrainConfig& config);
 std::string config_help();
 
 // The one decision of device and compute dtype: model.device (auto -> cpu in this release) and
-// model.compute_dtype (auto -> fp32 on cpu, bf16 on cuda) as "cpu" | "cuda" and "fp32" | "bf16" |
-// "fp16". The guards, the printed configuration and the engine's options all use these.
+// model.compute_dtype (auto -> bf16 on cuda; on the cpu bf16 where it has AVX512_BF16 or
+// AMX-BF16, checked at run time, else fp32) as "cpu" | "cuda" and "fp32" | "bf16" | "fp16". The
+// guards, the printed configuration and the engine's options all use these.
 std::string config_device(const TrainConfig& config);
 std::string config_compute_dtype(const TrainConfig& config);
+// One line for the log: the compute dtype and why, e.g. "compute dtype: bf16 (model.compute_dtype
+// = auto: this CPU has AVX512_BF16)".
+std::string config_compute_dtype_reason(const TrainConfig& config);
 
 // A comma list ("jsonl, tensorboard") as trimmed items.
 std::vector<std::string> config_split_list(const std::string& list);

@@ -64,6 +64,7 @@ train::JobOptions job_options(const TrainConfig& c) {
   t.lora.use_rslora = c.use_rslora;
   t.targets = c.lora_targets.empty() ? lora::lora_target_parse(c.lora_target) : c.lora_targets;
   t.upcast_layernorm = c.upcast_layernorm;
+  t.gradient_checkpointing = c.gradient_checkpointing && !c.disable_gradient_checkpointing;
   t.quant.quant_type = quant::quant_type_from_name(c.quantization_type);
   t.quant.blocksize = static_cast<int32_t>(c.quantization_blocksize);
   t.quant.double_quant = c.double_quantization;

@@ -9,8 +9,10 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <random>
+#include <string>
 #include <sstream>
 #include <thread>
 
@@ -237,6 +239,29 @@ std::string placement_describe(const dist::RankEnv& env, int threads) {
     if (!consistent) out += " [MPI's node-local ranks do not match the host names]";
   }
   return out;
+}
+
+int64_t node_memory_bytes() {
+  int64_t total = 0;
+  {
+    std::ifstream in("/proc/meminfo");
+    std::string key;
+    int64_t kib = 0;
+    while (in >> key >> kib) {
+      if (key == "MemTotal:") {
+        total = kib * 1024;
+        break;
+      }
+      in.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+    }
+  }
+  for (const char* path :
+       {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream in(path);
+    int64_t limit = 0;
+    if (in >> limit && limit > 0 && (total == 0 || limit < total)) total = limit;  // "max": no limit
+  }
+  return total;
 }
 
 }  // namespace qlora::app

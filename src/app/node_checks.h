@@ -5,6 +5,7 @@
 // Both functions are collective: every rank of MPI_COMM_WORLD calls them, in the same order.
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <utility>
@@ -34,6 +35,10 @@ std::string node_paths_check(const std::filesystem::path& output_dir, const Keye
 //    n1: ranks 2-3 (local 0-1 of 2, 1 thread(s) each)"
 // `threads`: the intra-op threads this rank runs.
 std::string placement_describe(const dist::RankEnv& env, int threads);
+
+// This node's memory for the job in bytes: MemTotal of /proc/meminfo, or the cgroup's limit
+// (memory.max, v2; memory.limit_in_bytes, v1) when lower. 0 when neither can be read.
+int64_t node_memory_bytes();
 
 // "0-3", "0,2,5-6": ascending rank lists as people write them.
 std::string ranks_compact(const std::vector<int>& ranks);

@@ -24,6 +24,7 @@
 #include "io/shape_str.h"
 #include "lora/peft_adapter.h"
 #include "model/model_config.h"
+#include "train/activation_memory.h"
 #include "train/job.h"
 #include "train/sharded_model.h"
 
@@ -150,9 +151,53 @@ void adapter_check(const std::string& dir, const model::ModelConfig& config) {
   }
 }
 
+// Refuses a training configuration whose estimated activations (train/activation_memory.h) of
+// one micro-batch exceed half of this node's memory per local rank; before any heavy work.
+void activations_check(const Checked& r, const dist::RankEnv& env) {
+  const TrainConfig& c = r.config;
+  const train::TrainerOptions& t = r.options.trainer;
+  const int64_t memory = node_memory_bytes();
+  if (!c.do_train || memory <= 0) return;
+  train::ActivationShape shape;
+  shape.compute_dtype = compute_dtype_of(c);
+  shape.upcast_layernorm = t.upcast_layernorm;
+  shape.lora_rank = t.lora.rank;
+  shape.lora_targets = t.targets;
+  shape.lora_dropout = t.lora.dropout > 0.0;
+  const model::ModelConfig& mc = r.inputs.source->spec().config;
+  const int64_t rows = c.per_device_train_batch_size * (t.preference ? 2 : 1);
+  const int64_t tokens = rows * c.cutoff_len;
+  const int64_t need =
+      train::step_activation_bytes(mc, shape, tokens, t.gradient_checkpointing, t.chunk_tokens);
+  const int64_t local = std::max(1, env.local_world_size);
+  const int64_t budget = memory / 2 / local;
+  if (need <= budget) return;
+  const auto gib = [](int64_t b) {
+    char s[32];
+    std::snprintf(s, sizeof s, "%.1f GiB", static_cast<double>(b) / (1024.0 * 1024.0 * 1024.0));
+    return std::string(s);
+  };
+  std::string advice;
+  if (!t.gradient_checkpointing) {
+    advice = "set train.gradient_checkpointing = true (estimated " +
+             gib(train::step_activation_bytes(mc, shape, tokens, true, t.chunk_tokens)) +
+             ") or lower train.per_device_train_batch_size or data.cutoff_len";
+  } else {
+    advice = "lower train.per_device_train_batch_size or data.cutoff_len";
+  }
+  throw std::invalid_argument(
+      std::string("train.gradient_checkpointing = ") +
+      (t.gradient_checkpointing ? "true" : "false") + ": the activations of one micro-batch (" +
+      std::to_string(rows) + " rows x " + std::to_string(c.cutoff_len) +
+      " tokens) are estimated at " + gib(need) + " per rank, more than half of this node's " +
+      gib(memory) + " memory shared by " + std::to_string(local) + " rank(s) (" + gib(budget) +
+      "); " + advice);
+}
+
 void phase1(Checked& r, const std::string& command, const dist::RankEnv& env) {
   const TrainConfig& c = r.config;
   r.inputs.source = train::UnitSource::open(c.model_name_or_path, r.options.trainer.quant);
+  activations_check(r, env);
   if (!c.adapter_name_or_path.empty())
     adapter_check(c.adapter_name_or_path, r.inputs.source->spec().config);
   if (command == "eval" && c.eval_file.empty() && c.eval_dataset.empty() && c.val_size == 0)
@@ -296,6 +341,7 @@ int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
     std::printf("qlora_dist %s: %d rank(s), resolved configuration:\n%s", command.c_str(),
                 env.world_size, r.options.config_ini.c_str());
     std::printf("%s\n", placement.c_str());
+    std::printf("%s\n", config_compute_dtype_reason(r.config).c_str());
     for (const std::string& w : r.warnings) std::printf("warning: %s\n", w.c_str());
     if (!thread_warning.empty()) std::printf("warning: %s\n", thread_warning.c_str());
     std::fflush(stdout);

@@ -65,6 +65,11 @@ quant::Quantized state_load(torch::autograd::AutogradContext* ctx) {
   return w;
 }
 
+// A weight source in ctx->saved_data (an IValue capsule).
+struct SourceHolder : torch::CustomClassHolder {
+  std::shared_ptr<const WeightSource> source;
+};
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
@@ -109,14 +114,22 @@ static at::Tensor dequantize_for_product(const quant::Quantized& w, at::ScalarTy
 
 at::Tensor QLoraBaseMatmul::forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                     const std::optional<at::Tensor>& bias,
-                                    const quant::Quantized* weight) {
+                                    const quant::Quantized* weight,
+                                    const std::shared_ptr<const WeightSource>& source) {
   // Grad mode is off in here: W is a plain temporary, freed when this scope ends.
   at::Tensor y;
   {
     const at::Tensor w = dequantize_for_product(*weight, x.scalar_type());
     y = at::linear(x, w, bias);  // [..., out]
   }
-  state_save(ctx, *weight);
+  if (source) {
+    auto holder = c10::make_intrusive<SourceHolder>();
+    holder->source = source;
+    ctx->saved_data["source"] = c10::IValue::make_capsule(std::move(holder));
+    ctx->saved_data["shape"] = weight->state.shape;
+  } else {
+    state_save(ctx, *weight);
+  }
   ctx->saved_data["x_dtype"] = x.scalar_type();
   ctx->saved_data["has_bias"] = bias.has_value();
   return y;
@@ -127,14 +140,26 @@ torch::autograd::variable_list QLoraBaseMatmul::backward(
   const at::Tensor& grad_y = grad_outputs[0];  // [..., out]
   at::Tensor grad_x, grad_bias;
   if (ctx->needs_input_grad(0)) {
-    const quant::Quantized w = state_load(ctx);
     const at::ScalarType dtype = ctx->saved_data.at("x_dtype").toScalarType();
-    const at::Tensor weight = dequantize_for_product(w, dtype);  // [out, in]
-    grad_x = at::matmul(grad_y, weight);                         // [..., in]
+    at::Tensor weight;  // [out, in]
+    if (ctx->saved_data.count("source")) {
+      const auto holder = c10::static_intrusive_pointer_cast<SourceHolder>(
+          ctx->saved_data.at("source").toCapsule());
+      const quant::Quantized* w = (*holder->source)();
+      const std::vector<int64_t> shape = ctx->saved_data.at("shape").toIntVector();
+      if (w == nullptr || !w->packed.defined() || w->state.shape != shape)
+        throw std::logic_error(
+            "QLoraBaseMatmul backward: the late-bound weight " + shape_str(shape) +
+            " is not bound (bind the block's weights again before its backward)");
+      weight = dequantize_for_product(*w, dtype);
+    } else {
+      weight = dequantize_for_product(state_load(ctx), dtype);
+    }
+    grad_x = at::matmul(grad_y, weight);  // [..., in]
   }
   if (ctx->saved_data.at("has_bias").toBool() && ctx->needs_input_grad(1))
     grad_bias = grad_y.reshape({-1, grad_y.size(-1)}).sum(0);  // [out]
-  return {grad_x, grad_bias, at::Tensor()};
+  return {grad_x, grad_bias, at::Tensor(), at::Tensor()};
 }
 
 at::Tensor qlora_base_matmul(const at::Tensor& x, const quant::Quantized& weight) {
@@ -146,7 +171,8 @@ at::Tensor qlora_base_matmul(const at::Tensor& x, const quant::Quantized& weight
                                 c10::toString(x.scalar_type()) + " does not fit the weight " +
                                 shape_str(weight.state.shape) + " (expected a float tensor [..., " +
                                 std::to_string(weight.state.shape[1]) + "])");
-  return QLoraBaseMatmul::apply(x, std::optional<at::Tensor>(), &weight);
+  return QLoraBaseMatmul::apply(x, std::optional<at::Tensor>(), &weight,
+                                std::shared_ptr<const WeightSource>());
 }
 
 // ------------------------------------------------------------------------------------------
@@ -206,7 +232,7 @@ at::Tensor QLoraLinear::forward(const at::Tensor& x, bool training,
   // bitsandbytes' Linear4bit casts its bias to the input's dtype.
   std::optional<at::Tensor> bias;
   if (bias_.defined()) bias = bias_.to(x.scalar_type());
-  at::Tensor result = QLoraBaseMatmul::apply(x, bias, &base_);  // [..., out]
+  at::Tensor result = QLoraBaseMatmul::apply(x, bias, &base_, weight_source_);  // [..., out]
   if (!has_adapter()) return result;
 
   at::Tensor xa = x.to(lora_A_.scalar_type());  // peft casts the input to lora_A's dtype

@@ -13,6 +13,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -40,6 +42,11 @@ at::Tensor lora_merge(const at::Tensor& weight, const at::Tensor& lora_A, const 
 // x @ W^T for a packed 4-bit W, in x's dtype, through the custom autograd function described
 // above (gradient for x only). `weight` must hold a 2-D state [out, in].
 at::Tensor qlora_base_matmul(const at::Tensor& x, const quant::Quantized& weight);
+
+// Where a late-bound linear finds its base weight when its backward runs: the linear bound at that
+// moment (a trainer without recompute binds each block's gathered weights again for the
+// backward). Returns nullptr when none is bound, which the backward reports as std::logic_error.
+using WeightSource = std::function<const quant::Quantized*()>;
 
 class QLoraLinear {
  public:
@@ -70,6 +77,13 @@ class QLoraLinear {
   at::Tensor forward(const at::Tensor& x, bool training = false,
                      std::optional<at::Generator> dropout_gen = std::nullopt) const;
 
+  // Late binding: the autograd node of the base product keeps `source` (and the weight's shape)
+  // instead of the packed weight and its state, and asks `source` for the weight in backward.
+  // For graphs that live longer than the buffer the weight is a view of (no recompute: the
+  // gathered unit goes back to its pool after the forward). Unset: the node keeps the weight.
+  void set_weight_source(WeightSource source) {
+    weight_source_ = source ? std::make_shared<WeightSource>(std::move(source)) : nullptr;
+  }
   // lora_merge(dequantize(W), A, B, s) in `dtype` (W itself without an adapter).
   at::Tensor merged_weight(at::ScalarType dtype) const;
 
@@ -82,6 +96,7 @@ class QLoraLinear {
   LoraConfig config_;
   at::Tensor lora_A_;
   at::Tensor lora_B_;
+  std::shared_ptr<const WeightSource> weight_source_;
 };
 
 }  // namespace qlora::lora

@@ -409,7 +409,8 @@ std::vector<float> block_nested_offsets(const UnitsSpec& spec, const dist::UnitL
 void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
                 const dist::ShardedUnit& unit, const at::Tensor& buffer,
                 const std::vector<float>& nested_offsets, const dist::ShardedUnit* lora_unit,
-                const at::Tensor& lora_buffer, const lora::LoraConfig& lora_config) {
+                const at::Tensor& lora_buffer, const lora::LoraConfig& lora_config,
+                bool late_bound) {
   if (spec.quant.double_quant && nested_offsets.size() != lora::block_linear_names().size())
     throw std::logic_error("bind_block: " + std::to_string(nested_offsets.size()) +
                            " nested offsets for block " + std::to_string(i) + ", expected " +
@@ -419,8 +420,9 @@ void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
   static const at::Tensor nested_code = quant::nested_code_table();
   const std::string p = layer_prefix(i);
   model::DecoderBlock b;
+  const auto own = [late_bound](const at::Tensor& t) { return late_bound ? t.clone() : t; };
   for (const auto& [norm, size] : model::block_norms(m.config()))
-    b.norm(norm) = unit.segment_view(buffer, p + norm + ".weight").to(m.norm_dtype());
+    b.norm(norm) = own(unit.segment_view(buffer, p + norm + ".weight").to(m.norm_dtype()));
   const dist::UnitLayout& layout = unit.layout();
   const std::vector<std::string>& names = lora::block_linear_names();
   for (size_t k = 0; k < names.size(); ++k) {
@@ -444,12 +446,18 @@ void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
     }
     at::Tensor bias;
     if (layout.has(module + ".bias"))
-      bias = unit.segment_view(buffer, module + ".bias").to(m.compute_dtype());
+      bias = own(unit.segment_view(buffer, module + ".bias").to(m.compute_dtype()));
     b.linears.emplace_back(module, std::move(q), std::move(bias));
+    if (late_bound)
+      b.linears.back().set_weight_source([&m, i, k]() -> const quant::Quantized* {
+        const model::DecoderBlock& bound = m.block(i);
+        return k < bound.linears.size() ? &bound.linears[k].base() : nullptr;
+      });
     if (lora_unit != nullptr && lora_unit->layout().has(module + ".lora_A.weight")) {
       const dist::UnitLayout& ll = lora_unit->layout();
-      b.linears.back().adapter_set(lora_config, lora_view(ll, lora_buffer, module + ".lora_A.weight"),
-                                   lora_view(ll, lora_buffer, module + ".lora_B.weight"));
+      b.linears.back().adapter_set(lora_config,
+                                   own(lora_view(ll, lora_buffer, module + ".lora_A.weight")),
+                                   own(lora_view(ll, lora_buffer, module + ".lora_B.weight")));
     }
   }
   m.block(i) = std::move(b);

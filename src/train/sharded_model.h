@@ -83,10 +83,15 @@ void bind_embed(model::DecoderModel& m, const dist::ShardedUnit& unit, const at:
 void bind_head(model::DecoderModel& m, const dist::ShardedUnit& unit, const at::Tensor& buffer);
 // `nested_offsets`: block_nested_offsets of the unit (read once at load, so that binding never
 // reads device memory on the host).
+// `late_bound` (a forward whose autograd graph outlives the buffers: no recompute): norms, biases
+// and LoRA weights are bound as copies of their own (a graph may keep them; the buffers go back
+// to their pool), and each linear's base product is late-bound to whatever linear block i binds
+// at its backward (QLoraLinear::set_weight_source), so no graph keeps a view of the buffers.
 void bind_block(model::DecoderModel& m, int64_t i, const UnitsSpec& spec,
                 const dist::ShardedUnit& unit, const at::Tensor& buffer,
                 const std::vector<float>& nested_offsets, const dist::ShardedUnit* lora_unit,
-                const at::Tensor& lora_buffer, const lora::LoraConfig& lora_config);
+                const at::Tensor& lora_buffer, const lora::LoraConfig& lora_config,
+                bool late_bound = false);
 void unbind_block(model::DecoderModel& m, int64_t i);
 
 // The whole decoder from an HDF5 unit file on one process, without MPI (generation): every base

@@ -30,6 +30,18 @@ at::Generator dropout_generator(const dist::DeviceContext& device, uint64_t seed
              static_cast<uint64_t>(device.rank()), static_cast<uint64_t>(block)}));
 }
 
+// What a block's gradients are taken for: its input x, then A and B of each adapted linear in
+// block order.
+std::vector<at::Tensor> adapted_inputs(model::DecoderBlock& block, const at::Tensor& x) {
+  std::vector<at::Tensor> inputs = {x};
+  for (lora::QLoraLinear& l : block.linears)
+    if (l.has_adapter()) {
+      inputs.push_back(l.lora_A());
+      inputs.push_back(l.lora_B());
+    }
+  return inputs;
+}
+
 // Target tokens of each row (labels shifted by one), counted on the host.
 std::vector<int64_t> row_targets(const at::Tensor& labels) {
   const at::Tensor l = labels.contiguous().to(at::kLong);
@@ -397,7 +409,14 @@ StepResult Trainer::step(const std::vector<Batch>& padded_batches, double lr) {
     const at::Tensor ref =
         reference ? reference_logps(pipe, k, tokens, labels, positions) : at::Tensor();
     std::vector<at::Tensor> xs;  // block inputs [m, T, H], and x_L
-    forward_no_grad(pipe, k, tokens, positions, /*training=*/true, m, &xs, &lora_);
+    // Without recompute: each block's output, whose graph reaches back to its input (xs[i], a
+    // leaf) and its LoRA leaves (graph_inputs[i]: x, then A and B of each adapted linear).
+    std::vector<at::Tensor> ys;
+    std::vector<std::vector<at::Tensor>> graph_inputs;
+    if (options_.gradient_checkpointing)
+      forward_no_grad(pipe, k, tokens, positions, /*training=*/true, m, &xs, &lora_);
+    else
+      forward_keep_graph(pipe, k, tokens, positions, m, xs, ys, graph_inputs);
 
     at::Tensor dy;  // dL/dx of the current block's output
     {
@@ -429,24 +448,34 @@ StepResult Trainer::step(const std::vector<Batch>& padded_batches, double lr) {
 
     for (int64_t i = layers - 1; i >= 0; --i) {
       const auto& bufs = pipe.acquire(k);
-      bind_block(model_, i, spec_, *base_[i + 1], bufs[0], nested_offsets_[i], lora_[i].get(),
-                 bufs[1], options_.lora);
-      const at::Tensor x = xs[i].detach().requires_grad_(true);
-      const at::Tensor y = model_.block_forward(
-          i, x, /*training=*/true, dropout_generator(device_, options_.seed, step_, m, i),
-          positions);
-      std::vector<at::Tensor> inputs = {x};
+      at::Tensor y;
+      std::vector<at::Tensor> inputs;
+      if (options_.gradient_checkpointing) {
+        bind_block(model_, i, spec_, *base_[i + 1], bufs[0], nested_offsets_[i], lora_[i].get(),
+                   bufs[1], options_.lora);
+        const at::Tensor x = xs[i].detach().requires_grad_(true);
+        y = model_.block_forward(i, x, /*training=*/true,
+                                 dropout_generator(device_, options_.seed, step_, m, i), positions);
+        inputs = adapted_inputs(model_.block(i), x);
+      } else {
+        // The graph of the forward; its base products find their weights in this binding.
+        bind_block(model_, i, spec_, *base_[i + 1], bufs[0], nested_offsets_[i], nullptr,
+                   at::Tensor(), options_.lora, /*late_bound=*/true);
+        y = std::move(ys[i]);
+        inputs = std::move(graph_inputs[i]);
+      }
       std::vector<std::string> names;
-      model::DecoderBlock& block = model_.block(i);
-      for (lora::QLoraLinear& l : block.linears)
-        if (l.has_adapter()) {
-          inputs.push_back(l.lora_A());
-          inputs.push_back(l.lora_B());
-          names.push_back(l.name());
-        }
+      for (const lora::QLoraLinear& l : model_.block(i).linears)
+        if (lora_[i]->layout().has(l.name() + ".lora_A.weight")) names.push_back(l.name());
+      if (names.size() * 2 + 1 != inputs.size())
+        throw std::logic_error("Trainer: block " + std::to_string(i) + " has " +
+                               std::to_string(inputs.size()) + " autograd inputs for " +
+                               std::to_string(names.size()) + " adapted linears");
       const std::vector<at::Tensor> grads =
           torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/false, /*create_graph=*/false,
                                 /*allow_unused=*/true);
+      y = at::Tensor();
+      inputs.clear();
       dy = grads[0];
       dist::ShardedUnit& lu = *lora_[i];
       at::Tensor flat = device_.zeros({lu.padded_numel()}, at::kFloat);  // [P]
@@ -582,6 +611,38 @@ at::Tensor Trainer::forward_no_grad(dist::UnitPipeline& pipe, size_t& k, const a
   }
   if (inputs) inputs->push_back(x);
   return x;
+}
+
+void Trainer::forward_keep_graph(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
+                                 const at::Tensor& positions, int64_t micro,
+                                 std::vector<at::Tensor>& xs, std::vector<at::Tensor>& ys,
+                                 std::vector<std::vector<at::Tensor>>& graph_inputs) {
+  at::Tensor x;
+  {
+    at::AutoGradMode no_grad(false);
+    const auto& e = pipe.acquire(k);
+    bind_embed(model_, *base_.front(), e[0]);
+    x = model_.embed(tokens);
+    bind_embed(model_, *base_.front(), at::Tensor());
+    pipe.release(k++);
+  }
+  at::AutoGradMode grad(true);
+  for (int64_t i = 0; i < model_.num_blocks(); ++i) {
+    const auto& bufs = pipe.acquire(k);
+    bind_block(model_, i, spec_, *base_[i + 1], bufs[0], nested_offsets_[i], lora_[i].get(),
+               bufs[1], options_.lora, /*late_bound=*/true);
+    const at::Tensor xi = x.detach().requires_grad_(true);
+    at::Tensor y = model_.block_forward(
+        i, xi, /*training=*/true, dropout_generator(device_, options_.seed, step_, micro, i),
+        positions);
+    graph_inputs.push_back(adapted_inputs(model_.block(i), xi));
+    unbind_block(model_, i);
+    pipe.release(k++);
+    x = y.detach();
+    ys.push_back(std::move(y));
+    xs.push_back(at::Tensor());  // the input lives in the graph
+  }
+  xs.push_back(x);
 }
 
 at::Tensor Trainer::reference_logps(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,

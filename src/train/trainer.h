@@ -95,6 +95,11 @@ struct TrainerOptions {
   std::vector<std::string> targets;  // block linear short names
   bool upcast_layernorm = false;     // norms in fp32 (the compute dtype is the device context's)
   quant::QuantizeOptions quant;      // for an unquantized model: how block linears are quantized
+  // true: the forward keeps only each block's input and the backward recomputes the block (one
+  // block's activations live at a time). false: the forward keeps every block's autograd graph
+  // (activations, and copies of norms and LoRA weights, never the gathered or dequantized base
+  // weights: those are gathered and dequantized again in the backward) and nothing is recomputed.
+  bool gradient_checkpointing = true;
   bool preference = false;           // stage = dpo: micro-batches are pairs (see PrefOptions)
   PrefOptions pref;
 };
@@ -202,6 +207,14 @@ class Trainer {
                              const at::Tensor& positions, bool training, int64_t micro,
                              std::vector<at::Tensor>* inputs,
                              const std::vector<std::unique_ptr<dist::ShardedUnit>>* loras);
+  // The training forward without recompute (gradient_checkpointing = false): embed without a
+  // graph, then each block with its graph kept (bound late_bound, so the graph holds no view of
+  // a gathered buffer). Appends per block: its output to `ys`, [input, A, B of each adapted
+  // linear] to `graph_inputs`, an undefined tensor to `xs`; then x_L (no graph) to `xs`.
+  void forward_keep_graph(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,
+                          const at::Tensor& positions, int64_t micro, std::vector<at::Tensor>& xs,
+                          std::vector<at::Tensor>& ys,
+                          std::vector<std::vector<at::Tensor>>& graph_inputs);
   // The reference's summed answer log-probabilities of each row [2b] (no graph), at pipeline
   // positions k, k+1, ... (embed, blocks, head).
   at::Tensor reference_logps(dist::UnitPipeline& pipe, size_t& k, const at::Tensor& tokens,

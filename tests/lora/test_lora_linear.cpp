@@ -259,6 +259,47 @@ TEST(QLoraLinear, GraphHoldsNoDequantizedWeight) {
   EXPECT_TRUE(layer.lora_A().grad().defined());
 }
 
+// Late binding (no recompute in the trainer): the node keeps no tensor of the weight at all,
+// only its source, and the backward uses the weight the source gives then; the gradients are
+// those of the early-bound linear. No weight bound at backward time is std::logic_error.
+TEST(QLoraLinear, LateBoundWeightIsFetchedInBackward) {
+  const int64_t out = 64, in = 96;
+  const TestWeight tw = weight_make({out, in, quant::QuantType::nf4, true, at::kByte});
+  const at::Tensor a = randn({4, in}, 9, 0.1), b = randn({out, 4}, 10, 0.1);
+  QLoraLinear early("model.layers.0.mlp.up_proj", tw.q, at::Tensor());
+  early.adapter_set({4, 8.0, 0.0, false}, a, b);
+  const at::Tensor x1 = randn({5, in}, 11).requires_grad_(true);
+  const at::Tensor dy = randn({5, out}, 12);
+  early.forward(x1).backward(dy);
+
+  // The late linear's weight is a copy that is dropped after the forward; the backward finds an
+  // equal weight in another buffer through the source.
+  quant::Quantized copy = tw.q;
+  copy.packed = tw.q.packed.clone();
+  const quant::Quantized* bound = nullptr;
+  QLoraLinear late("model.layers.0.mlp.up_proj", copy, at::Tensor());
+  late.adapter_set({4, 8.0, 0.0, false}, a, b);
+  late.set_weight_source([&bound] { return bound; });
+  const at::Tensor x2 = x1.detach().clone().requires_grad_(true);
+  const at::Tensor y = late.forward(x2);
+  auto* node = dynamic_cast<torch::autograd::CppNode<QLoraBaseMatmul>*>(
+      y.grad_fn()->next_edges()[0].function.get());
+  ASSERT_TRUE(node) << "the base product's node";
+  for (const auto& [key, value] : node->ctx_.saved_data)
+    EXPECT_FALSE(value.isTensor()) << "the late-bound node keeps tensor " << key;
+  copy.packed.fill_(0);  // what a buffer pool may do to the forward's buffer
+
+  EXPECT_THROW(y.backward(dy, /*retain_graph=*/true), std::logic_error);  // nothing bound
+  bound = &tw.q;
+  x2.mutable_grad() = at::Tensor();  // the failed backward may have reached the adapter's leaves
+  late.lora_A().mutable_grad() = at::Tensor();
+  late.lora_B().mutable_grad() = at::Tensor();
+  y.backward(dy);
+  EXPECT_TRUE(at::equal(x2.grad(), x1.grad()));
+  EXPECT_TRUE(at::equal(late.lora_A().grad(), early.lora_A().grad()));
+  EXPECT_TRUE(at::equal(late.lora_B().grad(), early.lora_B().grad()));
+}
+
 // ------------------------------------------------------------------------------------------
 // QLoraLinear forward and gradients
 
