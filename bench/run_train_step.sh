@@ -2,7 +2,7 @@
 # One rank, same work, side by side: a QLoRA training step of the small preset (12 layers, hidden
 # 768, vocab 32000; NF4 blocksize 64 + double quantization; LoRA r 8 on all seven linears; fp32
 # compute; AdamW; batch 8 x 64 tokens; 2 threads) with qlora_dist (np 1, sharding full = no
-# communication) and with transformers + bitsandbytes + peft (bench/peft_train_step.py).
+# communication) and with transformers + bitsandbytes + peft (bench/e2e_reference.py, checkpointing on).
 # Builds nothing. Usage: bench/run_train_step.sh [BUILD_DIR (build)] [STEPS (8)]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,8 +28,8 @@ for compute in fp32 bf16; do
 import json
 m=[json.loads(l) for l in open('$tmp/run/metrics.jsonl')][2:]
 print(sum(x['tokens_per_second'] for x in m)/len(m))")
-  ref=$("$py" "$root/bench/peft_train_step.py" "$tmp/q4" "$tmp/train.h5" --steps "$steps" \
-        --compute $compute 2>/dev/null | tail -1)
+  ref=$("$py" "$root/bench/e2e_reference.py" "$tmp/q4" "$tmp/train.h5" --steps "$steps" \
+        --warmup 2 --batch 8 --seq 64 --compute $compute --checkpointing on 2>/dev/null | tail -1)
   "$py" - "$ours" "$ref" "$compute" <<'PY'
 import json, sys
 ours = float(sys.argv[1]); ref = json.loads(sys.argv[2])["tokens_per_second"]

@@ -466,6 +466,12 @@ CASES = [
     Case("train-model-png", "train", "model_name_or_path = a PNG image",
          lambda w: w.train(f"--model.model_name_or_path={w.write('m.png', PNG)}"),
          ("m.png", "not a directory and not an HDF5 file"), ranks=2),
+    Case("train-activations-exceed-memory", "train",
+         "gradient_checkpointing = false with 10^6 rows per micro-batch",
+         lambda w: w.train("--train.gradient_checkpointing=false",
+                           "--train.per_device_train_batch_size=1000000"),
+         ("train.gradient_checkpointing = false", "1000000 rows x 32 tokens", "estimated at",
+          "more than half of this node's", "set train.gradient_checkpointing = true"), ranks=2),
     Case("train-units-truncated", "train", "the unit file cut in half",
          lambda w: w.train("--model.model_name_or_path=" + str(w.write(
              "cut.h5", (w.base / "tiny.h5").read_bytes()[:(w.base / "tiny.h5").stat().st_size // 2]))),
