@@ -55,7 +55,8 @@ bool fused_ops_support(at::ScalarType dtype) {
 // RMSNorm (and the residual add before it)
 
 variable_list FusedRmsNorm::forward(AutogradContext* ctx, const at::Tensor& x,
-                                    const at::Tensor& residual, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& residual_opt,
+                                    const at::Tensor& weight,
                                     double eps, bool gemma) {
   const fused::Elem elem = elem_of(x, "fused_rms_norm");
   check_cpu(x, "fused_rms_norm");
@@ -70,6 +71,7 @@ variable_list FusedRmsNorm::forward(AutogradContext* ctx, const at::Tensor& x,
     throw std::invalid_argument(
         "fused_rms_norm: the norm weight requires grad; the fused norm gives it none (norm "
         "weights are frozen here)");
+  const at::Tensor residual = residual_opt.has_value() ? *residual_opt : at::Tensor();
   const bool has_residual = residual.defined();
   if (has_residual && (residual.sizes() != x.sizes() || residual.scalar_type() != x.scalar_type()))
     throw std::invalid_argument("fused_add_rms_norm: a must be " + quant::shape_str(x.sizes().vec()) +
@@ -144,7 +146,7 @@ variable_list FusedRmsNorm::backward(AutogradContext* ctx, variable_list grad_ou
 }
 
 at::Tensor fused_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
-  return FusedRmsNorm::apply(x, at::Tensor(), weight, eps, gemma)[0];
+  return FusedRmsNorm::apply(x, std::nullopt, weight, eps, gemma)[0];
 }
 
 std::pair<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& a,
@@ -152,7 +154,7 @@ std::pair<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const 
                                                      bool gemma) {
   if (!a.defined())
     throw std::invalid_argument("fused_add_rms_norm: the tensor to add is undefined");
-  const variable_list out = FusedRmsNorm::apply(x, a, weight, eps, gemma);
+  const variable_list out = FusedRmsNorm::apply(x, std::optional<at::Tensor>(a), weight, eps, gemma);
   return {out[0], out[1]};
 }
 

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <optional>
 #include <utility>
 
 #include "model/fused_rows.h"
@@ -35,9 +36,11 @@ at::Tensor fused_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 at::Tensor fused_glu(const at::Tensor& gate, const at::Tensor& up, fused::GluAct act);
 
 struct FusedRmsNorm : public torch::autograd::Function<FusedRmsNorm> {
-  // residual: undefined for a plain norm (output {y}), else {hidden, y}.
+  // residual: nullopt for a plain norm (output {y}; an undefined tensor would be an autograd
+  // input), else {hidden, y}.
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& x,
+                                                const std::optional<at::Tensor>& residual,
                                                 const at::Tensor& weight, double eps, bool gemma);
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs);
