@@ -20,10 +20,12 @@
 #include <functional>
 #include <map>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 
 #include "io/hf_config.h"
 #include "lora/adapter_slots.h"
+#include "model/fused_ops.h"
 #include "model/model_reader.h"
 
 namespace qlora::model {
@@ -282,47 +284,68 @@ using AttendFn =
     std::function<at::Tensor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)>;
 
 // One block around `attend`: norms, projections, RoPE with cos / sin [B or 1, T, D], MLP.
+// `fused`: the small ops through fused_ops.h (same math, one pass each), else op by op.
 at::Tensor block_apply(const ModelConfig& c, const DecoderBlock& b, const at::Tensor& x,
                        bool training, const std::optional<at::Generator>& dropout_gen,
-                       at::Tensor cos, at::Tensor sin, const AttendFn& attend) {
+                       at::Tensor cos, at::Tensor sin, const AttendFn& attend, bool fused) {
   const int64_t batch = x.size(0), seq = x.size(1), d = c.head_dim;
   const bool gemma = c.gemma_norms;
   const auto norm = [&](const at::Tensor& t, const at::Tensor& w) {
-    return rms_norm(t, w, c.rms_norm_eps, gemma);
+    return fused ? fused_rms_norm(t, w, c.rms_norm_eps, gemma)
+                 : rms_norm(t, w, c.rms_norm_eps, gemma);
   };
   // Attention.
   const at::Tensor h = norm(x, b.input_layernorm);  // [B, T, H]
-  const auto proj = [&](const char* name) {  // [B, T, n * D] -> [B, n, T, D]
-    return b.linear(name)
-        .forward(h, training, dropout_gen)
-        .view({batch, seq, -1, d})
-        .transpose(1, 2);
+  const auto proj = [&](const char* name) {  // [B, T, n * D] -> [B, T, n, D]
+    return b.linear(name).forward(h, training, dropout_gen).view({batch, seq, -1, d});
   };
   at::Tensor q = proj("q_proj"), k = proj("k_proj"), v = proj("v_proj");
   if (c.qk_norm) {  // over head_dim of each head, before RoPE
     q = norm(q, b.q_norm);
     k = norm(k, b.k_norm);
   }
-  cos = cos.unsqueeze(1);  // [B or 1, 1, T, D]
-  sin = sin.unsqueeze(1);
-  q = q * cos + rotate_half(q) * sin;
-  k = k * cos + rotate_half(k) * sin;
+  if (fused) {  // RoPE on [B, T, n, D] rows; attention gets the [B, n, T, D] view of it
+    q = fused_rope(q, cos, sin).transpose(1, 2);
+    k = fused_rope(k, cos, sin).transpose(1, 2);
+  } else {
+    q = q.transpose(1, 2);
+    k = k.transpose(1, 2);
+    cos = cos.unsqueeze(1);  // [B or 1, 1, T, D]
+    sin = sin.unsqueeze(1);
+    q = q * cos + rotate_half(q) * sin;
+    k = k * cos + rotate_half(k) * sin;
+  }
+  v = v.transpose(1, 2);
   at::Tensor attn = attend(q, k, v);                      // [B, heads, T, D]
   attn = attn.transpose(1, 2).reshape({batch, seq, -1});  // [B, T, heads * D]
   at::Tensor attn_out = b.linear("o_proj").forward(attn, training, dropout_gen);
   if (gemma) attn_out = norm(attn_out, b.post_attention_layernorm);
-  const at::Tensor hidden = x + attn_out;
+  const at::Tensor& mlp_norm = gemma ? b.pre_feedforward_layernorm : b.post_attention_layernorm;
+  at::Tensor hidden, h2;
+  if (fused) {
+    std::tie(hidden, h2) = fused_add_rms_norm(x, attn_out, mlp_norm, c.rms_norm_eps, gemma);
+  } else {
+    hidden = x + attn_out;
+    h2 = norm(hidden, mlp_norm);
+  }
 
   // MLP.
-  const at::Tensor h2 =
-      norm(hidden, gemma ? b.pre_feedforward_layernorm : b.post_attention_layernorm);
   const at::Tensor gate = b.linear("gate_proj").forward(h2, training, dropout_gen);
   const at::Tensor up = b.linear("up_proj").forward(h2, training, dropout_gen);
-  const at::Tensor act = c.hidden_act == "gelu_pytorch_tanh" ? at::gelu(gate, "tanh")
-                                                             : at::silu(gate);
-  at::Tensor mlp_out = b.linear("down_proj").forward(act * up, training, dropout_gen);
+  const bool gelu = c.hidden_act == "gelu_pytorch_tanh";
+  at::Tensor act;
+  if (fused)
+    act = fused_glu(gate, up, gelu ? fused::GluAct::gelu_tanh : fused::GluAct::silu);
+  else
+    act = (gelu ? at::gelu(gate, "tanh") : at::silu(gate)) * up;
+  at::Tensor mlp_out = b.linear("down_proj").forward(act, training, dropout_gen);
   if (gemma) mlp_out = norm(mlp_out, b.post_feedforward_layernorm);
   return hidden + mlp_out;
+}
+
+std::vector<at::Tensor> block_norm_weights(const DecoderBlock& b) {
+  return {b.input_layernorm, b.post_attention_layernorm, b.pre_feedforward_layernorm,
+          b.post_feedforward_layernorm, b.q_norm, b.k_norm};
 }
 
 // Query positions q0..q0+T-1 against key positions 0..S-1 (S = q0 + T): key j is visible to
@@ -337,6 +360,13 @@ at::Tensor causal_mask(int64_t q0, int64_t seq, int64_t keys, int64_t window, c1
 }
 
 }  // namespace
+
+bool DecoderModel::use_fused_ops(const at::Tensor& x, const std::vector<at::Tensor>& norms) const {
+  if (!fused_ops_ || !x.device().is_cpu() || !fused_ops_support(x.scalar_type())) return false;
+  for (const at::Tensor& w : norms)
+    if (w.defined() && w.requires_grad()) return false;
+  return true;
+}
 
 const DecoderBlock& DecoderModel::block_checked(int64_t i, const at::Tensor& x,
                                                 const char* what) const {
@@ -395,7 +425,7 @@ at::Tensor DecoderModel::block_forward(int64_t i, const at::Tensor& x, bool trai
     return at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/seq > 1,
                                             scaling, /*enable_gqa=*/n_rep > 1);
   };
-  return block_apply(c, b, x, training, dropout_gen, cos, sin, attend);
+  return block_apply(c, b, x, training, dropout_gen, cos, sin, attend, use_fused_ops(x, block_norm_weights(b)));
 }
 
 at::Tensor DecoderModel::block_step(int64_t i, const at::Tensor& x, KvCache& cache) const {
@@ -434,7 +464,8 @@ at::Tensor DecoderModel::block_step(int64_t i, const at::Tensor& x, KvCache& cac
     return at::scaled_dot_product_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep),
                                             mask, 0.0, /*is_causal=*/false, scaling);
   };
-  return block_apply(c, b, x, /*training=*/false, std::nullopt, cos, sin, attend);
+  return block_apply(c, b, x, /*training=*/false, std::nullopt, cos, sin, attend,
+                     use_fused_ops(x, block_norm_weights(b)));
 }
 
 at::Tensor DecoderModel::forward_step(const at::Tensor& tokens, KvCache& cache,
@@ -459,6 +490,8 @@ at::Tensor DecoderModel::forward_step(const at::Tensor& tokens, KvCache& cache,
 
 at::Tensor DecoderModel::final_norm(const at::Tensor& x) const {
   if (!norm_.defined()) throw std::logic_error("final_norm: the head is not bound (set_head)");
+  if (use_fused_ops(x, {norm_}))
+    return fused_rms_norm(x, norm_, config_.rms_norm_eps, config_.gemma_norms);
   return rms_norm(x, norm_, config_.rms_norm_eps, config_.gemma_norms);
 }
 

@@ -153,15 +153,24 @@ class DecoderModel {
   lora::PeftAdapter adapters_export(const std::string& base_model_name_or_path) const;
   std::vector<at::Tensor> adapter_parameters();  // A, B of every adapted linear, block order
 
+  // The block's norms, RoPE, gated activation and residual adds through the fused ops of
+  // fused_ops.h (default; fp32 and bf16 on the CPU), or as the ATen op sequence of transformers
+  // (false): tests and benchmarks compare the two; both give the same values up to rounding.
+  void set_fused_ops(bool on) { fused_ops_ = on; }
+  bool fused_ops() const { return fused_ops_; }
+
  private:
   // blocks_[i] after checking i, x [B, T, hidden] and that its weights are bound; `what` names
   // the caller in messages.
   const DecoderBlock& block_checked(int64_t i, const at::Tensor& x, const char* what) const;
   at::Tensor block_step(int64_t i, const at::Tensor& x, KvCache& cache) const;
+  // fused_ops_ and the fused ops take x (CPU, fp32 / bf16) and no norm weight requires grad.
+  bool use_fused_ops(const at::Tensor& x, const std::vector<at::Tensor>& norms) const;
 
   ModelConfig config_;
   at::ScalarType compute_dtype_ = at::kFloat;
   bool upcast_layernorm_ = false;
+  bool fused_ops_ = true;
   at::Tensor embed_tokens_;  // [V, H]
   at::Tensor norm_;          // [H]
   at::Tensor lm_head_;       // [V, H] (the embedding when tied)
