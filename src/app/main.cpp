@@ -42,7 +42,7 @@ const char* const kUsage =
     "              [--quant_storage uint8|bf16|fp16|fp32]\n"
     "              Hugging Face model -> pre-quantized bitsandbytes 4-bit checkpoint, or (h5) one\n"
     "              HDF5 file of sharded units that each rank reads only its part of\n"
-    "  init-model  --preset tiny|small --out DIR [--seed N]\n"
+    "  init-model  --preset tiny|small|1b --out DIR [--seed N]\n"
     "              random-initialized LLaMA model in Hugging Face format\n"
     "  export      --model DIR --adapter DIR --out DIR [--dtype bf16|fp16|fp32]\n"
     "              base model + PEFT LoRA adapter -> merged Hugging Face checkpoint\n"
@@ -155,7 +155,7 @@ int run_init_model(int argc, char** argv) {
   int64_t seed = 0;
   po::options_description desc("qlora_dist init-model options");
   desc.add_options()("help", "show this help")
-      ("preset", po::value(&preset)->required(), "tiny (~4M params) or small (~100M params)")
+      ("preset", po::value(&preset)->required(), "tiny (~4M params), small (~100M params) or 1b (TinyLlama-1.1B shape, ~2.1 GiB)")
       ("out", po::value(&out)->required(), "output directory (must not exist or be empty)")
       ("seed", po::value(&seed)->default_value(0), "random seed; the same seed gives the same bytes");
   parse(desc, argc, argv);

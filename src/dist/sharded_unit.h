@@ -34,7 +34,9 @@ struct ShardStats {
 
 // Gather buffers to reuse: a fresh buffer of a unit's size would come from new pages that fault
 // on first touch, on every gather (a 100 MB unit: ~30 ms of page faults, as long as the copy).
-// Keeps at most `max_free` released buffers; acquire takes the smallest that fits.
+// Keeps at most `max_free` released buffers; acquire takes the smallest that fits and is at
+// most twice the request (a larger one stays for the unit it was made for), else allocates one
+// rounded up to its size class (1/32 of the next power of two).
 class BufferPool {
  public:
   explicit BufferPool(size_t max_free = 3) : max_free_(max_free) {}

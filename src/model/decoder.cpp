@@ -269,7 +269,7 @@ at::Tensor DecoderModel::embed(const at::Tensor& tokens) const {
                                   " is out of range [0, " + std::to_string(config_.vocab_size) +
                                   ") of the model's vocabulary");
   }
-  const at::Tensor e = at::embedding(embed_tokens_, ids);  // [B, T, H]
+  const at::Tensor e = at::embedding(embed_tokens_, ids).to(compute_dtype_);  // [B, T, H]
   if (config_.embed_scale == 0.0) return e;
   // Gemma3TextScaledWordEmbedding: times torch.tensor(hidden_size**0.5) (fp32) cast to the
   // embedding's dtype.

@@ -94,7 +94,9 @@ class DecoderModel {
   // it runs (the sharded trainer of src/train binds views into gathered units). Bind with
   // set_embedding, set_head and block(i) = ...; running an unbound part is std::logic_error.
   static DecoderModel skeleton(const ModelConfig& config, const LoadOptions& options);
-  void set_embedding(at::Tensor embed_tokens);          // [V, H] compute dtype, or undefined
+  // [V, H] in any float dtype, or undefined: embed() converts the rows it looks up to the
+  // compute dtype (the same numbers as converting the whole table first, without its copy).
+  void set_embedding(at::Tensor embed_tokens);
   void set_head(at::Tensor norm, at::Tensor lm_head);   // [H] norm_dtype(), [V, H] compute dtype
   at::ScalarType norm_dtype() const { return upcast_layernorm_ ? at::kFloat : compute_dtype_; }
 

@@ -36,11 +36,20 @@ ModelConfig preset_config(const std::string& preset) {
     c.max_position_embeddings = 2048;
     c.tie_word_embeddings = true;
     c.torch_dtype = "bfloat16";
+  } else if (preset == "1b") {  // TinyLlama-1.1B's shape: 1,100,048,384 parameters
+    c.vocab_size = 32000;
+    c.hidden_size = 2048;
+    c.intermediate_size = 5632;
+    c.num_hidden_layers = 22;
+    c.num_attention_heads = 32;
+    c.num_key_value_heads = 4;
+    c.max_position_embeddings = 2048;
+    c.torch_dtype = "bfloat16";
   } else {
-    throw std::invalid_argument("unknown preset '" + preset + "' (expected tiny or small)");
+    throw std::invalid_argument("unknown preset '" + preset + "' (expected tiny, small or 1b)");
   }
   c.head_dim = c.hidden_size / c.num_attention_heads;
-  c.rms_norm_eps = 1e-6;
+  c.rms_norm_eps = preset == "1b" ? 1e-5 : 1e-6;  // TinyLlama's config.json says 1e-5
   c.rope_theta = 10000.0;
   return c;
 }

@@ -350,8 +350,9 @@ void bind_embed(model::DecoderModel& m, const dist::ShardedUnit& unit, const at:
     m.set_embedding(at::Tensor());
     return;
   }
-  m.set_embedding(
-      unit.segment_view(buffer, "model.embed_tokens.weight").to(m.compute_dtype()));
+  // As stored: embed() converts only the rows it looks up (a 32000 x 2048 table in fp32 would
+  // be a 250 MiB copy of a 125 MiB bf16 unit).
+  m.set_embedding(unit.segment_view(buffer, "model.embed_tokens.weight"));
 }
 
 void bind_head(model::DecoderModel& m, const dist::ShardedUnit& unit, const at::Tensor& buffer) {

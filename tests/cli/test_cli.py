@@ -307,7 +307,7 @@ def test_out_exists_and_is_not_empty(model, tmp_path, kind):
 
 def test_init_model_unknown_preset(out):
     res = run("init-model", "--preset", "huge", "--out", out)
-    assert_error(res, "init-model", 2, "'huge'", "tiny or small")
+    assert_error(res, "init-model", 2, "'huge'", "tiny, small or 1b")
     assert_nothing_written(out)
 
 

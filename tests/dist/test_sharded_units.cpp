@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <memory>
+#include <set>
 
 #include "dist/communicator.h"
 #include "dist/sharded_unit.h"
@@ -114,6 +115,47 @@ TEST(ShardedUnits, PipelinePeakIsOnePlusPrefetchUnits) {
     EXPECT_EQ(stats.live_gathered_bytes, 0u);
     EXPECT_EQ(stats.gathers, schedule.size());
   }
+}
+
+// The buffers one step of a model with two large units (embed, head) and small blocks needs
+// with prefetch 1: the pool makes one large buffer, not a second one for the head while the
+// first holds a block or sits free.
+TEST(BufferPool, BlocksDoNotTakeTheLargeBuffer) {
+  qlora::dist::BufferPool pool(3);
+  const at::Device cpu_device(at::kCPU);
+  std::set<const void*> large, small;  // distinct allocations seen
+  const auto take = [&](int64_t numel) {
+    at::Tensor b = pool.acquire(numel, at::kFloat, cpu_device);
+    (numel >= 1000 ? large : small).insert(b.storage().data());
+    EXPECT_EQ(b.numel(), numel);
+    EXPECT_GE(b.storage().nbytes(), static_cast<size_t>(numel) * 4);
+    return b;
+  };
+  // embed, blocks 0..4, head, blocks 4..0 (backward): acquire k + 1 before releasing k.
+  std::vector<int64_t> sizes = {1000, 100, 100, 100, 100, 100, 1001, 100, 100, 100, 100, 100};
+  for (int step = 0; step < 2; ++step) {
+    at::Tensor current = take(sizes[0]);
+    for (size_t k = 1; k < sizes.size(); ++k) {
+      at::Tensor next = take(sizes[k]);
+      pool.give_back(current);
+      current = next;
+    }
+    pool.give_back(current);
+  }
+  EXPECT_EQ(large.size(), 1u);
+  EXPECT_LE(small.size(), 3u);
+  // A free buffer of at most twice the request is reused; a larger one is not. 1000 bytes get
+  // the size class 1024 (1/32 of 1024 is below the 64-byte granule).
+  qlora::dist::BufferPool p2(3);
+  at::Tensor a = p2.acquire(1000, at::kByte, cpu_device);
+  EXPECT_EQ(a.storage().nbytes(), 1024u);
+  const void* a_data = a.storage().data();
+  p2.give_back(a);
+  a = at::Tensor();
+  at::Tensor b = p2.acquire(511, at::kByte, cpu_device);
+  EXPECT_NE(b.storage().data(), a_data);
+  at::Tensor c = p2.acquire(512, at::kByte, cpu_device);
+  EXPECT_EQ(c.storage().data(), a_data);
 }
 
 TEST(ShardedUnits, BoundBlockComputesWhatTheWholeModelComputes) {

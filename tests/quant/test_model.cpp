@@ -225,8 +225,24 @@ TEST(Presets, SizesFromConfig) {
   EXPECT_GT(param_count(small), 95'000'000);
   EXPECT_LT(param_count(small), 105'000'000);
 
+  // TinyLlama-1.1B's shape (its config.json: hidden 2048, 22 layers, 32 / 4 heads, FFN 5632,
+  // vocab 32000, untied, bf16, rms_norm_eps 1e-5); transformers counts 1,100,048,384 parameters:
+  // 2 * 32000*2048 + 22 * (2048*2048*2 + 2*2048*256 + 3*2048*5632 + 2*2048) + 2048
+  const ModelConfig b1 = preset_config("1b");
+  EXPECT_EQ(b1.hidden_size, 2048);
+  EXPECT_EQ(b1.num_hidden_layers, 22);
+  EXPECT_EQ(b1.num_attention_heads, 32);
+  EXPECT_EQ(b1.num_key_value_heads, 4);
+  EXPECT_EQ(b1.head_dim, 64);
+  EXPECT_EQ(b1.intermediate_size, 5632);
+  EXPECT_EQ(b1.vocab_size, 32000);
+  EXPECT_FALSE(b1.tie_word_embeddings);
+  EXPECT_EQ(b1.torch_dtype, "bfloat16");
+  EXPECT_EQ(b1.rms_norm_eps, 1e-5);
+  EXPECT_EQ(param_count(b1), 1100048384);
+
   // Each preset's config.json reads back as the same config.
-  for (const char* preset : {"tiny", "small"}) {
+  for (const char* preset : {"tiny", "small", "1b"}) {
     const ModelConfig c = preset_config(preset);
     const ModelConfig back =
         model_config_from_json(json::parse(model_config_json(c)), std::string(preset) + "/config.json");
@@ -245,7 +261,7 @@ TEST(Presets, UnknownPresetNamesTheValidOnes) {
   for (const char* bad : {"huge", "", "Tiny"}) {
     const std::string msg = invalid_argument_message([&] { preset_config(bad); });
     EXPECT_TRUE(contains(msg, std::string("unknown preset '") + bad + "'")) << msg;
-    EXPECT_TRUE(contains(msg, "tiny or small")) << msg;
+    EXPECT_TRUE(contains(msg, "tiny, small or 1b")) << msg;
   }
 }
 
