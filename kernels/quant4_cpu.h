@@ -10,11 +10,6 @@ namespace qlora::kernels {
 
 bool cpu_has_avx2();  // runtime check (cpuid), cached
 
-// bf16 matrix products in hardware, checked at run time (cpuid, cached): AVX512_BF16 (with the
-// OS saving AVX-512 state) or AMX-BF16 (with the OS saving tile state). The name of what was
-// found ("AVX512_BF16", "AMX-BF16", "AVX512_BF16 and AMX-BF16"), or "" when neither.
-const char* cpu_bf16_feature();
-
 // Bit-identical to dequantize_4bit_ref / dequantize_4bit_bf16_ref, any numel (odd ones too),
 // any valid blocksize; never writes outside out[0..numel).
 void dequantize_4bit_avx2(const uint8_t* packed, const float* absmax, int64_t numel,

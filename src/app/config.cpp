@@ -6,7 +6,7 @@
 #include "app/config.h"
 
 #include "lora/lora_target.h"
-#include "quant4_cpu.h"
+#include "cpu_features.h"
 
 #include <boost/program_options.hpp>
 
