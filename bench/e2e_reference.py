@@ -4,7 +4,7 @@ bitsandbytes NF4 checkpoint (written by `qlora_dist quantize`), peft LoRA on all
 of a qlora_dist token file (input_ids, labels), `--batch` rows of `--seq` tokens per step.
 Compute dtype fp32 (the model loaded in fp32) or bf16 (loaded in bf16; peft keeps its LoRA
 weights in fp32, as ours are), gradient checkpointing on or off. Prints one JSON line:
-tokens/s over the timed steps (the first `--warmup` dropped), seconds per step, the process's
+tokens/s of the median timed step (the first `--warmup` dropped), its seconds, the process's
 peak RSS (ru_maxrss) and the losses.
 
 A second mode, `--gemm-peak HIDDEN FFN TOKENS`, prints the GFLOP/s of one torch.mm of a block's
@@ -95,9 +95,10 @@ def main():
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    timed = times[a.warmup:]
-    print(json.dumps({"tokens_per_second": a.batch * a.seq * len(timed) / sum(timed),
-                      "step_seconds": sum(timed) / len(timed),
+    timed = sorted(times[a.warmup:])
+    median = timed[len(timed) // 2] if len(timed) % 2 else sum(timed[len(timed) // 2 - 1:][:2]) / 2
+    print(json.dumps({"tokens_per_second": a.batch * a.seq / median,
+                      "step_seconds": median,
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "losses": losses}))
 

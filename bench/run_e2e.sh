@@ -3,7 +3,8 @@
 # with transformers + bitsandbytes + peft (bench/e2e_reference.py), the same token rows, batch 4,
 # LoRA r 8 / alpha 16 on all seven linears, AdamW, clipping 1.0, 2 threads, interleaved runs
 # (ours first in odd pairs, theirs first in even ones). For each model x sequence x dtype x
-# checkpointing it prints tokens/s, peak RSS, our achieved GFLOP/s (4 x linear params per token:
+# checkpointing it prints tokens/s (of the median timed step: steps vary by up to 1.4x on this
+# shared VM), peak RSS, our achieved GFLOP/s (4 x linear params per token:
 # forward and input-gradient products, what a step must do; the recompute is not counted) beside
 # the GEMM peak torch measures for the block's shapes in the same libtorch, and the ratios.
 #
@@ -82,7 +83,8 @@ PY
             ours=$("$py" -c "
 import json
 m = [json.loads(l) for l in open('$tmp/run/metrics.jsonl') if '\"loss\"' in l][$WARMUP:]
-print(sum(x['tokens_per_second'] for x in m) / len(m), max(x['max_rss_bytes'] for x in m))")
+t = sorted(x['tokens_per_second'] for x in m)
+print((t[len(t) // 2] + t[(len(t) - 1) // 2]) / 2, max(x['max_rss_bytes'] for x in m))")
           }
           ref_run() {
             ref=$("$py" "$root/bench/e2e_reference.py" "$tmp/$model-q4" "$data" --steps "$STEPS" \
