@@ -23,10 +23,10 @@ struct ActivationShape {
 };
 
 // Bytes one token's pass through one block leaves in its autograd graph (gradient_checkpointing
-// = false keeps this for every block): the block input, the norms' fp32 inputs (where the compute
-// dtype is not fp32) and outputs, q / k / v after RoPE, the attention output (twice: the kernel's
-// and its reshaped copy for o_proj), the MLP's gate, up, activation and product, the LoRA inputs
-// of rank r, and dropout masks. Never the base weights (they are dequantized again in backward).
+// = false keeps this for every block): 1.6x the tensors counted in the .cpp (block input,
+// residual sum, norm outputs, q / k / v after RoPE, attention output twice, gate, up, product,
+// LoRA intermediates, fp32 copies and dropout masks), the factor measured on SmolLM2 (README,
+// "Sharded training"). Never the base weights (they are dequantized again in backward).
 int64_t block_activation_bytes_per_token(const model::ModelConfig& c, const ActivationShape& s);
 
 // The activations a step holds at its peak for `tokens` tokens of one micro-batch:
