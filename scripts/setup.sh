@@ -14,7 +14,7 @@ log() { printf '[setup] %s\n' "$*"; }
 apt_packages=(cmake g++ make ccache pkg-config python3 python3-venv libopenmpi-dev openmpi-bin
   libhdf5-openmpi-dev libboost-program-options-dev libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libpcre2-dev libutf8proc-dev slurm-wlm munge libplplot-dev plplot-driver-cairo procps hostname
-  iproute2 util-linux clang libclang-rt-dev)
+  iproute2 util-linux clang libclang-rt-dev time)  # time: /usr/bin/time in bench/run_scaling.sh
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

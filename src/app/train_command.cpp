@@ -160,7 +160,6 @@ void activations_check(const Checked& r, const dist::RankEnv& env) {
   if (!c.do_train || memory <= 0) return;
   train::ActivationShape shape;
   shape.compute_dtype = compute_dtype_of(c);
-  shape.upcast_layernorm = t.upcast_layernorm;
   shape.lora_rank = t.lora.rank;
   shape.lora_targets = t.targets;
   shape.lora_dropout = t.lora.dropout > 0.0;

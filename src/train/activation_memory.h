@@ -16,7 +16,6 @@ namespace qlora::train {
 
 struct ActivationShape {
   at::ScalarType compute_dtype = at::kFloat;
-  bool upcast_layernorm = false;
   int64_t lora_rank = 8;
   std::vector<std::string> lora_targets;  // short names of the adapted linears ("q_proj", ...)
   bool lora_dropout = false;
