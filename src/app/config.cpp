@@ -64,8 +64,9 @@ const std::vector<KeyDef>& key_defs() {
        "on cuda and on CPUs with AVX512_BF16 or AMX-BF16, checked at run time, else fp32; the "
        "log says which and why). LoRA master weights are always fp32."},
       {"model", "device", &C::device,
-       "auto | cpu | cuda: where each rank computes. This release trains on the CPU path only: "
-       "auto means cpu and cuda is refused (the CUDA kernels and NCCL are built, not wired in)."},
+       "auto | cpu | cuda: where each rank computes (auto: cuda where this build has CUDA and a "
+       "GPU is visible, else cpu). On cuda each rank uses the GPU of its local rank on the node "
+       "(CUDA_VISIBLE_DEVICES applies); more ranks on a node than GPUs is refused."},
       {"model", "upcast_layernorm", &C::upcast_layernorm,
        "true | false: compute RMSNorm in fp32 (more stable with a quantized base)."},
       {"model", "resize_vocab", &C::resize_vocab,
@@ -205,7 +206,9 @@ const std::vector<KeyDef>& key_defs() {
        "counted as skipped_steps in metrics.jsonl. This many in a row (>= 1) stop the run with "
        "exit status 1 after a checkpoint of the last good state."},
       {"dist", "backend", &C::backend,
-       "auto | mpi | nccl: collectives between ranks (auto: mpi on the CPU path; nccl needs cuda)."},
+       "auto | mpi | nccl: collectives between ranks (auto: nccl on cuda, mpi on the cpu; mpi on "
+       "cuda stages every collective through host memory: slow, for clusters without NCCL and "
+       "for debugging)."},
       {"dist", "sharding", &C::sharding,
        "full | none: full shards base weights, adapters and optimizer state over the ranks "
        "(FSDP-like); none replicates them (data parallel only)."},
@@ -622,8 +625,8 @@ void config_validate(TrainConfig& c, const Where& where) {
 }  // namespace
 
 std::string config_device(const TrainConfig& c) {
-  // auto: the CPU in this release (the trainer has no CUDA path yet; the guards refuse cuda).
-  return c.device == "cuda" ? "cuda" : "cpu";
+  if (c.device == "cuda" || (c.device == "auto" && c.gpus_visible > 0)) return "cuda";
+  return "cpu";
 }
 
 std::string config_compute_dtype(const TrainConfig& c) {
@@ -890,29 +893,29 @@ std::vector<std::string> config_guards(const TrainConfig& c, int world_size) {
         "quantization.quantization_bit = none is not supported yet: qlora_dist always trains "
         "LoRA on a 4-bit base; use quantization.quantization_bit = 4");
 
-  // Devices and backends this release can run (config_device: auto is the CPU).
+  // Devices and backends this build can run.
 #ifdef QLORA_HAVE_NCCL
   constexpr bool kHaveCuda = true;
 #else
   constexpr bool kHaveCuda = false;
 #endif
-  if (c.backend == "nccl" && c.device == "cpu")
-    throw std::invalid_argument(
-        "dist.backend = nccl needs GPUs (model.device = cpu); use dist.backend = mpi or auto");
-  if (c.backend == "nccl" && !kHaveCuda)
-    throw std::invalid_argument(
-        "dist.backend = nccl: this build has no NCCL (configured without CUDA); use dist.backend "
-        "= mpi or auto");
   if (c.device == "cuda" && !kHaveCuda)
     throw std::invalid_argument(
         "model.device = cuda: this build has no CUDA (configured without nvcc); use model.device "
         "= cpu or auto");
-  if (c.device == "cuda")
-    throw std::invalid_argument("model.device = cuda: this release trains on the CPU path only "
-                                "(the CUDA kernels and NCCL are built but not wired in yet)");
-  if (c.backend == "nccl")
+  if (c.backend == "nccl" && !kHaveCuda)
+    throw std::invalid_argument(
+        "dist.backend = nccl: this build has no NCCL (configured without CUDA); use dist.backend "
+        "= mpi or auto");
+  if (c.device == "cuda" && c.gpus_visible <= 0)
+    throw std::invalid_argument(
+        "model.device = cuda: no GPU visible on this node (" +
+        (c.gpus_reason.empty() ? std::string("none found") : c.gpus_reason) +
+        "); use model.device = cpu, or auto to train on GPUs where there are some");
+  if (c.backend == "nccl" && config_device(c) != "cuda")
     throw std::invalid_argument("dist.backend = nccl needs GPUs (model.device = " + c.device +
-                                ": the CPU in this release); use dist.backend = mpi or auto");
+                                (c.device == "auto" ? ", no GPU visible" : "") +
+                                "); use dist.backend = mpi or auto");
 
   // Warnings.
   if (c.do_eval && !c.do_train && quantized)

@@ -19,6 +19,10 @@ struct TrainConfig {
   std::string tokenizer_name_or_path;  // "" = model_name_or_path (tokenizer.json, tokenizer_config.json)
   std::string compute_dtype = "auto";  // auto | bf16 | fp16 | fp32 (auto: see config_compute_dtype)
   std::string device = "auto";         // auto | cpu | cuda
+  // Not a key: what this process sees of GPUs (set by the app from dist::gpus_visible() before
+  // the guards; 0 in tests and tools that do not ask). Decides model.device = auto.
+  int gpus_visible = 0;
+  std::string gpus_reason;  // why none is visible
   bool upcast_layernorm = false;
   bool resize_vocab = false;
   bool create_new_adapter = false;
@@ -123,7 +127,8 @@ std::string config_to_ini(const TrainConfig& config);
 // --help text: every key with its default and meaning, grouped by section.
 std::string config_help();
 
-// The one decision of device and compute dtype: model.device (auto -> cpu in this release) and
+// The one decision of device and compute dtype: model.device (auto -> cuda where a GPU is
+// visible, TrainConfig::gpus_visible, else cpu) and
 // model.compute_dtype (auto -> bf16 on cuda; on the cpu bf16 where it has AVX512_BF16 or
 // AMX-BF16, checked at run time, else fp32) as "cpu" | "cuda" and "fp32" | "bf16" | "fp16". The
 // guards, the printed configuration and the engine's options all use these.

@@ -26,6 +26,7 @@
 #include "train/sharded_model.h"
 #include "app/train_command.h"
 #include "app/usage_error.h"
+#include "dist/device_context.h"
 
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
@@ -62,7 +63,8 @@ const char* const kUsage =
     "              a synthetic instruction-style token dataset (HDF5)\n"
     "  plot        OUT_DIR [--out FILE.png]\n"
     "              loss (train, eval) and learning rate against steps from OUT_DIR/metrics.jsonl\n"
-    "run 'qlora_dist <command> --help' for a command's options\n";
+    "run 'qlora_dist <command> --help' for a command's options; 'qlora_dist --version' prints the\n"
+    "libtorch version and the devices and backends this build supports\n";
 
 bool parse_bool(const std::string& key, const std::string& v) {
   if (v == "true" || v == "1" || v == "True") return true;
@@ -263,6 +265,10 @@ int main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   const std::string command = argv[1];
+  if (command == "--version" || command == "version") {
+    std::printf("qlora_dist\n%s\n", qlora::dist::build_describe().c_str());
+    return 0;
+  }
   try {
     if (command == "quantize") return run_quantize(argc - 1, argv + 1);
     if (command == "init-model") return run_init_model(argc - 1, argv + 1);

@@ -104,7 +104,19 @@ void phase1_config(Checked& r, const std::string& command, const std::string& in
     overrides.emplace_back("train.do_eval", "true");
   }
   r.config = config_read(ini, overrides);
+  const dist::GpuVisibility gpus = dist::gpus_visible();
+  r.config.gpus_visible = gpus.count;
+  r.config.gpus_reason = gpus.reason;
   r.warnings = config_guards(r.config, env.world_size);
+  // One GPU per rank: the local rank's (the same numbering Open MPI's OMPI_COMM_WORLD_LOCAL_RANK,
+  // SLURM_LOCALID and torchrun's LOCAL_RANK give; RankEnv cross-checks them).
+  if (config_device(r.config) == "cuda" && env.local_world_size > gpus.count)
+    throw std::invalid_argument(
+        "model.device = cuda: " + std::to_string(env.local_world_size) +
+        " ranks on this node but only " + std::to_string(gpus.count) +
+        " GPU(s) visible; start at most one rank per GPU (mpirun --npernode " +
+        std::to_string(gpus.count) + ", srun --ntasks-per-node=" + std::to_string(gpus.count) +
+        ") or set model.device = cpu");
   r.options = job_options(r.config);
 }
 
@@ -329,11 +341,15 @@ int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
   const std::string thread_warning = threads_set(env);
   const std::string placement = placement_describe(env, at::get_num_threads());
   stop_signals_install();
-  std::unique_ptr<dist::Communicator> comm = dist::communicator_mpi(env);
+  const dist::Device where = device_of(r.config);
+  // The device first (the NCCL communicator is made on the current GPU), then the communicator.
+  dist::DeviceContext device(where, compute_dtype_of(r.config), env.local_rank);
+  const bool nccl = where == dist::Device::cuda && r.config.backend != "mpi";
+  std::unique_ptr<dist::Communicator> comm =
+      nccl ? dist::communicator_nccl(env, env.local_rank) : dist::communicator_mpi(env);
+  device.comm_set(*comm);
   comm->timeout_set(r.options.comm_timeout_s);
   comm->context_set("start of the run");
-  dist::DeviceContext device(device_of(r.config), compute_dtype_of(r.config), *comm,
-                             env.local_rank);
   if (env.rank == 0) {
     if (r.inputs.plan.wipe) train::output_dir_wipe(r.inputs.plan.dir);
     io::file_write_atomic(r.inputs.plan.dir / "config.ini", r.options.config_ini);
@@ -341,6 +357,9 @@ int phase2(Checked& r, const std::string& command, const dist::RankEnv& env) {
                 env.world_size, r.options.config_ini.c_str());
     std::printf("%s\n", placement.c_str());
     std::printf("%s\n", config_compute_dtype_reason(r.config).c_str());
+    std::printf("device: %s (model.device = %s; %d GPU(s) visible), collectives: %s\n",
+                where == dist::Device::cuda ? "cuda, the GPU of each rank's local rank" : "cpu",
+                r.config.device.c_str(), r.config.gpus_visible, comm->backend_name().c_str());
     for (const std::string& w : r.warnings) std::printf("warning: %s\n", w.c_str());
     if (!thread_warning.empty()) std::printf("warning: %s\n", thread_warning.c_str());
     std::fflush(stdout);

@@ -5,8 +5,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <torch/version.h>
+
 #include <mutex>
 #include <stdexcept>
+
+#include "dist/device_cuda.h"
 
 namespace qlora::dist {
 
@@ -20,7 +24,19 @@ const char* device_name(Device device) {
 
 DeviceContext::DeviceContext(Device device, at::ScalarType compute_dtype, Communicator& comm,
                              int index)
-    : device_(device), compute_dtype_(compute_dtype), comm_(&comm), index_(index) {}
+    : device_(device), compute_dtype_(compute_dtype), comm_(&comm), index_(index) {
+  if (device_ == Device::cuda) cuda::device_select(index_);
+}
+
+DeviceContext::DeviceContext(Device device, at::ScalarType compute_dtype, int index)
+    : device_(device), compute_dtype_(compute_dtype), index_(index) {
+  if (device_ == Device::cuda) cuda::device_select(index_);
+}
+
+Communicator& DeviceContext::comm() const {
+  if (!comm_) throw std::logic_error("DeviceContext: no communicator set (comm_set)");
+  return *comm_;
+}
 
 at::Device DeviceContext::torch_device() const {
   switch (device_) {
@@ -46,10 +62,12 @@ at::Tensor DeviceContext::to_device(const at::Tensor& t) const {
   return t.device() == torch_device() ? t : t.to(torch_device());
 }
 
-at::Generator DeviceContext::generator(uint64_t seed) const {
-  // A clone of the device's default generator, reseeded: on the CPU this is exactly
-  // at::make_generator<CPUGeneratorImpl>(seed) (set_current_seed resets the cached normals).
-  at::Generator base = at::globalContext().defaultGenerator(torch_device());
+namespace {
+
+// A clone of `device`'s default generator, reseeded: on the CPU this is exactly
+// at::make_generator<CPUGeneratorImpl>(seed) (set_current_seed resets the cached normals).
+at::Generator seeded_generator(at::Device device, uint64_t seed) {
+  at::Generator base = at::globalContext().defaultGenerator(device);
   at::Generator gen;
   {
     std::lock_guard<std::mutex> lock(base.mutex());
@@ -57,6 +75,16 @@ at::Generator DeviceContext::generator(uint64_t seed) const {
   }
   gen.set_current_seed(seed);
   return gen;
+}
+
+}  // namespace
+
+at::Generator DeviceContext::generator(uint64_t seed) const {
+  return seeded_generator(torch_device(), seed);
+}
+
+at::Generator DeviceContext::host_generator(uint64_t seed) {
+  return seeded_generator(at::Device(at::kCPU), seed);
 }
 
 uint64_t DeviceContext::seed_mix(uint64_t seed, std::initializer_list<uint64_t> parts) {
@@ -71,6 +99,22 @@ at::Tensor DeviceContext::to_host(const at::Tensor& t) {
 
 at::TensorOptions DeviceContext::host_options(at::ScalarType dtype) {
   return at::TensorOptions().dtype(dtype).device(at::kCPU);
+}
+
+int64_t DeviceContext::peak_memory_bytes() const {
+  return device_ == Device::cuda ? cuda::peak_allocated_bytes(index_) : 0;
+}
+
+GpuVisibility gpus_visible() { return cuda::visible(); }
+
+std::string build_describe() {
+  std::string s = "libtorch " + std::to_string(TORCH_VERSION_MAJOR) + "." +
+                  std::to_string(TORCH_VERSION_MINOR) + "." + std::to_string(TORCH_VERSION_PATCH);
+  s += "\ndevices: cpu";
+  if (cuda::built()) s += ", cuda (" + cuda::describe() + ")";
+  s += "\nbackends: mpi";
+  if (cuda::built()) s += ", nccl";
+  return s;
 }
 
 }  // namespace qlora::dist

@@ -3,6 +3,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
+#include <cstdio>
 
 namespace qlora::train {
 
@@ -43,6 +44,40 @@ int64_t step_activation_bytes(const model::ModelConfig& c, const ActivationShape
                                                    : layers * block;
   const int64_t chunk = std::min(tokens, std::max<int64_t>(chunk_tokens, 1));
   return tokens * per_token + 2 * chunk * c.vocab_size * 4;
+}
+
+int64_t DeviceMemoryPlan::total() const {
+  return shard + lora_state + gather_buffers + lora_gathered + dequantized + head_fp32 +
+         activations + workspace;
+}
+
+std::string DeviceMemoryPlan::describe() const {
+  char buf[320];
+  const auto mib = [](int64_t b) { return static_cast<double>(b) / 1048576.0; };
+  std::snprintf(buf, sizeof buf,
+                "shard %.1f + LoRA state %.1f + gather buffers %.1f + LoRA gathered %.1f + "
+                "dequantized %.1f + fp32 head %.1f + activations %.1f + workspace %.1f = %.1f MiB",
+                mib(shard), mib(lora_state), mib(gather_buffers), mib(lora_gathered),
+                mib(dequantized), mib(head_fp32), mib(activations), mib(workspace), mib(total()));
+  return buf;
+}
+
+DeviceMemoryPlan device_memory_plan(const model::ModelConfig& c, const ActivationShape& s,
+                                    const DeviceMemoryInputs& in) {
+  const int64_t e = static_cast<int64_t>(c10::elementSize(s.compute_dtype));
+  const int64_t q = c.num_attention_heads * c.head_dim;
+  const int64_t largest_linear =
+      std::max({q * c.hidden_size, c.intermediate_size * c.hidden_size});
+  DeviceMemoryPlan p;
+  p.shard = in.shard_bytes;
+  p.lora_state = 16 * in.lora_shard_numel;
+  p.gather_buffers = (in.prefetch + 2) * in.max_base_unit_bytes;
+  p.lora_gathered = (in.prefetch + 2) * in.max_lora_unit_numel * 4 * 2;
+  p.dequantized = 2 * largest_linear * e;
+  p.head_fp32 = c.vocab_size * c.hidden_size * 4;
+  p.activations =
+      step_activation_bytes(c, s, in.tokens, in.gradient_checkpointing, in.chunk_tokens) * 3 / 2;
+  return p;
 }
 
 }  // namespace qlora::train

@@ -35,4 +35,33 @@ int64_t block_activation_bytes_per_token(const model::ModelConfig& c, const Acti
 int64_t step_activation_bytes(const model::ModelConfig& c, const ActivationShape& s,
                               int64_t tokens, bool gradient_checkpointing, int64_t chunk_tokens);
 
+// Device memory of one rank at its peak on cuda (README, "GPU memory"): the caching allocator's
+// peak (metrics.jsonl max_gpu_memory_bytes) is expected below total(). Not yet checked on a GPU
+// here; tests/gpu/test_gpu_train.py compares the two where a GPU is visible.
+struct DeviceMemoryPlan {
+  int64_t shard = 0;           // this rank's base shards at rest
+  int64_t lora_state = 0;      // LoRA shard, its gradient and AdamW's two moments: 16 B a parameter
+  int64_t gather_buffers = 0;  // (prefetch + 2) x the largest gathered base unit
+  int64_t lora_gathered = 0;   // (prefetch + 2) x the largest LoRA unit, fp32, weights and gradient
+  int64_t dequantized = 0;     // 2 x the largest block linear in the compute dtype
+  int64_t head_fp32 = 0;       // the loss's fp32 lm_head: vocab x hidden x 4
+  int64_t activations = 0;     // step_activation_bytes x 1.5 (the GPU runs the unfused block ops)
+  int64_t workspace = 64ll << 20;  // cuBLAS workspaces (through the caching allocator)
+  int64_t total() const;
+  std::string describe() const;  // "shard 12.3 + LoRA state 1.2 + ... = 80.1 MiB"
+};
+
+struct DeviceMemoryInputs {
+  int64_t shard_bytes = 0;            // resident base bytes of this rank
+  int64_t lora_shard_numel = 0;       // fp32 LoRA parameters this rank holds
+  int64_t max_base_unit_bytes = 0;    // the largest gathered base unit (padded)
+  int64_t max_lora_unit_numel = 0;    // the largest LoRA unit (padded)
+  int prefetch = 1;
+  int64_t tokens = 0;                 // of one micro-batch (rows x sequence length)
+  bool gradient_checkpointing = true;
+  int64_t chunk_tokens = 1024;
+};
+DeviceMemoryPlan device_memory_plan(const model::ModelConfig& c, const ActivationShape& s,
+                                    const DeviceMemoryInputs& in);
+
 }  // namespace qlora::train

@@ -14,6 +14,7 @@
 #include <stdexcept>
 
 #include "dist/sampler.h"
+#include "train/activation_memory.h"
 #include "io/atomic_write.h"
 #include "lora/peft_adapter.h"
 
@@ -142,6 +143,7 @@ class Job {
     if (main_rank_ && hooks_.log) hooks_.log(line);
   }
   void trainer_build();
+  DeviceMemoryPlan memory_plan() const;
   nlohmann::ordered_json evaluate(int64_t step);
   int64_t resume(const dist::DistributedSampler& sampler);
   nlohmann::ordered_json metrics_line(MetricWindow& w, int64_t done, double lr,
@@ -192,6 +194,31 @@ void Job::trainer_build() {
       " MiB of " + fmt("%.2f", trainer_->base_total_bytes() / 1048576.0) +
       " MiB of 4-bit base units (read " + fmt("%.2f", trainer_->load_bytes_read() / 1048576.0) +
       " MiB)");
+  if (device_.device() == dist::Device::cuda) log("GPU memory plan per rank: " + memory_plan().describe());
+}
+
+// The README's formula of device memory per rank (train/activation_memory.h) for this run.
+DeviceMemoryPlan Job::memory_plan() const {
+  const TrainerOptions& t = o_.trainer;
+  ActivationShape shape;
+  shape.compute_dtype = device_.compute_dtype();
+  shape.lora_rank = t.lora.rank;
+  shape.lora_targets = t.targets;
+  shape.lora_dropout = t.lora.dropout > 0.0;
+  DeviceMemoryInputs in;
+  in.shard_bytes = static_cast<int64_t>(trainer_->stats().resident_bytes);
+  for (const auto& u : trainer_->lora()) {
+    in.lora_shard_numel += u->shard_numel();
+    in.max_lora_unit_numel = std::max(in.max_lora_unit_numel, u->padded_numel());
+  }
+  in.max_base_unit_bytes = static_cast<int64_t>(trainer_->base_max_unit_bytes());
+  in.prefetch = t.prefetch;
+  const int64_t seq = in_.train_data ? in_.train_data->seq_len()
+                                     : in_.eval_data ? in_.eval_data->seq_len() : 0;
+  in.tokens = o_.loop.per_device_batch * seq * (t.preference ? 2 : 1);
+  in.gradient_checkpointing = t.gradient_checkpointing;
+  in.chunk_tokens = t.chunk_tokens;
+  return device_memory_plan(trainer_->spec().config, shape, in);
 }
 
 nlohmann::ordered_json Job::evaluate(int64_t step) {
@@ -258,8 +285,10 @@ void Job::save(int64_t step, bool final, const dist::DistributedSampler& sampler
 // One all-reduce (max over ranks) of memory and wait share: every rank logs at these steps.
 nlohmann::ordered_json Job::metrics_line(MetricWindow& w, int64_t done, double lr,
                                          const dist::DistributedSampler& sampler) {
-  double red[2] = {static_cast<double>(max_rss_bytes()), w.wait / std::max(1e-12, w.seconds)};
-  comm_.all_reduce_host(red, 2, dist::ReduceOp::max);
+  const bool gpu = device_.device() == dist::Device::cuda;
+  double red[3] = {static_cast<double>(max_rss_bytes()), w.wait / std::max(1e-12, w.seconds),
+                   static_cast<double>(device_.peak_memory_bytes())};
+  comm_.all_reduce_host(red, gpu ? 3 : 2, dist::ReduceOp::max);
   nlohmann::ordered_json j;
   const double steps = static_cast<double>(w.steps);
   const double good = static_cast<double>(w.steps - w.skipped);  // 0: loss and norm are null
@@ -273,6 +302,7 @@ nlohmann::ordered_json Job::metrics_line(MetricWindow& w, int64_t done, double l
   j["comm_bytes"] = static_cast<double>(w.comm_bytes) / steps;
   j["comm_wait_share"] = red[1];
   j["max_rss_bytes"] = static_cast<int64_t>(red[0]);
+  if (gpu) j["max_gpu_memory_bytes"] = static_cast<int64_t>(red[2]);  // caching allocator's peak
   j["epoch"] = static_cast<double>(done) / static_cast<double>(sampler.steps_per_epoch());
   w = MetricWindow();
   return j;

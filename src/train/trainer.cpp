@@ -306,10 +306,11 @@ Trainer::Trainer(dist::DeviceContext& device, std::unique_ptr<UnitSource> source
 void Trainer::lora_init() {
   // peft's init (lora::adapter_init) block by block from one generator: the numbers
   // DecoderModel::adapters_init draws for the same seed. Every rank draws everything and keeps
-  // its own part.
-  at::Generator gen = device_.generator(options_.seed);
+  // its own part. Drawn on the host, so that a GPU run starts from the adapter a CPU run (and
+  // peft, which initialises on the CPU) starts from.
+  at::Generator gen = dist::DeviceContext::host_generator(options_.seed);
   for (auto& unit : lora_) {
-    at::Tensor full = device_.zeros({unit->padded_numel()}, at::kFloat);
+    at::Tensor full = at::zeros({unit->padded_numel()}, dist::DeviceContext::host_options(at::kFloat));
     lora::adapter_init(lora_slots(unit->layout(), full), gen);
     shard_from_full(*unit, full);
   }

@@ -709,14 +709,28 @@ TEST(ConfigGuards, NcclNeedsGpus) {
   EXPECT_TRUE(contains(guard_error(c), "dist.backend = nccl needs GPUs (model.device = cpu)"));
 }
 
-TEST(ConfigGuards, CudaRefusedUntilTheCudaPath) {
+// model.device = cuda is accepted in a CUDA build where a GPU is visible, and refused with the
+// reason where none is; auto follows the GPUs; nccl needs cuda.
+TEST(ConfigGuards, CudaNeedsAVisibleGpu) {
   TrainConfig c = config_minimal();
   c.device = "cuda";
 #ifdef QLORA_HAVE_NCCL
-  EXPECT_TRUE(contains(guard_error(c), "model.device = cuda: this release trains on the CPU path only"));
-  c.device = "auto";
+  c.gpus_visible = 0;
+  c.gpus_reason = "cudaGetDeviceCount: no CUDA-capable device is detected";
+  EXPECT_TRUE(contains(guard_error(c), "model.device = cuda: no GPU visible on this node "
+                                       "(cudaGetDeviceCount: no CUDA-capable device is detected)"));
+  c.gpus_visible = 2;
+  EXPECT_NO_THROW(config_guards(c, 1));
+  EXPECT_EQ(config_device(c), "cuda");
+  EXPECT_EQ(config_compute_dtype(c), "bf16");
   c.backend = "nccl";
-  EXPECT_TRUE(contains(guard_error(c), "dist.backend = nccl needs GPUs (model.device = auto"));
+  EXPECT_NO_THROW(config_guards(c, 1));
+  c.device = "auto";
+  EXPECT_EQ(config_device(c), "cuda");
+  c.gpus_visible = 0;
+  EXPECT_EQ(config_device(c), "cpu");
+  EXPECT_TRUE(contains(guard_error(c), "dist.backend = nccl needs GPUs (model.device = auto, "
+                                       "no GPU visible)"));
 #else
   EXPECT_TRUE(contains(guard_error(c), "model.device = cuda: this build has no CUDA"));
   c.device = "auto";

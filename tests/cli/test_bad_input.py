@@ -22,7 +22,7 @@ import re
 import shutil
 import struct
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -30,6 +30,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD = os.environ.get("QLORA_BUILD_DIR") or os.path.join(HERE, "..", "..", "build")
 QLORA = os.path.join(BUILD, "qlora_dist")
 MPIRUN = os.environ.get("MPIRUN", "mpirun")
+# `qlora_dist --version` names cuda among the devices in a CUDA build.
+BUILD_HAS_CUDA = "cuda (" in subprocess.run([QLORA, "--version"], capture_output=True,
+                                            text=True).stdout
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
            OMP_NUM_THREADS="1")
 # Per command; sanitizer builds (QLORA_TIMEOUT_SCALE 4) run several times slower: the header of a
@@ -243,6 +246,7 @@ class Case:
     # reads the bad row prints the line as "[rank R] qlora_dist ..." and ends the job with
     # MPI_Abort, which kills the other ranks (no status of their own, never 0).
     mid_run: bool = False
+    env: dict = field(default_factory=dict)  # added to the environment of every rank
 
 
 def bytes_of(name, data):
@@ -472,6 +476,13 @@ CASES = [
                            "--train.per_device_train_batch_size=1000000"),
          ("train.gradient_checkpointing = false", "1000000 rows x 32 tokens", "estimated at",
           "more than half of this node's", "set train.gradient_checkpointing = true"), ranks=2),
+    # No GPU is visible (CUDA_VISIBLE_DEVICES empty, also on a GPU machine): every rank refuses.
+    Case("train-cuda-no-gpu", "train", "model.device = cuda where no GPU is visible",
+         lambda w: w.train("--model.device=cuda"),
+         ("model.device = cuda: no GPU visible on this node", "CUDA_VISIBLE_DEVICES=",
+          "use model.device = cpu") if BUILD_HAS_CUDA else
+         ("model.device = cuda: this build has no CUDA",),
+         ranks=2, env={"CUDA_VISIBLE_DEVICES": ""}),
     Case("train-units-truncated", "train", "the unit file cut in half",
          lambda w: w.train("--model.model_name_or_path=" + str(w.write(
              "cut.h5", (w.base / "tiny.h5").read_bytes()[:(w.base / "tiny.h5").stat().st_size // 2]))),
@@ -632,11 +643,13 @@ def run_case(case, argv, status_dir):
     """(returncode, stdout, stderr, per-rank statuses or None)."""
     argv = [str(a) for a in argv]
     if case.ranks == 1:
-        res = subprocess.run([QLORA, *argv], capture_output=True, env=ENV, timeout=TIMEOUT_S)
+        res = subprocess.run([QLORA, *argv], capture_output=True, env={**ENV, **case.env},
+                             timeout=TIMEOUT_S)
         return res.returncode, res.stdout, res.stderr, None
     wrapper = f'"$0" "$@"; s=$?; echo $s > {status_dir}/rank.$OMPI_COMM_WORLD_RANK; exit $s'
     res = subprocess.run([MPIRUN, "--oversubscribe", "-np", str(case.ranks), "sh", "-c", wrapper,
-                          QLORA, *argv], capture_output=True, env=ENV, timeout=TIMEOUT_S)
+                          QLORA, *argv], capture_output=True, env={**ENV, **case.env},
+                         timeout=TIMEOUT_S)
     statuses = {}
     for r in range(case.ranks):
         p = os.path.join(status_dir, f"rank.{r}")
