@@ -9,8 +9,9 @@
 //   broadcast:      t = t of `root` (in place, any dtype)
 // Implementations: MPI (always; a communication thread runs the blocking MPI calls in order, so
 // collectives overlap with compute; device tensors are staged through host memory) and NCCL
-// (compiled when CUDA is built; one communicator stream that waits for the legacy default
-// stream, unique id sent by MPI_Bcast; Work::wait blocks the host on the completion event).
+// (compiled when CUDA is built; one communication stream that waits for libtorch's current
+// stream, unique id sent by MPI_Bcast; Work::wait polls the completion event and NCCL's
+// asynchronous error; all_reduce_host stays on MPI; see communicator_nccl.cpp).
 // Watchdog ([dist] timeout_s): with timeout_set(T > 0) every Work::wait on the communicator's
 // handles has the deadline start + T; a wait that passes it never returns: the backend reports
 // which collective (kind, number, the caller's context) and which ranks had not arrived, then

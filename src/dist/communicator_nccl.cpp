@@ -18,6 +18,7 @@
 #include <nccl.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <exception>
 #include <iostream>
@@ -143,6 +144,7 @@ class NcclCommunicator final : public Communicator {
     ncclUniqueId id;
     if (rank_ == 0) QLORA_NCCL_CHECK(ncclGetUniqueId(&id));
     QLORA_MPI_CHECK(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD));
+    QLORA_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &host_comm_));
     DeviceGuard guard(device_);
     shared_->rank = rank_;
     QLORA_NCCL_CHECK(ncclCommInitRank(&shared_->comm, world_size_, id, rank_));
@@ -237,12 +239,26 @@ class NcclCommunicator final : public Communicator {
     });
   }
 
-  // Host scalars of the step loop go through the GPU: one small copy each way.
+  // Host-side agreement (stop signals, metrics, checkpoints) stays on MPI, on a duplicate of
+  // MPI_COMM_WORLD: a request tested until done, with the watchdog's deadline.
   void all_reduce_host(double* values, int64_t n, ReduceOp op) override {
-    const at::Tensor host = at::from_blob(values, {n}, at::TensorOptions().dtype(at::kDouble));
-    const at::Tensor dev = host.to(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_)));
-    all_reduce(dev, op);
-    host.copy_(dev.to(at::kCPU));
+    MPI_Request req;
+    QLORA_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, values, static_cast<int>(n), MPI_DOUBLE,
+                                   op == ReduceOp::sum ? MPI_SUM : MPI_MAX, host_comm_, &req));
+    const auto start = std::chrono::steady_clock::now();
+    auto pause = std::chrono::microseconds(10);
+    for (int done = 0;;) {
+      QLORA_MPI_CHECK(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
+      if (done) return;
+      const double waited =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (timeout() > 0 && waited > timeout())
+        nccl_fail(*shared_, "watchdog: the host all-reduce over MPI did not complete within "
+                            "dist.timeout_s = " + seconds_text(timeout()) + " s (waited " +
+                            seconds_text(waited) + " s): a rank has not arrived");
+      std::this_thread::sleep_for(pause);
+      pause = std::min<std::chrono::microseconds>(2 * pause, std::chrono::microseconds(1000));
+    }
   }
 
  private:
@@ -283,6 +299,7 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_ = nullptr;
   cudaEvent_t inputs_ready_ = nullptr;  // re-recorded by every start
   int* barrier_value_ = nullptr;        // [1] on device_
+  MPI_Comm host_comm_ = MPI_COMM_NULL;  // all_reduce_host (freed by MPI_Finalize)
 };
 
 }  // namespace

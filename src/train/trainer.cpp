@@ -513,24 +513,26 @@ StepResult Trainer::step(const std::vector<Batch>& padded_batches, double lr) {
     grad_[p.unit] += sharded() ? p.shard : p.flat;
   }
 
-  // The one host transfer of the step: squared gradient norm of this rank's shards and its share
-  // of the loss; then one all-reduce of both (the norm only when sharded: otherwise every rank
-  // holds the whole, already reduced gradient).
+  // The one host transfer of the step: the squared gradient norm of this rank's shards, its
+  // share of the loss (and the preference sums), all-reduced on the device first (the norm only
+  // when sharded: otherwise every rank holds the whole, already reduced gradient). After the
+  // sums, a flag: 1 on a rank whose own loss or squared norm is NaN or Inf. Their sum counts such
+  // ranks exactly, so every rank takes the same decision (a NaN already poisons the sums, but the
+  // flag does not rely on how the collective adds them). Last, this rank's own squared norm.
   at::Tensor sumsq = device_.zeros({}, at::kDouble);
   for (const at::Tensor& gr : grad_) sumsq += gr.to(at::kDouble).pow(2).sum();
-  const at::Tensor host =
-      dist::DeviceContext::to_host(at::cat({at::stack({sumsq, loss_sum}), pref_sum}));
-  const double* h = host.data_ptr<double>();
-  const double local_sumsq = h[0];
-  // After the sums, a flag: 1 on a rank whose own loss or squared norm is NaN or Inf. Their sum
-  // counts such ranks exactly, so every rank takes the same decision (a NaN already poisons
-  // the sums, but the flag does not rely on how MPI adds them).
   const int nred = pref ? PrefSums::kCount : 2;
-  double red[PrefSums::kCount + 1] = {sharded() ? local_sumsq : 0.0, h[1]};
-  for (int i = 0; i < PrefSums::kCount - 2; ++i) red[2 + i] = h[2 + i];
-  red[nred] = std::isfinite(local_sumsq) && std::isfinite(h[1]) ? 0.0 : 1.0;
+  const at::Tensor own = at::stack({sumsq, loss_sum});
+  const at::Tensor bad = at::logical_not(at::isfinite(own)).any().to(at::kDouble).unsqueeze(0);
+  at::Tensor reduced =
+      at::cat({at::stack({sharded() ? sumsq : at::zeros_like(sumsq), loss_sum}), pref_sum})
+          .narrow(0, 0, nred);
+  reduced = at::cat({reduced, bad}).contiguous();
   comm_.detail_set("gradient norm and loss");
-  comm_.all_reduce_host(red, nred + 1, dist::ReduceOp::sum);
+  comm_.all_reduce(reduced, dist::ReduceOp::sum);
+  const at::Tensor host = dist::DeviceContext::to_host(at::cat({reduced, sumsq.unsqueeze(0)}));
+  const double* red = host.data_ptr<double>();
+  const double local_sumsq = red[nred + 1];
   const double norm = std::sqrt(sharded() ? red[0] : local_sumsq);
   result.loss = red[1];
   if (pref) result.pref = pref_sums(counts[1], counts[2], red + 2);
