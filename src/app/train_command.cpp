@@ -19,6 +19,7 @@
 #include "app/usage_error.h"
 #include "data/prepare.h"
 #include "dist/communicator.h"
+#include "dist/device_context.h"
 #include "dist/rank_env.h"
 #include "io/atomic_write.h"
 #include "io/shape_str.h"
@@ -168,7 +169,10 @@ void adapter_check(const std::string& dir, const model::ModelConfig& config) {
 void activations_check(const Checked& r, const dist::RankEnv& env) {
   const TrainConfig& c = r.config;
   const train::TrainerOptions& t = r.options.trainer;
-  const int64_t memory = node_memory_bytes();
+  // On cuda the activations live on the rank's GPU (one rank per GPU), else in host memory
+  // shared by the node's ranks.
+  const bool gpu = config_device(c) == "cuda";
+  const int64_t memory = gpu ? dist::gpu_memory_bytes(env.local_rank) : node_memory_bytes();
   if (!c.do_train || memory <= 0) return;
   train::ActivationShape shape;
   shape.compute_dtype = compute_dtype_of(c);
@@ -180,7 +184,7 @@ void activations_check(const Checked& r, const dist::RankEnv& env) {
   const int64_t tokens = rows * c.cutoff_len;
   const int64_t need =
       train::step_activation_bytes(mc, shape, tokens, t.gradient_checkpointing, t.chunk_tokens);
-  const int64_t local = std::max(1, env.local_world_size);
+  const int64_t local = gpu ? 1 : std::max(1, env.local_world_size);
   const int64_t budget = memory / 2 / local;
   if (need <= budget) return;
   const auto gib = [](int64_t b) {
@@ -200,9 +204,11 @@ void activations_check(const Checked& r, const dist::RankEnv& env) {
       std::string("train.gradient_checkpointing = ") +
       (t.gradient_checkpointing ? "true" : "false") + ": the activations of one micro-batch (" +
       std::to_string(rows) + " rows x " + std::to_string(c.cutoff_len) +
-      " tokens) are estimated at " + gib(need) + " per rank, more than half of this node's " +
-      gib(memory) + " memory shared by " + std::to_string(local) + " rank(s) (" + gib(budget) +
-      "); " + advice);
+      " tokens) are estimated at " + gib(need) + " per rank, more than half of " +
+      (gpu ? "this rank's GPU's " + gib(memory) + " memory"
+           : "this node's " + gib(memory) + " memory shared by " + std::to_string(local) +
+                 " rank(s)") +
+      " (" + gib(budget) + "); " + advice);
 }
 
 void phase1(Checked& r, const std::string& command, const dist::RankEnv& env) {

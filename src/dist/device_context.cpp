@@ -107,6 +107,8 @@ int64_t DeviceContext::peak_memory_bytes() const {
 
 GpuVisibility gpus_visible() { return cuda::visible(); }
 
+int64_t gpu_memory_bytes(int index) { return cuda::device_memory_bytes(index); }
+
 std::string build_describe() {
   std::string s = "libtorch " + std::to_string(TORCH_VERSION_MAJOR) + "." +
                   std::to_string(TORCH_VERSION_MINOR) + "." + std::to_string(TORCH_VERSION_PATCH);

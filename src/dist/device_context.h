@@ -28,6 +28,8 @@ struct GpuVisibility {
   std::string reason;  // empty when count > 0
 };
 GpuVisibility gpus_visible();
+// Total memory of GPU `index` (0 in a build without CUDA or where it cannot be read).
+int64_t gpu_memory_bytes(int index);
 
 // The build's libtorch version, devices and collective backends, for qlora_dist --version.
 std::string build_describe();

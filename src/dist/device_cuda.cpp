@@ -47,6 +47,15 @@ int64_t peak_allocated_bytes(int index) {
   return stats.allocated_bytes[0].peak;  // [0]: StatType::AGGREGATE (all pools)
 }
 
+int64_t device_memory_bytes(int index) {
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, index) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return static_cast<int64_t>(prop.totalGlobalMem);
+}
+
 std::string describe() {
   auto version = [](int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); };
   int runtime = 0, driver = 0, nccl = 0;
@@ -77,6 +86,8 @@ void device_select(int) {
 }
 
 int64_t peak_allocated_bytes(int) { return 0; }
+
+int64_t device_memory_bytes(int) { return 0; }
 
 std::string describe() { return "not built"; }
 
