@@ -12,6 +12,15 @@
 // (compiled when CUDA is built; one communication stream that waits for libtorch's current
 // stream, unique id sent by MPI_Bcast; Work::wait polls the completion event and NCCL's
 // asynchronous error; all_reduce_host stays on MPI; see communicator_nccl.cpp).
+// Strict mode of the MPI communicator (QLORA_STRICT_COMM=1, or MpiOptions::strict): proves the
+// discipline above, on which the NCCL path depends (NCCL writes outputs asynchronously on its own
+// stream). Every output (the gather / reduce-scatter destination, the all_reduce tensor, the
+// broadcast tensor on the receiving ranks) is filled with 0xFF bytes at start (NaN in fp32, bf16,
+// fp16, fp64; packed bytes read as NaN once viewed as floats), the collective writes a private
+// buffer, and only the first Work::wait() on the handle, on the waiting thread, copies the result
+// in (same tensor and storage: views stay valid). done() never copies, so polling done() and then
+// reading reads NaN, as does reading after dropping a handle unwaited. Writes to inputs before
+// wait() are not detected.
 // Watchdog ([dist] timeout_s): with timeout_set(T > 0) every Work::wait on the communicator's
 // handles has the deadline start + T; a wait that passes it never returns: the backend reports
 // which collective (kind, number, the caller's context) and which ranks had not arrived, then
@@ -143,13 +152,21 @@ class Communicator {
   int64_t seq_ = 0;
 };
 
+struct MpiOptions {
+  // MPI counts are int, so a collective over more bytes than this runs in pieces (tests pass a few
+  // bytes to run the split path on small tensors). In [1, INT_MAX].
+  size_t max_message_nbytes = size_t{1} << 30;
+  bool strict = false;  // strict mode (see the top of this file)
+  // The defaults, with strict from QLORA_STRICT_COMM ("1": on; unset, "" or "0": off; anything
+  // else: std::invalid_argument naming the variable).
+  static MpiOptions from_env();
+};
+
 // A duplicate of MPI_COMM_WORLD with its communication thread (stopped and joined on
-// destruction, after the queued collectives finish).
+// destruction, after the queued collectives finish), with MpiOptions::from_env(); rank 0 prints
+// one line on stderr when that turns strict mode on.
 std::unique_ptr<Communicator> communicator_mpi(const RankEnv& env);
-// The same with MPI messages split at `max_message_nbytes` (MPI counts are int, so a collective
-// over more bytes than that runs in pieces). The default is 1 GiB; tests pass a few bytes to run
-// the split path on small tensors.
-std::unique_ptr<Communicator> communicator_mpi(const RankEnv& env, size_t max_message_nbytes);
+std::unique_ptr<Communicator> communicator_mpi(const RankEnv& env, const MpiOptions& options);
 
 // NCCL on `device` (one GPU per local rank: device = local_rank), bootstrapped over MPI. Only in
 // builds with CUDA (QLORA_HAVE_NCCL); elsewhere std::runtime_error saying so.

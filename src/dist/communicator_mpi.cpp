@@ -14,15 +14,20 @@
 // running (stopped, or its node stalled); a rank whose read never completed did not answer.
 // Nothing of this costs the step: a local store per collective, no MPI call until a deadline.
 // Without MPI_THREAD_MULTIPLE, or where the window cannot be made, the message says so.
+// Strict mode (communicator.h): at start, on the caller's thread, the output is copied away where
+// it is also an input (in-place gather, all_reduce, broadcast), then filled with 0xFF bytes; the
+// thread runs the same code on a private buffer; the first wait() copies it into the output.
 #include <ATen/ATen.h>
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstdio>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -39,8 +44,6 @@
 namespace qlora::dist {
 namespace {
 
-constexpr size_t kDefaultMaxMessageBytes = size_t{1} << 30;
-
 // Completed by the communication thread; waited on by the caller.
 class MpiWork final : public Work::State {
  public:
@@ -48,16 +51,34 @@ class MpiWork final : public Work::State {
     std::lock_guard<std::mutex> lock(mu_);
     return finished_;
   }
+  // block() and block_until() run on the waiting thread (Work::wait): the strict delivery too.
   void block() override {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return finished_; });
     if (error_) std::rethrow_exception(error_);
+    deliver_locked();
   }
   bool block_until(Clock::time_point deadline) override {
     std::unique_lock<std::mutex> lock(mu_);
     if (!cv_.wait_until(lock, deadline, [&] { return finished_; })) return false;
     if (error_) std::rethrow_exception(error_);
+    deliver_locked();
     return true;
+  }
+  // Strict mode: the first wait copies `result` (written by the communication thread) into
+  // `output` (filled with 0xFF bytes at start). Set before the task is queued.
+  void delivery_set(at::Tensor result, at::Tensor output) {
+    result_ = std::move(result);
+    output_ = std::move(output);
+  }
+  // A handle dropped unwaited leaves its output NaN: say which, once per process, unless an
+  // exception is unwinding (the job is ending anyway).
+  ~MpiWork() override {
+    if (!result_.defined() || !finished_ || error_ || std::uncaught_exceptions() > 0) return;
+    static std::atomic<bool> reported{false};
+    if (reported.exchange(true)) return;
+    std::cerr << "communicator_mpi (strict): " + describe() +
+                     " was dropped without wait(); its output stays NaN\n";
   }
   void finish(std::exception_ptr error) {
     {
@@ -73,6 +94,15 @@ class MpiWork final : public Work::State {
   std::condition_variable cv_;
   bool finished_ = false;
   std::exception_ptr error_;
+  at::Tensor result_;  // strict mode: [same as output] private, until delivered
+  at::Tensor output_;  // the caller's output tensor
+
+  void deliver_locked() {
+    if (!result_.defined()) return;
+    output_.copy_(result_);
+    result_ = at::Tensor();
+    output_ = at::Tensor();
+  }
 };
 
 // A started collective: what the thread runs (holding its tensors alive) and whom it tells.
@@ -331,15 +361,21 @@ at::Tensor host_empty_like(const at::Tensor& t) {
   return at::empty(t.sizes(), DeviceContext::host_options(t.scalar_type()));
 }
 
+// Strict mode: every byte 0xFF (a quiet NaN in fp32, bf16, fp16 and fp64; -1 in integers).
+void poison(const at::Tensor& t) {
+  if (t.numel() > 0) t.reshape({-1}).view(at::kByte).fill_(0xFF);
+}
+
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator(const RankEnv& env, size_t max_message_nbytes)
-      : max_nbytes_(max_message_nbytes),
+  MpiCommunicator(const RankEnv& env, const MpiOptions& options)
+      : max_nbytes_(options.max_message_nbytes),
+        strict_(options.strict),
         queue_(std::make_shared<Queue>()),
         uncaught_at_start_(std::uncaught_exceptions()) {
-    if (max_message_nbytes == 0 || max_message_nbytes > static_cast<size_t>(INT_MAX)) {
+    if (max_nbytes_ == 0 || max_nbytes_ > static_cast<size_t>(INT_MAX)) {
       throw std::invalid_argument("communicator_mpi: max_message_nbytes " +
-                                  std::to_string(max_message_nbytes) + " must be in [1, INT_MAX]");
+                                  std::to_string(max_nbytes_) + " must be in [1, INT_MAX]");
     }
     QLORA_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &queue_->comm));
     // Errors on this communicator become exceptions (rethrown by Work::wait) instead of
@@ -407,13 +443,22 @@ class MpiCommunicator final : public Communicator {
   int world_size() const override { return world_size_; }
   std::string backend_name() const override { return "mpi"; }
 
-  Work all_gather_start(const at::Tensor& shard, const at::Tensor& out) override {
-    bool in_place = check_all_gather(shard, out);
-    size_t nbytes = shard.nbytes();
-    bool staged = !out.device().is_cpu();
+  Work all_gather_start(const at::Tensor& shard_arg, const at::Tensor& out_arg) override {
+    bool in_place = check_all_gather(shard_arg, out_arg);
+    size_t nbytes = shard_arg.nbytes();
+    bool staged = !out_arg.device().is_cpu();
     int rank = rank_;
     size_t max_nbytes = max_nbytes_;
-    return enqueue("all_gather", [=](MPI_Comm comm) {
+    at::Tensor shard = shard_arg, out = out_arg;  // what the thread reads and writes
+    if (strict_) {
+      out = at::empty_like(out_arg);
+      if (in_place) {  // the shard is a slot of out_arg: move it to the same slot of ours
+        shard = out.view({-1}).narrow(0, rank * shard_arg.numel(), shard_arg.numel());
+        shard.copy_(shard_arg.view({-1}));
+      }
+      poison(out_arg);
+    }
+    return enqueue("all_gather", out, out_arg, [=](MPI_Comm comm) {
       at::Tensor host_out = staged ? host_empty_like(out) : out;
       at::Tensor host_shard;
       if (in_place && staged) {
@@ -427,13 +472,18 @@ class MpiCommunicator final : public Communicator {
     });
   }
 
-  Work reduce_scatter_start(const at::Tensor& in, const at::Tensor& out) override {
-    check_reduce_scatter(in, out);
-    bool staged = !out.device().is_cpu();
+  Work reduce_scatter_start(const at::Tensor& in, const at::Tensor& out_arg) override {
+    check_reduce_scatter(in, out_arg);
+    bool staged = !out_arg.device().is_cpu();
     int rank = rank_;
     int world_size = world_size_;
     size_t max_nbytes = max_nbytes_;
-    return enqueue("reduce_scatter", [=](MPI_Comm comm) {
+    at::Tensor out = out_arg;  // what the thread writes
+    if (strict_) {
+      out = at::empty_like(out_arg);
+      poison(out_arg);
+    }
+    return enqueue("reduce_scatter", out, out_arg, [=](MPI_Comm comm) {
       at::Tensor host_in = staged ? DeviceContext::to_host(in) : in;
       at::Tensor host_out = staged ? host_empty_like(out) : out;
       reduce_scatter_floats(comm, rank, world_size, host_in.data_ptr<float>(),
@@ -442,13 +492,19 @@ class MpiCommunicator final : public Communicator {
     });
   }
 
-  Work all_reduce_start(const at::Tensor& t, ReduceOp op) override {
-    check_all_reduce(t);
-    MPI_Datatype type = mpi_type_of(t.scalar_type());
+  Work all_reduce_start(const at::Tensor& t_arg, ReduceOp op) override {
+    check_all_reduce(t_arg);
+    MPI_Datatype type = mpi_type_of(t_arg.scalar_type());
     MPI_Op mpi_op = mpi_op_of(op);
-    bool staged = !t.device().is_cpu();
-    int64_t max_numel = std::max<int64_t>(1, static_cast<int64_t>(max_nbytes_ / t.element_size()));
-    return enqueue("all_reduce", [=](MPI_Comm comm) {
+    bool staged = !t_arg.device().is_cpu();
+    int64_t max_numel =
+        std::max<int64_t>(1, static_cast<int64_t>(max_nbytes_ / t_arg.element_size()));
+    at::Tensor t = t_arg;  // what the thread reduces in place
+    if (strict_) {
+      t = t_arg.clone(at::MemoryFormat::Contiguous);
+      poison(t_arg);
+    }
+    return enqueue("all_reduce", t, t_arg, [=](MPI_Comm comm) {
       at::Tensor host = staged ? DeviceContext::to_host(t) : t;
       auto* data = static_cast<char*>(host.data_ptr());
       int64_t numel = host.numel();
@@ -461,12 +517,17 @@ class MpiCommunicator final : public Communicator {
     });
   }
 
-  Work broadcast_start(const at::Tensor& t, int root) override {
-    check_broadcast(t, root);
-    bool staged = !t.device().is_cpu();
+  Work broadcast_start(const at::Tensor& t_arg, int root) override {
+    check_broadcast(t_arg, root);
+    bool staged = !t_arg.device().is_cpu();
     bool receives = root != rank_;
     size_t max_nbytes = max_nbytes_;
-    return enqueue("broadcast", [=](MPI_Comm comm) {
+    at::Tensor t = t_arg;  // what the thread sends or receives; an output on receiving ranks only
+    if (strict_ && receives) {
+      t = at::empty_like(t_arg);
+      poison(t_arg);
+    }
+    return enqueue("broadcast", t, t_arg, [=](MPI_Comm comm) {
       at::Tensor host = staged ? DeviceContext::to_host(t) : t;
       auto* data = static_cast<char*>(host.data_ptr());
       size_t nbytes = host.nbytes();
@@ -479,7 +540,8 @@ class MpiCommunicator final : public Communicator {
   }
 
   Work barrier_start() override {
-    return enqueue("barrier", [](MPI_Comm comm) { QLORA_MPI_CHECK(MPI_Barrier(comm)); });
+    return enqueue("barrier", at::Tensor(), at::Tensor(),
+                   [](MPI_Comm comm) { QLORA_MPI_CHECK(MPI_Barrier(comm)); });
   }
 
  private:
@@ -503,9 +565,13 @@ class MpiCommunicator final : public Communicator {
     queue_->slots = base;
   }
 
-  Work enqueue(const char* kind, std::function<void(MPI_Comm)> run) {
+  // `result` / `output`: the tensor the thread writes and the caller's output; different only in
+  // strict mode, where the first wait() copies one into the other.
+  Work enqueue(const char* kind, const at::Tensor& result, const at::Tensor& output,
+               std::function<void(MPI_Comm)> run) {
     auto work = std::make_shared<MpiWork>();
     stamp(*work, kind);
+    if (result.defined() && !result.is_same(output)) work->delivery_set(result, output);
     {
       std::lock_guard<std::mutex> lock(queue_->mu);
       queue_->tasks.push_back(Task{std::move(run), work});
@@ -517,6 +583,7 @@ class MpiCommunicator final : public Communicator {
   int rank_ = 0;
   int world_size_ = 1;
   size_t max_nbytes_;
+  bool strict_;
   std::shared_ptr<Queue> queue_;
   int uncaught_at_start_;
   std::thread thread_;
@@ -525,12 +592,30 @@ class MpiCommunicator final : public Communicator {
 
 }  // namespace
 
-std::unique_ptr<Communicator> communicator_mpi(const RankEnv& env) {
-  return communicator_mpi(env, kDefaultMaxMessageBytes);
+MpiOptions MpiOptions::from_env() {
+  MpiOptions options;
+  const char* v = std::getenv("QLORA_STRICT_COMM");
+  const std::string value = v ? v : "";
+  if (value == "1") {
+    options.strict = true;
+  } else if (!value.empty() && value != "0") {
+    throw std::invalid_argument("QLORA_STRICT_COMM=" + value +
+                                ": must be 1 (strict communicator) or 0 / unset (normal)");
+  }
+  return options;
 }
 
-std::unique_ptr<Communicator> communicator_mpi(const RankEnv& env, size_t max_message_nbytes) {
-  return std::make_unique<MpiCommunicator>(env, max_message_nbytes);
+std::unique_ptr<Communicator> communicator_mpi(const RankEnv& env) {
+  const MpiOptions options = MpiOptions::from_env();
+  auto comm = communicator_mpi(env, options);
+  if (options.strict && env.rank == 0)
+    std::cerr << "communicator_mpi: strict mode (QLORA_STRICT_COMM=1): outputs of collectives "
+                 "read NaN until wait()\n";
+  return comm;
+}
+
+std::unique_ptr<Communicator> communicator_mpi(const RankEnv& env, const MpiOptions& options) {
+  return std::make_unique<MpiCommunicator>(env, options);
 }
 
 }  // namespace qlora::dist

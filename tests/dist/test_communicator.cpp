@@ -1,8 +1,9 @@
 // The MPI communicator under mpirun -np 1..4: every collective against what each rank can compute
 // locally from the known per-rank inputs (bytes and small integers compared exactly), odd shard
-// sizes, the split path for large messages, overlap with compute, argument errors, and the rank
-// environment. Every rank runs every test; a failing check must not skip a collective (EXPECT,
-// not ASSERT, once collectives have started), or the ranks fall out of step.
+// sizes, the split path for large messages, overlap with compute, argument errors, the rank
+// environment, and strict mode (outputs NaN until wait(), then equal to normal mode's). Every
+// rank runs every test; a failing check must not skip a collective (EXPECT, not ASSERT, once
+// collectives have started), or the ranks fall out of step.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <set>
 #include <string>
@@ -301,7 +303,9 @@ TEST_F(CommunicatorTest, ArgumentErrorsThrowInvalidArgument) {
     c.broadcast_start(shard, -1);
   }), "root"));
   EXPECT_TRUE(contains(invalid_argument_message([&] {
-    communicator_mpi(mpi_env(), 0);
+    MpiOptions options;
+    options.max_message_nbytes = 0;
+    communicator_mpi(mpi_env(), options);
   }), "max_message_nbytes"));
   // Still in step: a collective after the rejected calls matches on every rank.
   at::Tensor one = at::ones({1}, at::kLong);
@@ -353,7 +357,9 @@ TEST_F(CommunicatorTest, DestructionDrainsTheQueue) {
 // results as whole messages: the path taken above INT_MAX bytes, on small tensors.
 TEST_F(CommunicatorTest, LargeMessagePathInPieces) {
   const size_t max_message_nbytes = 7;
-  auto split = communicator_mpi(mpi_env(), max_message_nbytes);
+  MpiOptions options;
+  options.max_message_nbytes = max_message_nbytes;
+  auto split = communicator_mpi(mpi_env(), options);
   for (at::ScalarType type : {at::kByte, at::kBFloat16, at::kFloat}) {
     for (int64_t numel : kOddSizes) {
       SCOPED_TRACE(::testing::Message() << "dtype " << type << ", S " << numel);
@@ -425,6 +431,240 @@ TEST_F(CommunicatorTest, RankEnvIsConsistent) {
     for (const std::string& v : vars) found = found || v == want;
     EXPECT_TRUE(found) << "rank_env_launcher_vars() lacks " << want;
   }
+}
+
+// ------------------------------------------------------------------------------------------
+// Strict mode (communicator.h): outputs read 0xFF bytes (NaN) from start until the first wait(),
+// which delivers exactly what normal mode gives, into the same storage.
+
+bool all_ff(const at::Tensor& t) {
+  return t.numel() == 0 || t.reshape({-1}).view(at::kByte).eq(0xFF).all().item<bool>();
+}
+
+// Polls done() (never wait()) until the collective has finished: done() must not deliver.
+bool done_within(const Work& work, std::chrono::seconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!work.done()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return true;
+}
+
+class StrictCommunicatorTest : public CommunicatorTest {
+ protected:
+  static void SetUpTestSuite() {
+    MpiOptions strict;
+    strict.strict = true;
+    strict_ = communicator_mpi(mpi_env(), strict);
+    MpiOptions normal;
+    normal_ = communicator_mpi(mpi_env(), normal);
+  }
+  static void TearDownTestSuite() {
+    strict_.reset();
+    normal_.reset();
+  }
+  static std::unique_ptr<Communicator> strict_;
+  static std::unique_ptr<Communicator> normal_;  // strict off whatever QLORA_STRICT_COMM says
+
+  // Starts `start` on the strict communicator with `output` (a view the caller holds); checks
+  // that `output` is all 0xFF after start (when `poisoned`), still after done() turned true, and
+  // equals `want` byte for byte after wait(), in the same storage.
+  static void expect_strict(const char* what, const at::Tensor& output, const at::Tensor& want,
+                            bool poisoned, const std::function<Work()>& start) {
+    SCOPED_TRACE(what);
+    const void* data = output.data_ptr();
+    const at::Tensor before = output.clone();
+    Work work = start();
+    if (poisoned) {
+      EXPECT_TRUE(all_ff(output)) << "output before wait(): " << output;
+    } else {
+      EXPECT_EQ(bytes_diff(output, before), "") << "the root's own tensor changed";
+    }
+    EXPECT_TRUE(done_within(work, std::chrono::seconds(30))) << "not done within 30 s";
+    if (poisoned) {
+      EXPECT_TRUE(all_ff(output)) << "done() delivered: " << output;
+    }
+    work.wait();
+    EXPECT_EQ(output.data_ptr(), data);
+    EXPECT_EQ(bytes_diff(output, want), "") << "strict: " << output << "\nnormal: " << want;
+  }
+};
+std::unique_ptr<Communicator> StrictCommunicatorTest::strict_;
+std::unique_ptr<Communicator> StrictCommunicatorTest::normal_;
+
+TEST_F(StrictCommunicatorTest, AllGatherReadsNaNUntilWait) {
+  for (at::ScalarType type : {at::kByte, at::kBFloat16, at::kFloat}) {
+    for (int64_t numel : kOddSizes) {
+      SCOPED_TRACE(::testing::Message() << "dtype " << type << ", S " << numel);
+      at::Tensor shard = shard_of(rank(), numel, type);
+      at::Tensor want = at::empty({world() * numel}, type);
+      normal_->all_gather(shard, want);
+      expect_gathered(want, world(), numel, type);
+      Guarded out(world() * numel, type);
+      expect_strict("all_gather", out.out, want, true,
+                    [&] { return strict_->all_gather_start(shard, out.out); });
+      EXPECT_TRUE(out.pads_intact());
+      EXPECT_EQ(bytes_diff(shard, shard_of(rank(), numel, type)), "") << "the input changed";
+    }
+  }
+}
+
+// The shard is this rank's slot of out: strict mode copies it away before filling out.
+TEST_F(StrictCommunicatorTest, InPlaceAllGatherReadsNaNUntilWait) {
+  for (at::ScalarType type : {at::kByte, at::kBFloat16, at::kFloat}) {
+    for (int64_t numel : kOddSizes) {
+      SCOPED_TRACE(::testing::Message() << "dtype " << type << ", S " << numel);
+      at::Tensor want = at::empty({world() * numel}, type);
+      want.narrow(0, rank() * numel, numel).copy_(shard_of(rank(), numel, type));
+      normal_->all_gather(want.narrow(0, rank() * numel, numel), want);
+      expect_gathered(want, world(), numel, type);
+      Guarded out(world() * numel, type);
+      at::Tensor own = out.out.narrow(0, rank() * numel, numel);
+      own.copy_(shard_of(rank(), numel, type));
+      expect_strict("in-place all_gather", out.out, want, true,
+                    [&] { return strict_->all_gather_start(own, out.out); });
+      EXPECT_TRUE(out.pads_intact());
+    }
+  }
+}
+
+TEST_F(StrictCommunicatorTest, ReduceScatterReadsNaNUntilWait) {
+  for (int64_t numel : kOddSizes) {
+    SCOPED_TRACE(::testing::Message() << "S " << numel);
+    at::Tensor in = reduce_input_of(rank(), world() * numel);
+    at::Tensor want = at::empty({numel}, at::kFloat);
+    normal_->reduce_scatter(in, want);
+    Guarded out(numel, at::kFloat);
+    expect_strict("reduce_scatter", out.out, want, true,
+                  [&] { return strict_->reduce_scatter_start(in, out.out); });
+    EXPECT_TRUE(out.pads_intact());
+    EXPECT_TRUE(at::equal(in, reduce_input_of(rank(), world() * numel))) << "the input changed";
+  }
+}
+
+TEST_F(StrictCommunicatorTest, AllReduceReadsNaNUntilWait) {
+  const int64_t numel = 13;
+  for (at::ScalarType type : {at::kFloat, at::kDouble, at::kLong}) {
+    for (ReduceOp op : {ReduceOp::sum, ReduceOp::max}) {
+      SCOPED_TRACE(::testing::Message() << "dtype " << type << ", op "
+                                        << (op == ReduceOp::sum ? "sum" : "max"));
+      at::Tensor want = reduce_value_of(rank(), numel, type);
+      normal_->all_reduce(want, op);
+      Guarded t(numel, type);
+      t.out.copy_(reduce_value_of(rank(), numel, type));
+      expect_strict("all_reduce", t.out, want, true,
+                    [&] { return strict_->all_reduce_start(t.out, op); });
+      EXPECT_TRUE(t.pads_intact());
+    }
+  }
+}
+
+// Receiving ranks read NaN; the root's tensor is an input only and keeps its values.
+TEST_F(StrictCommunicatorTest, BroadcastReadsNaNUntilWaitOnReceivers) {
+  for (at::ScalarType type : {at::kByte, at::kBFloat16, at::kFloat, at::kDouble}) {
+    for (int root = 0; root < world(); ++root) {
+      SCOPED_TRACE(::testing::Message() << "dtype " << type << ", root " << root);
+      at::Tensor want = shard_of(rank(), 13, type);
+      normal_->broadcast(want, root);
+      Guarded t(13, type);
+      t.out.copy_(shard_of(rank(), 13, type));
+      expect_strict("broadcast", t.out, want, rank() != root,
+                    [&] { return strict_->broadcast_start(t.out, root); });
+      EXPECT_TRUE(t.pads_intact());
+    }
+  }
+}
+
+// Only the first wait delivers (a copy of the handle shares it); a handle dropped unwaited never
+// does, even once later collectives finished.
+TEST_F(StrictCommunicatorTest, FirstWaitDeliversOnceDroppedHandleNever) {
+  const int64_t numel = 7;
+  at::Tensor shard = shard_of(rank(), numel, at::kFloat);
+  at::Tensor out = at::empty({world() * numel}, at::kFloat);
+  Work work = strict_->all_gather_start(shard, out);
+  Work copy = work;
+  work.wait();
+  expect_gathered(out, world(), numel, at::kFloat);
+  out.zero_();
+  copy.wait();
+  work.wait();
+  EXPECT_TRUE(at::equal(out, at::zeros_like(out))) << "a second wait delivered again: " << out;
+
+  at::Tensor dropped = at::empty({world() * numel}, at::kFloat);
+  strict_->all_gather_start(shard, dropped);  // handle dropped at once
+  strict_->barrier();  // FIFO: the gather has finished on this rank's thread
+  EXPECT_TRUE(all_ff(dropped)) << dropped;
+}
+
+// Several started back to back, waited in reverse: each output NaN until its own wait.
+TEST_F(StrictCommunicatorTest, BackToBackEachOutputWaitsForItsOwnWait) {
+  const int64_t numel = 5;
+  at::Tensor gathered = at::empty({world() * numel}, at::kBFloat16);
+  at::Tensor scattered = at::empty({numel}, at::kFloat);
+  at::Tensor reduced = reduce_value_of(rank(), numel, at::kDouble);
+  Work w1 = strict_->all_gather_start(shard_of(rank(), numel, at::kBFloat16), gathered);
+  Work w2 = strict_->reduce_scatter_start(reduce_input_of(rank(), world() * numel), scattered);
+  Work w3 = strict_->all_reduce_start(reduced, ReduceOp::sum);
+  w3.wait();
+  EXPECT_FALSE(all_ff(reduced));
+  EXPECT_TRUE(all_ff(gathered) && all_ff(scattered));
+  w2.wait();
+  EXPECT_FALSE(all_ff(scattered));
+  EXPECT_TRUE(all_ff(gathered));
+  w1.wait();
+  expect_gathered(gathered, world(), numel, at::kBFloat16);
+  at::Tensor want_scattered = at::zeros({numel}, at::kFloat);
+  at::Tensor want_reduced = at::zeros({numel}, at::kDouble);
+  for (int q = 0; q < world(); ++q) {
+    want_scattered.add_(reduce_input_of(q, world() * numel).narrow(0, rank() * numel, numel));
+    want_reduced.add_(reduce_value_of(q, numel, at::kDouble));
+  }
+  EXPECT_TRUE(at::equal(scattered, want_scattered));
+  EXPECT_TRUE(at::equal(reduced, want_reduced));
+}
+
+// QLORA_STRICT_COMM: "1" on, unset / "" / "0" off, anything else refused naming the variable;
+// communicator_mpi(env) reads it.
+TEST_F(StrictCommunicatorTest, EnvironmentVariable) {
+  const char* saved = std::getenv("QLORA_STRICT_COMM");
+  const std::string saved_value = saved ? saved : "";
+  unsetenv("QLORA_STRICT_COMM");
+  EXPECT_FALSE(MpiOptions::from_env().strict);
+  for (const char* off : {"", "0"}) {
+    setenv("QLORA_STRICT_COMM", off, 1);
+    EXPECT_FALSE(MpiOptions::from_env().strict) << "'" << off << "'";
+  }
+  setenv("QLORA_STRICT_COMM", "yes", 1);
+  EXPECT_TRUE(contains(invalid_argument_message([] { MpiOptions::from_env(); }),
+                       "QLORA_STRICT_COMM=yes"));
+  setenv("QLORA_STRICT_COMM", "1", 1);
+  EXPECT_TRUE(MpiOptions::from_env().strict);
+  {
+    auto from_env = communicator_mpi(mpi_env());
+    at::Tensor out = at::empty({world() * 3}, at::kFloat);
+    Work work = from_env->all_gather_start(shard_of(rank(), 3, at::kFloat), out);
+    EXPECT_TRUE(all_ff(out));
+    work.wait();
+    expect_gathered(out, world(), 3, at::kFloat);
+  }
+  if (saved) {
+    setenv("QLORA_STRICT_COMM", saved_value.c_str(), 1);
+  } else {
+    unsetenv("QLORA_STRICT_COMM");
+  }
+}
+
+// The whole suite also runs with QLORA_STRICT_COMM=1 (ctest dist.test_communicator.strict.*):
+// there the suite's communicator is strict, which this checks.
+TEST_F(CommunicatorTest, SuiteCommunicatorStrictWhenTheEnvironmentSaysSo) {
+  const char* v = std::getenv("QLORA_STRICT_COMM");
+  if (!v || std::string(v) != "1") GTEST_SKIP() << "QLORA_STRICT_COMM is not 1";
+  at::Tensor out = at::empty({world() * 5}, at::kByte);
+  Work work = comm().all_gather_start(shard_of(rank(), 5, at::kByte), out);
+  EXPECT_TRUE(all_ff(out));
+  work.wait();
+  expect_gathered(out, world(), 5, at::kByte);
 }
 
 TEST(CommunicatorNccl, AvailableExactlyInCudaBuilds) {
