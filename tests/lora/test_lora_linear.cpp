@@ -384,7 +384,7 @@ TEST(QLoraLinear, BiasGetsGradWhenTrainable) {
   const at::Tensor g = randn({2, 4, 37}, 25);
   (layer.forward(randn({2, 4, 83}, 26)) * g).sum().backward();
   ASSERT_TRUE(bias.grad().defined());
-  EXPECT_CLOSE(bias.grad(), g.sum({0, 1}), kRtolF32, kAtolF32);
+  EXPECT_CLOSE(bias.grad(), g.sum(at::IntArrayRef{0, 1}), kRtolF32, kAtolF32);
 }
 
 TEST(QLoraLinear, NoAdapterIsTheBaseLinear) {
