@@ -28,6 +28,7 @@
 #   PMIX_MCA_mca_base_component_path  PMIx's plugin folder (its own conf file hard-codes it; the
 #                                     line is removed from the shipped copy)
 #   PATH, LD_LIBRARY_PATH             $B/usr/bin; $B/usr/lib/x86_64-linux-gnu and the deps in use
+#   LIBRARY_PATH                      $B/usr/lib/x86_64-linux-gnu: the -lsz -lcurl ... of h5pcc -show
 #   CMAKE_PREFIX_PATH=$B/usr          GTest, Boost, nlohmann_json configs; find_library/find_path
 #                                     (PCRE2, utf8proc); MPI and HDF5 come from the wrappers on PATH
 #                                     (mpicxx, h5pcc: its prefix line is made self-locating)
@@ -49,7 +50,7 @@ for tool in apt-get apt-cache dpkg-deb xz tar readelf cc; do
 done
 
 # Packages whose files go in as they are (headers, CMake configs, wrappers, the libraries we link).
-core_runtime=(openmpi-bin libopenmpi3 openmpi-common libpmix2 libhdf5-openmpi-103-1
+core_runtime=(openmpi-bin libopenmpi3 openmpi-common libpmix2 libhdf5-openmpi-103-1 libhdf5-openmpi-hl-100
   libboost-program-options1.74.0 libpcre2-8-0 libutf8proc2)
 core_dev=(libopenmpi-dev libhdf5-openmpi-dev libboost1.74-dev libboost-program-options1.74-dev
   libgtest-dev libgmock-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev)
@@ -151,6 +152,8 @@ ln -sfn libmpi.so.40 "$lib/libmpi.so" 2>/dev/null || true
 # h5pcc: its prefix is the folder above its own.
 sed -i 's|^prefix="/usr"$|prefix="$(cd "$(dirname "$(readlink -f "$0")")/.." \&\& pwd)"|' "$B/usr/bin/h5pcc.openmpi"
 grep -q 'readlink -f' "$B/usr/bin/h5pcc.openmpi" || die "h5pcc.openmpi: its prefix line was not found (changed upstream?)"
+# ... and it links the shared libraries by default (the static ones are trimmed).
+sed -i 's|^STATIC_AVAILABLE="yes"$|STATIC_AVAILABLE="no"|' "$B/usr/bin/h5pcc.openmpi"
 sed -i '/^mca_base_component_path/d' "$lib/pmix2/share/pmix-mca-params.conf"
 # Link-time names (libcurl.so, libz.so, ... that h5pcc -show lists) for the dependency libraries.
 for so in "$B"/usr/lib/qlora-deps/*.so.*; do
@@ -212,10 +215,12 @@ export OPAL_PREFIX=$B/usr OPAL_SYSCONFDIR=$B/etc/openmpi
 export PMIX_MCA_mca_base_component_path=$B/usr/lib/x86_64-linux-gnu/pmix2/lib/pmix
 export PATH=$B/usr/bin:$PATH
 export LD_LIBRARY_PATH=$B/usr/lib/x86_64-linux-gnu:$B/usr/lib/qlora-deps-used${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# -l names that h5pcc -show lists without a -L (sz, curl, crypto, z): the link-time links here.
+export LIBRARY_PATH=$B/usr/lib/x86_64-linux-gnu${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CMAKE_PREFIX_PATH=$B/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}
 ENV
 
-log "self-test: mpicc and mpirun -np 1 from the bundle"
+log "self-test: mpicc, mpirun -np 2 and h5pcc from the bundle"
 cat >"$work/hello.c" <<'C'
 #include <mpi.h>
 #include <stdio.h>
@@ -231,12 +236,15 @@ int main(int argc, char** argv) {
 }
 C
 (
+  cd "$work"  # h5pcc leaves its object file in the working folder
   # shellcheck disable=SC1091
   source "$B/qlora_env.sh"
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
   mpicc "$work/hello.c" -o "$work/hello"
   [[ $(mpicc -showme:incdirs) == "$B"/* ]] || die "mpicc -showme:incdirs does not point into the bundle"
   mpirun --oversubscribe -np 2 "$work/hello"
+  printf '#include <hdf5.h>\nint main(void) { return H5open() < 0 || !H5_HAVE_PARALLEL; }\n' >"$work/h5.c"
+  h5pcc "$work/h5.c" -o "$work/h5" && "$work/h5" || die "h5pcc from the bundle: parallel HDF5 program failed"
 )
 
 mkdir -p "$out_dir"
