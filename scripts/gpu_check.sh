@@ -31,10 +31,14 @@ if [ -n "${OUT:-}" ]; then
 fi
 t_start=$SECONDS
 t_phase=$SECONDS
+phase_name=""
+timings=()
 log() { printf '[gpu_check] %s\n' "$*"; }
-phase() {  # phase NAME: ends the previous phase (with its time) and starts NAME
-  log "---- $1 (previous phase $((SECONDS - t_phase)) s, total $((SECONDS - t_start)) s)"
+phase() {  # phase NAME: ends the current phase (its time goes to the summary) and starts NAME
+  [ -z "$phase_name" ] || timings+=("$(printf '%-28s %5d s' "$phase_name" $((SECONDS - t_phase)))")
+  phase_name=$1
   t_phase=$SECONDS
+  [ -z "$1" ] || log "---- $1 (at $((SECONDS - t_start)) s)"
 }
 die() { printf '[gpu_check] error: %s\n' "$*" >&2; exit 1; }
 
@@ -123,6 +127,8 @@ if [ "${QLORA_GPU_CHECK_UNIT:-1}" = 1 ]; then
     log "ctest -L unit skipped: $left s of the $budget s budget left"
   fi
 fi
-phase "done"
+phase ""
+log "timings:"
+printf '[gpu_check]   %s\n' "${timings[@]}"
 log "total $((SECONDS - t_start)) s; exit status $status"
 exit "$status"
