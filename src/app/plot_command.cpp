@@ -1,7 +1,10 @@
-// The metrics plot: two panels (loss; learning rate) drawn by PLplot's pngcairo device.
+// The metrics plot: two panels (loss; learning rate) drawn by PLplot's pngcairo device. A build
+// configured with -DQLORA_WITH_PLPLOT=OFF still reads and checks metrics.jsonl, then refuses.
 #include "app/plot_command.h"
 
+#ifdef QLORA_HAVE_PLPLOT
 #include <plplot/plplot.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -9,6 +12,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -18,8 +22,11 @@ namespace qlora::app {
 namespace {
 
 struct Series {
-  std::vector<PLFLT> x, y;
+  std::vector<double> x, y;
 };
+
+#ifdef QLORA_HAVE_PLPLOT
+static_assert(std::is_same<PLFLT, double>::value, "PLplot built with single-precision PLFLT");
 
 void range(const std::vector<PLFLT>& v, PLFLT& lo, PLFLT& hi) {
   for (PLFLT a : v) {
@@ -38,6 +45,7 @@ void pad(PLFLT& lo, PLFLT& hi) {
     hi += m;
   }
 }
+#endif
 
 }  // namespace
 
@@ -60,7 +68,7 @@ PlotReport plot_metrics(const std::string& out_dir, const std::string& png_path)
                                   ": not a JSON object");
     }
     if (!j.is_object() || !j.contains("step")) continue;
-    const PLFLT step = j["step"].get<double>();
+    const double step = j["step"].get<double>();
     if (j.contains("loss") && j["loss"].is_number()) {  // null: every step of it was skipped
       loss.x.push_back(step);
       loss.y.push_back(j["loss"].get<double>());
@@ -78,9 +86,14 @@ PlotReport plot_metrics(const std::string& out_dir, const std::string& png_path)
     throw std::invalid_argument(metrics.string() + ": no training steps logged yet (no \"loss\" lines)");
 
   const fs::path png = png_path.empty() ? fs::path(out_dir) / "metrics.png" : fs::path(png_path);
-  const fs::path tmp = png.parent_path() / ("." + png.filename().string() + ".tmp.png");
   if (!png.parent_path().empty() && !fs::is_directory(png.parent_path()))
     throw std::invalid_argument(png.string() + ": directory does not exist");
+#ifndef QLORA_HAVE_PLPLOT
+  throw std::runtime_error("this build has no PLplot (configured with -DQLORA_WITH_PLPLOT=OFF); "
+                           "rebuild with libplplot-dev and plplot-driver-cairo installed to plot " +
+                           metrics.string());
+#else
+  const fs::path tmp = png.parent_path() / ("." + png.filename().string() + ".tmp.png");
 
   PLFLT x0 = loss.x.front(), x1 = loss.x.front(), y0 = loss.y.front(), y1 = loss.y.front();
   range(loss.x, x0, x1);
@@ -135,6 +148,7 @@ PlotReport plot_metrics(const std::string& out_dir, const std::string& png_path)
     throw std::runtime_error(png.string() + ": PLplot wrote nothing (is plplot-driver-cairo installed?)");
   fs::rename(tmp, png);
   return {png.string(), static_cast<int>(loss.x.size()), static_cast<int>(eval.x.size())};
+#endif
 }
 
 }  // namespace qlora::app

@@ -1,5 +1,7 @@
 // `qlora_dist plot OUT_DIR [--out FILE.png]`: loss (train and eval) and learning rate against the
-// optimizer step, from OUT_DIR/metrics.jsonl, rendered with PLplot (pngcairo) into a PNG.
+// optimizer step, from OUT_DIR/metrics.jsonl, rendered with PLplot (pngcairo) into a PNG. In a
+// build without PLplot (-DQLORA_WITH_PLPLOT=OFF) it checks metrics.jsonl, then throws
+// std::runtime_error saying so.
 #pragma once
 
 #include <string>

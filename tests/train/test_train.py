@@ -393,12 +393,24 @@ def test_tensorboard_events_match_metrics(data, tmp_path):
     assert [e.step for e in acc.Scalars("eval/loss")] == [m["step"] for m in evals]
 
 
+def built_with_plplot():
+    cache = os.path.join(BUILD, "CMakeCache.txt")
+    with open(cache) as f:
+        return "QLORA_WITH_PLPLOT:BOOL=OFF\n" not in f.read()
+
+
 def test_plot(data, run2, tmp_path):
-    """qlora_dist plot renders a real PNG (PLplot, pngcairo) from a run's metrics.jsonl."""
+    """qlora_dist plot renders a real PNG (PLplot, pngcairo) from a run's metrics.jsonl; a build
+    configured with -DQLORA_WITH_PLPLOT=OFF (scripts/gpu_check.sh) says so in one line, exit 1."""
     import struct
     import zlib
     png = tmp_path / "m.png"
     res = run("plot", run2[0], "--out", png)
+    if not built_with_plplot():
+        assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+        assert "this build has no PLplot (configured with -DQLORA_WITH_PLPLOT=OFF)" in res.stderr
+        assert not os.listdir(tmp_path)
+        return
     assert res.returncode == 0, res.stderr
     assert "12 training steps, 2 evaluations" in res.stdout
     raw = png.read_bytes()
